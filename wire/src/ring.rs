@@ -15,8 +15,8 @@
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-/// A consistent-hash ring over a set of worker ids.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A consistent-hash ring over a set of worker ids (empty by default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ring {
     /// Worker ids, sorted and distinct; tokens point into this list.
     nodes: Vec<String>,

@@ -1,0 +1,244 @@
+//! The message bus: pushes each new topology to every live worker at once,
+//! over the wire protocol.
+//!
+//! One link task per worker holds a connection to its wire port and sends
+//! the latest topology whenever the epoch moves past what the worker last
+//! acknowledged. All links watch the same channel, so a publication reaches
+//! every worker in parallel. A worker whose heartbeat shows an older epoch
+//! nudges its link, which pushes again: the safety net for a lost push.
+
+use crate::metrics::Outcome;
+use crate::state::{Published, Shared};
+use futures::{SinkExt, StreamExt};
+use kv_wire::message::{Hello, Welcome};
+use kv_wire::{ClientFrame, FrameCodec, Member, Request, Response, ServerFrame, Topology};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// How long connecting, the hello and one push may take.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Retry delays after a failed push: doubling up to the maximum.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Why a push failed.
+#[derive(Debug, Error)]
+enum PushError {
+    #[error("timed out")]
+    Timeout,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] kv_wire::WireError),
+    #[error("connection closed")]
+    Closed,
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+type Connection = Framed<TcpStream, FrameCodec<ServerFrame, ClientFrame>>;
+
+struct Link {
+    member: Member,
+    nudge: Arc<Notify>,
+    stop: CancellationToken,
+}
+
+/// Runs the bus until `shutdown`: keeps one link per live worker.
+pub async fn run(
+    shared: Arc<Shared>,
+    cluster: String,
+    mut lagging: mpsc::Receiver<String>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut published = shared.subscribe();
+    let mut links: HashMap<String, Link> = HashMap::new();
+    loop {
+        let current = published.borrow_and_update().clone();
+        reconcile(
+            &mut links,
+            &current.topology,
+            &shared,
+            &cluster,
+            &published,
+            &shutdown,
+            &tracker,
+        );
+        tokio::select! {
+            changed = published.changed() => if changed.is_err() { break },
+            Some(id) = lagging.recv() => {
+                if let Some(link) = links.get(&id) {
+                    link.nudge.notify_one();
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    for link in links.values() {
+        link.stop.cancel();
+    }
+}
+
+/// Starts links for new or changed members and stops those of departed ones.
+fn reconcile(
+    links: &mut HashMap<String, Link>,
+    topology: &Topology,
+    shared: &Arc<Shared>,
+    cluster: &str,
+    published: &watch::Receiver<Arc<Published>>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    links.retain(|id, link| {
+        let keep = topology.member(id) == Some(&link.member);
+        if !keep {
+            link.stop.cancel();
+        }
+        keep
+    });
+    for member in &topology.members {
+        if links.contains_key(&member.id) {
+            continue;
+        }
+        let link = Link {
+            member: member.clone(),
+            nudge: Arc::new(Notify::new()),
+            stop: shutdown.child_token(),
+        };
+        tracker.spawn(push_loop(
+            member.clone(),
+            cluster.to_string(),
+            published.clone(),
+            link.nudge.clone(),
+            link.stop.clone(),
+            shared.clone(),
+        ));
+        links.insert(member.id.clone(), link);
+    }
+}
+
+/// Keeps one worker up to date until stopped.
+async fn push_loop(
+    member: Member,
+    cluster: String,
+    mut published: watch::Receiver<Arc<Published>>,
+    nudge: Arc<Notify>,
+    stop: CancellationToken,
+    shared: Arc<Shared>,
+) {
+    let mut connection: Option<Connection> = None;
+    let mut acked = 0;
+    let mut retry = RETRY_MIN;
+    let mut next_id = 0u64;
+    loop {
+        let latest = published.borrow_and_update().clone();
+        let epoch = latest.topology.epoch;
+        if epoch > acked {
+            next_id += 1;
+            let push = push(
+                &mut connection,
+                &member,
+                &cluster,
+                next_id,
+                &latest.topology,
+            );
+            match tokio::time::timeout(PUSH_TIMEOUT, push)
+                .await
+                .unwrap_or(Err(PushError::Timeout))
+            {
+                Ok(now_at) => {
+                    acked = now_at;
+                    retry = RETRY_MIN;
+                    shared
+                        .metrics
+                        .pushes
+                        .get_or_create(&Outcome { outcome: "ok" })
+                        .inc();
+                    debug!(node = %member.id, epoch, "topology pushed");
+                }
+                Err(e) => {
+                    connection = None;
+                    shared
+                        .metrics
+                        .pushes
+                        .get_or_create(&Outcome { outcome: "error" })
+                        .inc();
+                    warn!(node = %member.id, addr = %member.wire_addr(), epoch, error = %e, "topology push failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(retry) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    retry = (retry * 2).min(RETRY_MAX);
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            changed = published.changed() => if changed.is_err() { return },
+            () = nudge.notified() => {
+                // The worker says it is behind what it acknowledged: it lost
+                // state (or the ack lied); push again.
+                acked = acked.min(epoch.saturating_sub(1));
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Sends `topology` over `connection` (opening it first if needed); returns
+/// the epoch the worker now holds.
+async fn push(
+    connection: &mut Option<Connection>,
+    member: &Member,
+    cluster: &str,
+    id: u64,
+    topology: &Topology,
+) -> Result<u64, PushError> {
+    let conn = match connection {
+        Some(conn) => conn,
+        None => connection.insert(connect(member, cluster).await?),
+    };
+    conn.send(ClientFrame::Request {
+        id,
+        body: Request::Topology(topology.clone()),
+    })
+    .await?;
+    loop {
+        match conn.next().await.ok_or(PushError::Closed)?? {
+            ServerFrame::Response {
+                id: got,
+                body: Response::TopologyAccepted { epoch },
+            } if got == id => return Ok(epoch),
+            // An answer to an earlier, timed-out push: skip it.
+            ServerFrame::Response { id: got, .. } if got < id => continue,
+            ServerFrame::Refused(r) => return Err(PushError::Refused(r.reason)),
+            other => return Err(PushError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+async fn connect(member: &Member, cluster: &str) -> Result<Connection, PushError> {
+    let stream = TcpStream::connect(member.wire_addr())
+        .await
+        .map_err(PushError::Connect)?;
+    stream.set_nodelay(true).map_err(PushError::Connect)?;
+    let mut conn = Framed::new(stream, FrameCodec::default());
+    conn.send(ClientFrame::Hello(Hello::new(cluster, "controller")))
+        .await?;
+    match conn.next().await.ok_or(PushError::Closed)?? {
+        ServerFrame::Welcome(Welcome { .. }) => Ok(conn),
+        ServerFrame::Refused(r) => Err(PushError::Refused(r.reason)),
+        other => Err(PushError::Unexpected(format!("{other:?}"))),
+    }
+}

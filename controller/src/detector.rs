@@ -1,0 +1,327 @@
+//! The failure detector: a pure state machine over heartbeat arrivals.
+//!
+//! It never reads a clock or a socket: callers feed it heartbeats with
+//! [`Detector::observe`] and ask [`Detector::evaluate`] what changed at `now`,
+//! so every timing rule is tested instantly on a fake clock.
+//!
+//! A worker is UP while heard from recently, SUSPECT after half of
+//! `down_after` of silence (shown, but still owning keys) and DOWN after all
+//! of it. Any heartbeat of its current generation brings it back UP. A
+//! heartbeat from an older generation (a replaced pod's last words) is
+//! ignored. After a (re)start the detector declares nobody DOWN until its
+//! grace period ends, giving workers time to register again.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// A worker's liveness as the controller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    /// Heard from recently.
+    Up,
+    /// Silent for a while: still owns its keys.
+    Suspect,
+    /// Silent too long: out of the ring.
+    Down,
+}
+
+impl Status {
+    /// Whether the worker is in the ring (UP or SUSPECT).
+    pub fn is_live(self) -> bool {
+        self != Status::Down
+    }
+
+    /// The status as `/nodes` and logs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "UP",
+            Status::Suspect => "SUSPECT",
+            Status::Down => "DOWN",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a worker changed status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// A heartbeat arrived.
+    Heartbeat,
+    /// No heartbeat for this long.
+    Silent(Duration),
+}
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Why::Heartbeat => f.write_str("heartbeat received"),
+            Why::Silent(d) => write!(f, "no heartbeat for {} ms", d.as_millis()),
+        }
+    }
+}
+
+/// A change of one worker's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// The worker's member number.
+    pub member: u32,
+    /// Status before.
+    pub from: Status,
+    /// Status after.
+    pub to: Status,
+    /// What caused it.
+    pub why: Why,
+}
+
+/// What a heartbeat told the detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// Counted; the worker was already UP.
+    Alive,
+    /// Counted, and the worker came back UP.
+    Recovered(Transition),
+    /// From an older generation than the registered one: ignored.
+    StaleGeneration,
+    /// From a member number nobody registered: ignored.
+    UnknownMember,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Track {
+    generation: u64,
+    last_heard: Instant,
+    status: Status,
+}
+
+/// Timing rules and per-member liveness.
+#[derive(Debug)]
+pub struct Detector {
+    suspect_after: Duration,
+    down_after: Duration,
+    grace_until: Instant,
+    members: BTreeMap<u32, Track>,
+}
+
+impl Detector {
+    /// A detector that marks a worker DOWN after `down_after` of silence
+    /// (SUSPECT from half of it), and nobody DOWN before `grace_until`.
+    pub fn new(down_after: Duration, grace_until: Instant) -> Detector {
+        Detector {
+            suspect_after: down_after / 2,
+            down_after,
+            grace_until,
+            members: BTreeMap::new(),
+        }
+    }
+
+    /// Starts tracking a (re)registered worker: UP, heard from at `now`.
+    /// A new generation replaces the old one's track.
+    pub fn track(&mut self, member: u32, generation: u64, now: Instant) {
+        self.members.insert(
+            member,
+            Track {
+                generation,
+                last_heard: now,
+                status: Status::Up,
+            },
+        );
+    }
+
+    /// Stops tracking a member (its id registered again under a new number).
+    pub fn forget(&mut self, member: u32) {
+        self.members.remove(&member);
+    }
+
+    /// A member's current status, if tracked.
+    pub fn status(&self, member: u32) -> Option<Status> {
+        self.members.get(&member).map(|t| t.status)
+    }
+
+    /// When a member was last heard from, if tracked.
+    pub fn last_heard(&self, member: u32) -> Option<Instant> {
+        self.members.get(&member).map(|t| t.last_heard)
+    }
+
+    /// Feeds a heartbeat of `member` at `generation`, received at `now`.
+    pub fn observe(&mut self, member: u32, generation: u64, now: Instant) -> Observation {
+        let Some(track) = self.members.get_mut(&member) else {
+            return Observation::UnknownMember;
+        };
+        if generation != track.generation {
+            // Older: a replaced pod. Newer than registered cannot come from a
+            // worker that registered with us; ignore it too.
+            return Observation::StaleGeneration;
+        }
+        track.last_heard = track.last_heard.max(now);
+        if track.status == Status::Up {
+            return Observation::Alive;
+        }
+        let from = std::mem::replace(&mut track.status, Status::Up);
+        Observation::Recovered(Transition {
+            member,
+            from,
+            to: Status::Up,
+            why: Why::Heartbeat,
+        })
+    }
+
+    /// The status changes silence has caused by `now`, applied.
+    pub fn evaluate(&mut self, now: Instant) -> Vec<Transition> {
+        let in_grace = now < self.grace_until;
+        let mut changes = Vec::new();
+        for (&member, track) in &mut self.members {
+            let silent = now.saturating_duration_since(track.last_heard);
+            let due = if silent >= self.down_after && !in_grace {
+                Status::Down
+            } else if silent >= self.suspect_after {
+                Status::Suspect
+            } else {
+                Status::Up
+            };
+            // Silence only ever worsens a status; heartbeats improve it.
+            if due > track.status {
+                changes.push(Transition {
+                    member,
+                    from: track.status,
+                    to: due,
+                    why: Why::Silent(silent),
+                });
+                track.status = due;
+            }
+        }
+        changes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+    const INTERVAL: Duration = Duration::from_millis(200);
+    const DOWN_AFTER: Duration = Duration::from_secs(1);
+
+    fn detector(t0: Instant) -> Detector {
+        let mut d = Detector::new(DOWN_AFTER, t0);
+        d.track(1, 1, t0);
+        d
+    }
+
+    /// Runs evaluate every millisecond from `from` to `to`, collecting changes.
+    fn run(d: &mut Detector, from: Instant, to: Instant) -> Vec<(Duration, Transition)> {
+        let mut out = Vec::new();
+        let mut now = from;
+        while now <= to {
+            out.extend(d.evaluate(now).into_iter().map(|t| (now - from, t)));
+            now += MS;
+        }
+        out
+    }
+
+    #[test]
+    fn a_silent_worker_is_suspect_at_half_the_timeout_and_down_at_the_timeout() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        let changes = run(&mut d, t0, t0 + 2 * DOWN_AFTER);
+        let seen: Vec<_> = changes.iter().map(|(at, t)| (*at, t.from, t.to)).collect();
+        assert_eq!(
+            seen,
+            [
+                (500 * MS, Status::Up, Status::Suspect),
+                (1000 * MS, Status::Suspect, Status::Down)
+            ]
+        );
+        assert_eq!(changes[1].1.why, Why::Silent(DOWN_AFTER));
+    }
+
+    #[test]
+    fn heartbeats_up_to_three_times_late_never_cause_a_down() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        // A fixed, seeded jitter pattern: gaps between 0.2x and 3x the interval.
+        let gaps = [1.0, 3.0, 0.2, 2.9, 3.0, 1.5, 0.7, 3.0, 3.0, 2.2];
+        let mut now = t0;
+        for round in 0..50 {
+            let gap = INTERVAL.mul_f64(gaps[round % gaps.len()]);
+            for change in run(&mut d, now, now + gap) {
+                assert_ne!(change.1.to, Status::Down, "round {round}: {change:?}");
+            }
+            now += gap;
+            d.observe(1, 1, now);
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_brings_a_suspect_or_down_worker_back_up() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        d.evaluate(t0 + 600 * MS);
+        assert_eq!(d.status(1), Some(Status::Suspect));
+        let back = d.observe(1, 1, t0 + 700 * MS);
+        assert!(matches!(
+            back,
+            Observation::Recovered(Transition {
+                from: Status::Suspect,
+                to: Status::Up,
+                ..
+            })
+        ));
+        d.evaluate(t0 + 2000 * MS);
+        assert_eq!(d.status(1), Some(Status::Down));
+        let back = d.observe(1, 1, t0 + 2100 * MS);
+        assert!(matches!(
+            back,
+            Observation::Recovered(Transition {
+                from: Status::Down,
+                to: Status::Up,
+                why: Why::Heartbeat,
+                ..
+            })
+        ));
+        assert_eq!(d.observe(1, 1, t0 + 2200 * MS), Observation::Alive);
+    }
+
+    #[test]
+    fn heartbeats_of_an_old_generation_keep_nobody_alive() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        d.track(1, 2, t0); // the pod was replaced: generation 2 registered
+        for i in 1..=20 {
+            assert_eq!(
+                d.observe(1, 1, t0 + i * 100 * MS),
+                Observation::StaleGeneration
+            );
+        }
+        d.evaluate(t0 + DOWN_AFTER);
+        assert_eq!(d.status(1), Some(Status::Down));
+        assert_eq!(d.observe(9, 1, t0), Observation::UnknownMember);
+    }
+
+    #[test]
+    fn nobody_is_declared_down_during_the_grace_period() {
+        let t0 = Instant::now();
+        let grace = 2 * DOWN_AFTER;
+        let mut d = Detector::new(DOWN_AFTER, t0 + grace);
+        d.track(1, 1, t0);
+        let changes = run(&mut d, t0, t0 + grace + 10 * MS);
+        let seen: Vec<_> = changes.iter().map(|(at, t)| (*at, t.to)).collect();
+        assert_eq!(seen, [(500 * MS, Status::Suspect), (grace, Status::Down)]);
+    }
+
+    #[test]
+    fn a_late_heartbeat_does_not_move_last_heard_backwards() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        d.observe(1, 1, t0 + 500 * MS);
+        d.observe(1, 1, t0 + 100 * MS); // delivered out of order
+        assert_eq!(d.last_heard(1), Some(t0 + 500 * MS));
+    }
+}

@@ -1,0 +1,234 @@
+//! The admin HTTP API: `/register`, `/nodes`, `/mapping`, `/healthz`,
+//! `/metrics`. Every error is JSON `{"error": ...}` saying what was wrong and
+//! what to do; bad input is always a 4xx, never a 500 or a dropped
+//! connection.
+
+use crate::membership::{NodeView, RegisterError, Registration};
+use crate::state::Shared;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Largest request body: registrations are tiny.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// An HTTP error: a status and a message for the caller.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> ApiError {
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {MAX_BODY} bytes"),
+            ),
+            status => ApiError(status, r.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> ApiError {
+        ApiError::bad_request(format!("invalid query string: {}", r.body_text()))
+    }
+}
+
+/// The routes, with the JSON 404 and 405 fallbacks and the body limit.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/register", post(register))
+        .route("/nodes", get(nodes))
+        .route("/mapping", get(mapping))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    id: String,
+    host: String,
+    port: u16,
+    wire_port: u16,
+    #[serde(default)]
+    epoch: Option<u64>,
+    #[serde(default)]
+    generation: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct RegisterReply {
+    id: String,
+    member: u32,
+    generation: u64,
+    epoch: u64,
+    heartbeat_port: u16,
+    heartbeat_interval_ms: u64,
+    incarnation: u64,
+}
+
+async fn register(
+    State(shared): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RegisterReply>, ApiError> {
+    let body: RegisterBody = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid registration ({e}); send {{\"id\",\"host\",\"port\",\"wire_port\"}}"
+        ))
+    })?;
+    let id = body.id.clone();
+    let registered = shared
+        .register(Registration {
+            id: body.id,
+            host: body.host,
+            port: body.port,
+            wire_port: body.wire_port,
+            epoch: body.epoch,
+            generation: body.generation,
+        })
+        .map_err(|e| match e {
+            RegisterError::Invalid(_) => {
+                ApiError::bad_request(format!("invalid registration: {e}"))
+            }
+            RegisterError::Full => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        })?;
+    Ok(Json(RegisterReply {
+        id,
+        member: registered.member,
+        generation: registered.generation,
+        epoch: registered.epoch,
+        heartbeat_port: shared.heartbeat_port,
+        heartbeat_interval_ms: shared.heartbeat_interval.as_millis() as u64,
+        incarnation: shared.incarnation,
+    }))
+}
+
+/// A worker as JSON.
+fn node_json(node: &NodeView<'_>) -> serde_json::Value {
+    let w = &node.worker.member;
+    json!({
+        "id": w.id,
+        "host": w.host,
+        "port": w.port,
+        "wire_port": w.wire_port,
+        "generation": w.generation,
+        "status": node.status,
+        "last_heartbeat": rfc3339(node.worker.last_heartbeat),
+        "last_heartbeat_ms_ago": node.silent_for.as_millis() as u64,
+    })
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+async fn nodes(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let m = shared.membership();
+    let now = std::time::Instant::now();
+    let nodes: Vec<_> = m.nodes(now).iter().map(node_json).collect();
+    Json(json!({ "epoch": m.epoch(), "nodes": nodes }))
+}
+
+#[derive(Deserialize)]
+struct MappingQuery {
+    key: Option<String>,
+}
+
+async fn mapping(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<MappingQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query?;
+    let key = query.key.ok_or_else(|| {
+        ApiError::bad_request("missing query parameter \"key\": use /mapping?key=K")
+    })?;
+    kv_wire::validate_key(&key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let published = shared.published();
+    if published.topology.epoch == 0 {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no topology yet: the controller waits its grace period after start for workers to register; retry shortly".into(),
+        ));
+    }
+    let owners = published
+        .ring
+        .owners(key.as_bytes(), kv_wire::REPLICATION_FACTOR);
+    if owners.is_empty() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no worker is live: start workers or wait for them to register".into(),
+        ));
+    }
+    let m = shared.membership();
+    let now = std::time::Instant::now();
+    let views = m.nodes(now);
+    let view = |id: &str| {
+        views
+            .binary_search_by(|v| v.worker.member.id.as_str().cmp(id))
+            .ok()
+            .map(|i| node_json(&views[i]))
+            .unwrap_or_else(|| json!({ "id": id }))
+    };
+    let nodes: Vec<_> = owners.iter().map(|id| view(id)).collect();
+    Ok(Json(json!({
+        "key": key,
+        "epoch": published.topology.epoch,
+        "primary": nodes[0],
+        "replicas": nodes[1..],
+        "workers": owners,
+    })))
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let epoch = shared.membership().epoch();
+    Json(json!({ "status": "ok", "epoch": epoch, "incarnation": shared.incarnation }))
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no route {}: the controller serves /register, /nodes, /mapping?key=K, /healthz, /metrics", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}: POST /register; GET /nodes, /mapping, /healthz, /metrics", uri.path()),
+    )
+}

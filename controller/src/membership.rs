@@ -1,0 +1,508 @@
+//! The registry of workers and the topology epochs. Pure: no sockets, no
+//! clock — callers pass `now`.
+//!
+//! Every change of the live set (a worker joins, goes DOWN, comes back, or
+//! registers a new incarnation) marks the membership dirty; [`Membership::publish`]
+//! then bumps the epoch once and yields the topology to push. Batching like
+//! this gives one epoch per burst of changes, and lets a restarted controller
+//! hold every publication until its grace period ends.
+
+use crate::detector::{Detector, Observation, Status, Transition};
+use kv_wire::heartbeat::Heartbeat;
+use kv_wire::{Member, Topology};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+use thiserror::Error;
+
+/// Most workers one controller tracks, so registration spam cannot grow
+/// memory without bound.
+pub const MAX_WORKERS: usize = 65_536;
+/// Longest worker id or host name (a DNS name's limit).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// A worker's registration, as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Unique worker id.
+    pub id: String,
+    /// Host others reach it at.
+    pub host: String,
+    /// HTTP port.
+    pub port: u16,
+    /// Wire port.
+    pub wire_port: u16,
+    /// The last epoch the worker saw, if it ran under a controller before.
+    pub epoch: Option<u64>,
+    /// The generation the worker had, if it ran under a controller before.
+    pub generation: Option<u64>,
+}
+
+/// What a registration was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// Small number to put in heartbeats.
+    pub member: u32,
+    /// The incarnation this registration starts.
+    pub generation: u64,
+    /// The controller's epoch after it.
+    pub epoch: u64,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RegisterError {
+    /// A field is missing, empty, too long or zero.
+    #[error("{0}")]
+    Invalid(String),
+    /// [`MAX_WORKERS`] distinct ids are registered already.
+    #[error("the controller already tracks {MAX_WORKERS} workers; reuse worker ids")]
+    Full,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// Id, host and ports as registered.
+    pub member: Member,
+    /// Its heartbeat number.
+    pub number: u32,
+    /// Wall-clock time of its last heartbeat (or registration).
+    pub last_heartbeat: SystemTime,
+}
+
+/// A worker as `/nodes` shows it.
+#[derive(Debug, Clone)]
+pub struct NodeView<'a> {
+    /// The worker.
+    pub worker: &'a Worker,
+    /// Its status.
+    pub status: Status,
+    /// Time since it was last heard from.
+    pub silent_for: Duration,
+}
+
+/// What a heartbeat did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatOutcome {
+    /// What the detector made of it.
+    pub observation: Observation,
+    /// The worker reported an epoch older than the published one: it missed
+    /// a push.
+    pub lagging: bool,
+}
+
+/// A status change, named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedTransition {
+    /// The worker's id.
+    pub id: String,
+    /// The change.
+    pub transition: Transition,
+}
+
+/// Workers, their liveness, and the epoch.
+#[derive(Debug)]
+pub struct Membership {
+    workers: BTreeMap<String, Worker>,
+    ids: HashMap<u32, String>,
+    next_number: u32,
+    detector: Detector,
+    epoch: u64,
+    /// The epoch of the last published topology (0: none yet).
+    published: u64,
+    dirty: bool,
+    grace_until: Instant,
+}
+
+impl Membership {
+    /// An empty membership at start-up, publishing nothing before
+    /// `now + grace`, marking workers DOWN after `down_after` of silence.
+    pub fn new(down_after: Duration, grace: Duration, now: Instant) -> Membership {
+        let grace_until = now + grace;
+        Membership {
+            workers: BTreeMap::new(),
+            ids: HashMap::new(),
+            next_number: 1,
+            detector: Detector::new(down_after, grace_until),
+            epoch: 0,
+            published: 0,
+            dirty: false,
+            grace_until,
+        }
+    }
+
+    /// The current epoch (the last published one, or the highest heard).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Registers (or re-registers) a worker.
+    ///
+    /// An unknown id keeps the generation it presents, so a controller
+    /// restart changes nobody's incarnation; a known id starts a new one (a
+    /// restarted pod, or a worker that lost us).
+    pub fn register(
+        &mut self,
+        reg: Registration,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Registered, RegisterError> {
+        validate(&reg)?;
+        if let Some(seen) = reg.epoch {
+            self.epoch = self.epoch.max(seen);
+        }
+        let (number, generation) = match self.workers.get(&reg.id) {
+            Some(known) => (
+                known.number,
+                known.member.generation.max(reg.generation.unwrap_or(0)) + 1,
+            ),
+            None if self.workers.len() >= MAX_WORKERS => return Err(RegisterError::Full),
+            None => {
+                let number = self.next_number;
+                self.next_number += 1;
+                (number, reg.generation.unwrap_or(0).max(1))
+            }
+        };
+        let member = Member {
+            id: reg.id.clone(),
+            host: reg.host,
+            port: reg.port,
+            wire_port: reg.wire_port,
+            generation,
+        };
+        self.ids.insert(number, reg.id.clone());
+        self.workers.insert(
+            reg.id,
+            Worker {
+                member,
+                number,
+                last_heartbeat: wall,
+            },
+        );
+        self.detector.track(number, generation, now);
+        self.dirty = true;
+        Ok(Registered {
+            member: number,
+            generation,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Feeds a heartbeat received at `now`.
+    pub fn heartbeat(
+        &mut self,
+        hb: &Heartbeat,
+        now: Instant,
+        wall: SystemTime,
+    ) -> HeartbeatOutcome {
+        let observation = self.detector.observe(hb.member, hb.generation, now);
+        match observation {
+            Observation::Alive | Observation::Recovered(_) => {
+                if let Some(worker) = self
+                    .ids
+                    .get(&hb.member)
+                    .and_then(|id| self.workers.get_mut(id))
+                {
+                    worker.last_heartbeat = wall;
+                }
+            }
+            Observation::StaleGeneration | Observation::UnknownMember => {}
+        }
+        if let Observation::Recovered(t) = observation {
+            self.dirty |= t.from == Status::Down;
+        }
+        let counted = matches!(observation, Observation::Alive | Observation::Recovered(_));
+        HeartbeatOutcome {
+            observation,
+            lagging: counted && self.published > 0 && hb.epoch_seen < self.published,
+        }
+    }
+
+    /// The status changes silence has caused by `now`.
+    pub fn evaluate(&mut self, now: Instant) -> Vec<NamedTransition> {
+        let changes = self.detector.evaluate(now);
+        self.dirty |= changes.iter().any(|t| t.to == Status::Down);
+        changes
+            .into_iter()
+            .filter_map(|transition| {
+                let id = self.ids.get(&transition.member)?.clone();
+                Some(NamedTransition { id, transition })
+            })
+            .collect()
+    }
+
+    /// If the live set changed and the grace period is over: bumps the epoch
+    /// and returns the topology to publish.
+    pub fn publish(&mut self, now: Instant) -> Option<Topology> {
+        if !self.dirty || now < self.grace_until {
+            return None;
+        }
+        self.dirty = false;
+        self.epoch += 1;
+        self.published = self.epoch;
+        Some(self.topology())
+    }
+
+    /// The live workers (UP and SUSPECT) at the current epoch.
+    pub fn topology(&self) -> Topology {
+        Topology {
+            epoch: self.epoch,
+            members: self
+                .workers
+                .values()
+                .filter(|w| self.status(w).is_live())
+                .map(|w| w.member.clone())
+                .collect(),
+        }
+    }
+
+    /// The id of the worker with this heartbeat number.
+    pub fn id_of(&self, member: u32) -> Option<&str> {
+        self.ids.get(&member).map(String::as_str)
+    }
+
+    /// Every registered worker, sorted by id.
+    pub fn nodes(&self, now: Instant) -> Vec<NodeView<'_>> {
+        self.workers
+            .values()
+            .map(|worker| NodeView {
+                worker,
+                status: self.status(worker),
+                silent_for: self
+                    .detector
+                    .last_heard(worker.number)
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+            })
+            .collect()
+    }
+
+    /// How many workers have each status.
+    pub fn counts(&self) -> [(Status, usize); 3] {
+        let mut counts = [(Status::Up, 0), (Status::Suspect, 0), (Status::Down, 0)];
+        for worker in self.workers.values() {
+            let status = self.status(worker);
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 += 1;
+            }
+        }
+        counts
+    }
+
+    fn status(&self, worker: &Worker) -> Status {
+        self.detector.status(worker.number).unwrap_or(Status::Down)
+    }
+}
+
+fn validate(reg: &Registration) -> Result<(), RegisterError> {
+    let name = |field: &str, value: &str| {
+        if value.is_empty() {
+            Err(RegisterError::Invalid(format!(
+                "\"{field}\" must not be empty"
+            )))
+        } else if value.len() > MAX_NAME_LEN {
+            Err(RegisterError::Invalid(format!(
+                "\"{field}\" is longer than {MAX_NAME_LEN} bytes"
+            )))
+        } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Err(RegisterError::Invalid(format!(
+                "\"{field}\" must not contain spaces or control characters"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    name("id", &reg.id)?;
+    name("host", &reg.host)?;
+    for (field, port) in [("port", reg.port), ("wire_port", reg.wire_port)] {
+        if port == 0 {
+            return Err(RegisterError::Invalid(format!(
+                "\"{field}\" must be a port from 1 to 65535"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOWN_AFTER: Duration = Duration::from_secs(1);
+    const GRACE: Duration = Duration::from_secs(2);
+
+    fn reg(id: &str) -> Registration {
+        Registration {
+            id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 8001,
+            wire_port: 8002,
+            epoch: None,
+            generation: None,
+        }
+    }
+
+    fn hb(r: Registered) -> Heartbeat {
+        Heartbeat {
+            member: r.member,
+            generation: r.generation,
+            seq: 1,
+            epoch_seen: r.epoch,
+        }
+    }
+
+    fn ids(t: &Topology) -> Vec<&str> {
+        t.members.iter().map(|m| m.id.as_str()).collect()
+    }
+
+    /// A membership whose grace period is over, with these workers registered.
+    fn running(t0: Instant, workers: &[&str]) -> (Membership, Vec<Registered>) {
+        let mut m = Membership::new(DOWN_AFTER, Duration::ZERO, t0);
+        let regs = workers
+            .iter()
+            .map(|w| m.register(reg(w), t0, SystemTime::now()).unwrap())
+            .collect();
+        (m, regs)
+    }
+
+    #[test]
+    fn registrations_join_the_topology_in_one_epoch() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker2", "worker1"]);
+        assert_eq!((regs[0].member, regs[1].member), (1, 2));
+        let topology = m.publish(t0).unwrap();
+        assert_eq!(
+            (topology.epoch, ids(&topology)),
+            (1, vec!["worker1", "worker2"])
+        );
+        assert_eq!(m.publish(t0), None, "nothing changed since");
+    }
+
+    #[test]
+    fn a_worker_going_down_bumps_the_epoch_and_leaves_the_topology() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker1", "worker2"]);
+        m.publish(t0);
+        let later = t0 + DOWN_AFTER;
+        m.heartbeat(&hb(regs[0]), later, SystemTime::now());
+        let changes = m.evaluate(later);
+        assert_eq!(
+            changes
+                .iter()
+                .map(|c| (c.id.as_str(), c.transition.to))
+                .collect::<Vec<_>>(),
+            [("worker2", Status::Down)]
+        );
+        let topology = m.publish(later).unwrap();
+        assert_eq!((topology.epoch, ids(&topology)), (2, vec!["worker1"]));
+        // It comes back: a new epoch with it again.
+        let outcome = m.heartbeat(&hb(regs[1]), later, SystemTime::now());
+        assert!(matches!(outcome.observation, Observation::Recovered(_)));
+        assert_eq!(ids(&m.publish(later).unwrap()), ["worker1", "worker2"]);
+    }
+
+    #[test]
+    fn suspect_workers_stay_in_the_topology_without_a_new_epoch() {
+        let t0 = Instant::now();
+        let (mut m, _) = running(t0, &["worker1"]);
+        m.publish(t0);
+        let changes = m.evaluate(t0 + DOWN_AFTER / 2);
+        assert_eq!(changes[0].transition.to, Status::Suspect);
+        assert_eq!(m.publish(t0 + DOWN_AFTER / 2), None);
+        assert_eq!(ids(&m.topology()), ["worker1"]);
+    }
+
+    #[test]
+    fn a_re_registration_is_a_new_generation_and_old_heartbeats_are_ignored() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker1"]);
+        m.publish(t0);
+        let again = m.register(reg("worker1"), t0, SystemTime::now()).unwrap();
+        assert_eq!(
+            (again.member, again.generation),
+            (regs[0].member, regs[0].generation + 1)
+        );
+        let outcome = m.heartbeat(&hb(regs[0]), t0, SystemTime::now());
+        assert_eq!(outcome.observation, Observation::StaleGeneration);
+        assert_eq!(
+            m.publish(t0).unwrap().members[0].generation,
+            again.generation
+        );
+    }
+
+    #[test]
+    fn a_restarted_controller_keeps_generations_continues_epochs_and_waits_out_its_grace() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(DOWN_AFTER, GRACE, t0);
+        let r = m
+            .register(
+                Registration {
+                    epoch: Some(41),
+                    generation: Some(7),
+                    ..reg("worker1")
+                },
+                t0,
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!((r.generation, r.epoch), (7, 41));
+        // Silent through the grace period: nobody DOWN, nothing published.
+        assert!(m
+            .evaluate(t0 + DOWN_AFTER)
+            .iter()
+            .all(|c| c.transition.to != Status::Down));
+        assert_eq!(m.publish(t0 + GRACE / 2), None);
+        m.heartbeat(&hb(r), t0 + GRACE, SystemTime::now());
+        let topology = m.publish(t0 + GRACE).unwrap();
+        assert_eq!((topology.epoch, topology.members[0].generation), (42, 7));
+    }
+
+    #[test]
+    fn a_worker_behind_the_published_epoch_is_lagging() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker1"]);
+        m.publish(t0);
+        assert!(m.heartbeat(&hb(regs[0]), t0, SystemTime::now()).lagging);
+        let current = Heartbeat {
+            epoch_seen: 1,
+            ..hb(regs[0])
+        };
+        assert!(!m.heartbeat(&current, t0, SystemTime::now()).lagging);
+    }
+
+    #[test]
+    fn invalid_registrations_are_refused_and_change_nothing() {
+        let t0 = Instant::now();
+        let (mut m, _) = running(t0, &[]);
+        for (bad, says) in [
+            (reg(""), "\"id\" must not be empty"),
+            (
+                Registration {
+                    host: String::new(),
+                    ..reg("w")
+                },
+                "\"host\" must not be empty",
+            ),
+            (
+                Registration {
+                    port: 0,
+                    ..reg("w")
+                },
+                "\"port\" must be",
+            ),
+            (
+                Registration {
+                    wire_port: 0,
+                    ..reg("w")
+                },
+                "\"wire_port\" must be",
+            ),
+            (reg(&"x".repeat(254)), "longer than 253"),
+            (reg("a b"), "spaces"),
+        ] {
+            let err = m.register(bad, t0, SystemTime::now()).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        assert!(m.nodes(t0).is_empty());
+        assert_eq!(m.publish(t0), None);
+    }
+}

@@ -1,0 +1,104 @@
+//! The controller's Prometheus metrics.
+
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
+
+/// A label set of one `&'static str` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Why a datagram was dropped.
+    pub reason: &'static str,
+}
+
+/// A status transition's target.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct To {
+    /// The new status.
+    pub to: &'static str,
+}
+
+/// A worker status.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// UP, SUSPECT or DOWN.
+    pub status: &'static str,
+}
+
+/// An outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// "ok" or "error".
+    pub outcome: &'static str,
+}
+
+/// Everything `/metrics` shows.
+pub struct Metrics {
+    registry: Registry,
+    /// Heartbeats that counted (known member, current generation).
+    pub heartbeats: Counter,
+    /// Datagrams dropped, by reason.
+    pub dropped: Family<Reason, Counter>,
+    /// Status transitions, by target status.
+    pub transitions: Family<To, Counter>,
+    /// The current epoch.
+    pub epoch: Gauge,
+    /// Workers by status.
+    pub workers: Family<StatusLabel, Gauge>,
+    /// Topology pushes to workers, by outcome.
+    pub pushes: Family<Outcome, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kv_controller");
+        let heartbeats = Counter::default();
+        let dropped = Family::default();
+        let transitions = Family::default();
+        let epoch = Gauge::default();
+        let workers = Family::default();
+        let pushes = Family::default();
+        registry.register("heartbeats", "Heartbeats counted", heartbeats.clone());
+        registry.register(
+            "dropped_datagrams",
+            "Datagrams dropped, by reason",
+            dropped.clone(),
+        );
+        registry.register(
+            "transitions",
+            "Worker status transitions, by new status",
+            transitions.clone(),
+        );
+        registry.register("epoch", "Current topology epoch", epoch.clone());
+        registry.register("workers", "Registered workers by status", workers.clone());
+        registry.register(
+            "topology_pushes",
+            "Topology pushes to workers, by outcome",
+            pushes.clone(),
+        );
+        Metrics {
+            registry,
+            heartbeats,
+            dropped,
+            transitions,
+            epoch,
+            workers,
+            pushes,
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,148 @@
+//! The controller's shared state: the membership behind a lock, and the
+//! published topology that the bus and `/mapping` read.
+
+use crate::membership::{HeartbeatOutcome, Membership, RegisterError, Registered, Registration};
+use crate::metrics::{Metrics, StatusLabel, To};
+use crate::Config;
+use kv_wire::heartbeat::Heartbeat;
+use kv_wire::{Ring, Topology};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+use tracing::info;
+
+/// A published topology and its ring, built once per epoch.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// The topology (epoch 0 and no members before the first publication).
+    pub topology: Topology,
+    /// Its ring.
+    pub ring: Ring,
+}
+
+/// State shared by the HTTP handlers, the heartbeat thread and the bus.
+pub struct Shared {
+    membership: Mutex<Membership>,
+    published: watch::Sender<Arc<Published>>,
+    /// The controller's metrics.
+    pub metrics: Metrics,
+    /// Identifies this run of the controller to workers.
+    pub incarnation: u64,
+    /// How often workers should send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Where they send them.
+    pub heartbeat_port: u16,
+}
+
+impl Shared {
+    /// Fresh state at start-up.
+    pub fn new(config: &Config, heartbeat_port: u16) -> Shared {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Shared {
+            membership: Mutex::new(Membership::new(
+                config.down_after,
+                config.grace,
+                Instant::now(),
+            )),
+            published: watch::Sender::new(Arc::default()),
+            metrics: Metrics::new(),
+            // Nanoseconds at start: distinct for every run of the controller.
+            incarnation: now.as_nanos() as u64,
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_port,
+        }
+    }
+
+    /// The membership, locked. A panic while holding the lock cannot leave
+    /// it half-updated in a way worse than the panic itself, so a poisoned
+    /// lock is used as is.
+    pub fn membership(&self) -> MutexGuard<'_, Membership> {
+        self.membership.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows publications.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    /// The latest publication.
+    pub fn published(&self) -> Arc<Published> {
+        self.published.borrow().clone()
+    }
+
+    /// Registers a worker and publishes the change if due.
+    pub fn register(&self, reg: Registration) -> Result<Registered, RegisterError> {
+        let now = Instant::now();
+        let mut m = self.membership();
+        let id = reg.id.clone();
+        let registered = m.register(reg, now, SystemTime::now())?;
+        info!(node = %id, member = registered.member, generation = registered.generation, "worker registered");
+        self.publish_due(&mut m, now);
+        Ok(Registered {
+            epoch: m.epoch(),
+            ..registered
+        })
+    }
+
+    /// Feeds a heartbeat; returns what it did and the epoch for the ack.
+    pub fn heartbeat(&self, hb: &Heartbeat) -> (HeartbeatOutcome, u64) {
+        let now = Instant::now();
+        let mut m = self.membership();
+        let outcome = m.heartbeat(hb, now, SystemTime::now());
+        if let crate::detector::Observation::Recovered(t) = outcome.observation {
+            self.metrics
+                .transitions
+                .get_or_create(&To { to: t.to.as_str() })
+                .inc();
+            self.publish_due(&mut m, now);
+            let id = m.id_of(t.member).unwrap_or_default();
+            info!(node = %id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
+        }
+        (outcome, m.epoch())
+    }
+
+    /// Applies what silence has caused by now, and publishes if due.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let mut m = self.membership();
+        let changes = m.evaluate(now);
+        self.publish_due(&mut m, now);
+        for c in &changes {
+            let t = c.transition;
+            self.metrics
+                .transitions
+                .get_or_create(&To { to: t.to.as_str() })
+                .inc();
+            info!(node = %c.id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
+        }
+        if !changes.is_empty() {
+            self.count_workers(&m);
+        }
+    }
+
+    fn publish_due(&self, m: &mut Membership, now: Instant) {
+        if let Some(topology) = m.publish(now) {
+            let ring = topology.ring();
+            info!(
+                epoch = topology.epoch,
+                live = topology.members.len(),
+                "topology published"
+            );
+            self.metrics.epoch.set(topology.epoch as i64);
+            self.published
+                .send_replace(Arc::new(Published { topology, ring }));
+        }
+        self.count_workers(m);
+    }
+
+    fn count_workers(&self, m: &Membership) {
+        for (status, count) in m.counts() {
+            let label = StatusLabel {
+                status: status.as_str(),
+            };
+            self.metrics.workers.get_or_create(&label).set(count as i64);
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Test harness: a controller on ephemeral ports, an HTTP helper, and fake
+//! workers that register, send heartbeats and take topology pushes.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use kv_controller::{run, Config, Listeners};
+use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
+use kv_wire::message::Welcome;
+use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame, Topology};
+use serde_json::Value;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+/// Generous: many clusters share 2 cores when tests run in parallel.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub struct Controller {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Controller {
+    pub async fn start(grace: Duration) -> Controller {
+        let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listeners.http.local_addr().unwrap();
+        let mut config = Config::with_listen(addr);
+        config.grace = grace;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { run(config, listeners, shutdown).await.unwrap() }
+        });
+        Controller {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http("GET", &self.url(path), "").await
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+
+    /// The status `/nodes` shows for `id`.
+    pub async fn status(&self, id: &str) -> Option<String> {
+        let (_, nodes) = self.get("/nodes").await;
+        nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .map(|n| n["status"].as_str().unwrap().to_string())
+    }
+}
+
+/// One HTTP request; the status and the body as JSON (or as a string).
+pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Value) {
+    let (status, bytes) = http_raw(method, url, body.into()).await;
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+pub async fn http_raw(method: &str, url: &str, body: Bytes) -> (u16, Bytes) {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, bytes)
+}
+
+/// A fake worker: registers, sends heartbeats while `beating`, and records
+/// the topologies pushed to its wire port.
+pub struct FakeWorker {
+    pub id: String,
+    pub wire_port: u16,
+    pub member: u32,
+    pub generation: Arc<AtomicU64>,
+    pub beating: Arc<AtomicBool>,
+    /// The epoch reported in heartbeats (what the worker claims to hold).
+    pub report_epoch: Arc<AtomicU64>,
+    pub topologies: watch::Receiver<Topology>,
+    pub pushes: Arc<AtomicU64>,
+    pub acks: Arc<Mutex<Vec<HeartbeatAck>>>,
+    pub controller: Arc<Mutex<SocketAddr>>,
+    pub stop: CancellationToken,
+}
+
+impl FakeWorker {
+    pub async fn start(controller: &Controller, id: &str) -> FakeWorker {
+        let wire = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let wire_port = wire.local_addr().unwrap().port();
+        let (tx, topologies) = watch::channel(Topology::default());
+        let pushes = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_wire(
+            wire,
+            id.to_string(),
+            tx,
+            pushes.clone(),
+            stop.clone(),
+        ));
+        let reply = register(controller.addr, id, wire_port, None, None).await;
+        let worker = FakeWorker {
+            id: id.to_string(),
+            wire_port,
+            member: reply["member"].as_u64().unwrap() as u32,
+            generation: Arc::new(AtomicU64::new(reply["generation"].as_u64().unwrap())),
+            beating: Arc::new(AtomicBool::new(true)),
+            report_epoch: Arc::new(AtomicU64::new(u64::MAX)),
+            topologies,
+            pushes,
+            acks: Arc::default(),
+            controller: Arc::new(Mutex::new(controller.addr)),
+            stop,
+        };
+        tokio::spawn(beat(
+            worker.member,
+            worker.generation.clone(),
+            worker.beating.clone(),
+            worker.report_epoch.clone(),
+            worker.topologies.clone(),
+            worker.acks.clone(),
+            worker.controller.clone(),
+            worker.stop.clone(),
+        ));
+        worker
+    }
+
+    /// Waits for a pushed topology satisfying `pred`.
+    pub async fn topology_where(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&Topology) -> bool,
+    ) -> Topology {
+        let wait = self.topologies.wait_for(|t| pred(t));
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("{}: timed out waiting for {what}", self.id))
+            .unwrap()
+            .clone()
+    }
+}
+
+pub async fn register(
+    controller: SocketAddr,
+    id: &str,
+    wire_port: u16,
+    epoch: Option<u64>,
+    generation: Option<u64>,
+) -> Value {
+    let body = serde_json::json!({"id": id, "host": "127.0.0.1", "port": 1, "wire_port": wire_port, "epoch": epoch, "generation": generation});
+    let (status, reply) = http(
+        "POST",
+        &format!("http://{controller}/register"),
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn beat(
+    member: u32,
+    generation: Arc<AtomicU64>,
+    beating: Arc<AtomicBool>,
+    report_epoch: Arc<AtomicU64>,
+    topologies: watch::Receiver<Topology>,
+    acks: Arc<Mutex<Vec<HeartbeatAck>>>,
+    controller: Arc<Mutex<SocketAddr>>,
+    stop: CancellationToken,
+) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut seq = 0;
+    let mut buf = [0u8; 128];
+    loop {
+        if beating.load(Ordering::SeqCst) {
+            seq += 1;
+            let held = topologies.borrow().epoch;
+            let reported = report_epoch.load(Ordering::SeqCst).min(held);
+            let hb = Heartbeat {
+                member,
+                generation: generation.load(Ordering::SeqCst),
+                seq,
+                epoch_seen: reported,
+            };
+            let to = *controller.lock().unwrap();
+            let _ = socket.send_to(&hb.encode(), to).await;
+        }
+        let tick = tokio::time::sleep(Duration::from_millis(200));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                () = &mut tick => break,
+                () = stop.cancelled() => return,
+                received = socket.recv_from(&mut buf) => {
+                    if let Ok((len, _)) = received {
+                        if let Ok(ack) = HeartbeatAck::decode(&buf[..len]) {
+                            acks.lock().unwrap().push(ack);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn serve_wire(
+    listener: TcpListener,
+    id: String,
+    topologies: watch::Sender<Topology>,
+    pushes: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted.unwrap().0,
+            () = stop.cancelled() => return,
+        };
+        let (id, topologies, pushes, stop) =
+            (id.clone(), topologies.clone(), pushes.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut conn = Framed::new(stream, FrameCodec::<ClientFrame, ServerFrame>::default());
+            loop {
+                let frame = tokio::select! {
+                    frame = conn.next() => frame,
+                    () = stop.cancelled() => return,
+                };
+                let Some(Ok(frame)) = frame else { return };
+                let reply = match frame {
+                    ClientFrame::Hello(_) => ServerFrame::Welcome(Welcome {
+                        node: id.clone(),
+                        epoch: topologies.borrow().epoch,
+                    }),
+                    ClientFrame::Request {
+                        id: rid,
+                        body: Request::Topology(t),
+                    } => {
+                        pushes.fetch_add(1, Ordering::SeqCst);
+                        let epoch = t.epoch;
+                        topologies.send_if_modified(|held| {
+                            let newer = t.epoch > held.epoch;
+                            if newer {
+                                *held = t;
+                            }
+                            newer
+                        });
+                        ServerFrame::Response {
+                            id: rid,
+                            body: Response::TopologyAccepted { epoch },
+                        }
+                    }
+                    other => panic!("fake worker got {other:?}"),
+                };
+                if conn.send(reply).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
