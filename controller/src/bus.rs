@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retry delays after a failed push: doubling up to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Why a push failed.
 #[derive(Debug, Error)]

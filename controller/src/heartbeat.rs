@@ -29,19 +29,17 @@ pub fn serve(
     shutdown: CancellationToken,
 ) {
     let mut buf = [0u8; 2048];
+    // Wake at least once per evaluation period, even with no traffic; with
+    // traffic the loop checks the clock after every datagram.
+    if let Err(e) = socket.set_read_timeout(Some(EVALUATE_EVERY)) {
+        warn!(error = %e, "cannot set the heartbeat socket's timeout; detection may lag");
+    }
     let mut next_tick = Instant::now();
     while !shutdown.is_cancelled() {
         let now = Instant::now();
         if now >= next_tick {
             shared.tick();
             next_tick = now + EVALUATE_EVERY;
-        }
-        // A zero timeout means "block forever" to std: keep it positive.
-        let wait = next_tick
-            .saturating_duration_since(now)
-            .max(Duration::from_millis(1));
-        if let Err(e) = socket.set_read_timeout(Some(wait)) {
-            warn!(error = %e, "cannot set the heartbeat socket's timeout");
         }
         let (len, from) = match socket.recv_from(&mut buf) {
             Ok(received) => received,

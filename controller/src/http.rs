@@ -176,7 +176,7 @@ async fn mapping(
         ));
     }
     let owners = published
-        .ring
+        .ring()
         .owners(key.as_bytes(), kv_wire::REPLICATION_FACTOR);
     if owners.is_empty() {
         return Err(ApiError(

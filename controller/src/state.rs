@@ -6,18 +6,25 @@ use crate::metrics::{Metrics, StatusLabel, To};
 use crate::Config;
 use kv_wire::heartbeat::Heartbeat;
 use kv_wire::{Ring, Topology};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::info;
 
-/// A published topology and its ring, built once per epoch.
+/// A published topology, and its ring built on first use: the bus never
+/// needs the ring, and building it for thousands of workers is not free.
 #[derive(Debug, Default)]
 pub struct Published {
     /// The topology (epoch 0 and no members before the first publication).
     pub topology: Topology,
-    /// Its ring.
-    pub ring: Ring,
+    ring: OnceLock<Ring>,
+}
+
+impl Published {
+    /// The ring over the topology's members.
+    pub fn ring(&self) -> &Ring {
+        self.ring.get_or_init(|| self.topology.ring())
+    }
 }
 
 /// State shared by the HTTP handlers, the heartbeat thread and the bus.
@@ -72,43 +79,40 @@ impl Shared {
         self.published.borrow().clone()
     }
 
-    /// Registers a worker and publishes the change if due.
+    /// Registers a worker. The next tick publishes the change, so a storm
+    /// of registrations costs one epoch per tick, not one per worker.
     pub fn register(&self, reg: Registration) -> Result<Registered, RegisterError> {
-        let now = Instant::now();
-        let mut m = self.membership();
         let id = reg.id.clone();
-        let registered = m.register(reg, now, SystemTime::now())?;
+        let registered = self
+            .membership()
+            .register(reg, Instant::now(), SystemTime::now())?;
         info!(node = %id, member = registered.member, generation = registered.generation, "worker registered");
-        self.publish_due(&mut m, now);
-        Ok(Registered {
-            epoch: m.epoch(),
-            ..registered
-        })
+        Ok(registered)
     }
 
     /// Feeds a heartbeat; returns what it did and the epoch for the ack.
     pub fn heartbeat(&self, hb: &Heartbeat) -> (HeartbeatOutcome, u64) {
-        let now = Instant::now();
         let mut m = self.membership();
-        let outcome = m.heartbeat(hb, now, SystemTime::now());
+        let outcome = m.heartbeat(hb, Instant::now(), SystemTime::now());
         if let crate::detector::Observation::Recovered(t) = outcome.observation {
             self.metrics
                 .transitions
                 .get_or_create(&To { to: t.to.as_str() })
                 .inc();
-            self.publish_due(&mut m, now);
             let id = m.id_of(t.member).unwrap_or_default();
             info!(node = %id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
         }
         (outcome, m.epoch())
     }
 
-    /// Applies what silence has caused by now, and publishes if due.
+    /// Applies what silence has caused by now, and publishes the live set
+    /// if it changed since the last tick: a burst of changes (a storm of
+    /// registrations) costs one epoch per tick, not one per worker.
     pub fn tick(&self) {
         let now = Instant::now();
         let mut m = self.membership();
         let changes = m.evaluate(now);
-        self.publish_due(&mut m, now);
+        let published = m.publish(now);
         for c in &changes {
             let t = c.transition;
             self.metrics
@@ -117,24 +121,22 @@ impl Shared {
                 .inc();
             info!(node = %c.id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
         }
-        if !changes.is_empty() {
+        if !changes.is_empty() || published.is_some() {
             self.count_workers(&m);
         }
-    }
-
-    fn publish_due(&self, m: &mut Membership, now: Instant) {
-        if let Some(topology) = m.publish(now) {
-            let ring = topology.ring();
+        drop(m);
+        if let Some(topology) = published {
             info!(
                 epoch = topology.epoch,
                 live = topology.members.len(),
                 "topology published"
             );
             self.metrics.epoch.set(topology.epoch as i64);
-            self.published
-                .send_replace(Arc::new(Published { topology, ring }));
+            self.published.send_replace(Arc::new(Published {
+                topology,
+                ring: OnceLock::new(),
+            }));
         }
-        self.count_workers(m);
     }
 
     fn count_workers(&self, m: &Membership) {

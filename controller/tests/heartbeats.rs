@@ -72,8 +72,11 @@ async fn a_worker_whose_heartbeats_stop_goes_down_and_leaves_the_mapping() {
         (c.status(&primary).await.as_deref() == Some("UP")).then_some(())
     })
     .await;
-    let (_, mapping) = c.get("/mapping?key=user123").await;
-    assert_eq!(mapping["primary"]["id"], primary.as_str());
+    eventually("the worker to be primary again", || async {
+        let (_, mapping) = c.get("/mapping?key=user123").await;
+        (mapping["primary"]["id"] == primary.as_str()).then_some(())
+    })
+    .await;
     c.stop().await;
 }
 
