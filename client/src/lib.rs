@@ -1,1 +1,8 @@
-//! kvctl: the kv client library. Built in the kvctl issue; nothing here yet.
+//! kvctl's library: a typed async client for kv.
+//!
+//! - [`connection`]: one pipelined wire-protocol connection — many requests
+//!   in flight, answered in any order — and a [`Pool`] of them by address.
+
+pub mod connection;
+
+pub use connection::{Connection, ConnectionError, Pool};

@@ -167,6 +167,12 @@ mod tests {
                 },
             ),
             request(
+                6,
+                Request::Offer {
+                    items: vec![("a".into(), Version { hlc: 1, node: 2 })],
+                },
+            ),
+            request(
                 u64::MAX,
                 Request::Topology(Topology {
                     epoch: 9,
@@ -209,7 +215,14 @@ mod tests {
                     )),
                 ]),
             ),
-            response(4, Response::Replicated { applied: 2 }),
+            response(
+                4,
+                Response::Replicated {
+                    applied: 2,
+                    stale: vec![(1, Version { hlc: 9, node: 9 })],
+                },
+            ),
+            response(4, Response::Wanted(vec![0, 3])),
             response(5, Response::TopologyAccepted { epoch: 9 }),
             response(
                 6,

@@ -159,6 +159,14 @@ pub enum Request {
         /// The entries, values or tombstones.
         entries: Vec<Entry>,
     },
+    /// Rebalancing: "I hold these versions"; answered by
+    /// [`Response::Wanted`] with the ones the receiver lacks (missing or
+    /// older), so only those values travel and holders learn which of
+    /// their copies are confirmed elsewhere.
+    Offer {
+        /// `(key, version)` pairs.
+        items: Vec<(String, Version)>,
+    },
     /// The controller publishes a new topology.
     Topology(Topology),
 }
@@ -179,12 +187,20 @@ pub enum Response {
     },
     /// One result per item of a [`Request::PutMany`], in order.
     PutMany(Vec<Result<Version, Failure>>),
-    /// The entries of a [`Request::Replicate`] are stored (or older than
-    /// what was there).
+    /// The entries of a [`Request::Replicate`] are stored, or were older
+    /// than what was there.
     Replicated {
         /// How many entries were newer and applied.
         applied: u32,
+        /// `(index, held version)` of each entry older than the version the
+        /// receiver holds: a write coordinator uses it to issue a newer
+        /// version, so an acknowledged write is never shadowed by an older
+        /// acknowledged one written through a lagging clock.
+        stale: Vec<(u32, Version)>,
     },
+    /// The answer to [`Request::Offer`]: indices of the offered items the
+    /// receiver lacks; every other item is held at that version or newer.
+    Wanted(Vec<u32>),
     /// The topology was taken (or an equal or newer one was already known).
     TopologyAccepted {
         /// The epoch the worker now holds.

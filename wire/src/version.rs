@@ -26,6 +26,33 @@ pub struct Version {
     pub node: u64,
 }
 
+impl std::fmt::Display for Version {
+    /// `millis.logical@node`, e.g. `1764127433123.0@9f1c2d3e4a5b6c7d`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let logical = self.hlc & ((1 << LOGICAL_BITS) - 1);
+        write!(f, "{}.{logical}@{:016x}", self.millis(), self.node)
+    }
+}
+
+impl std::str::FromStr for Version {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Version, String> {
+        let bad = || format!("{s:?} is not a version (millis.logical@node)");
+        let (clock, node) = s.split_once('@').ok_or_else(bad)?;
+        let (millis, logical) = clock.split_once('.').ok_or_else(bad)?;
+        let millis: u64 = millis.parse().map_err(|_| bad())?;
+        let logical: u64 = logical.parse().map_err(|_| bad())?;
+        if logical >> LOGICAL_BITS != 0 || millis >> (64 - LOGICAL_BITS) != 0 {
+            return Err(bad());
+        }
+        Ok(Version {
+            hlc: millis << LOGICAL_BITS | logical,
+            node: u64::from_str_radix(node, 16).map_err(|_| bad())?,
+        })
+    }
+}
+
 impl Version {
     /// A node's tag in versions: a stable hash of its id, so it needs no
     /// coordination and survives controller restarts.
@@ -108,6 +135,17 @@ mod tests {
         behind.observe(remote);
         let local = behind.tick(1_000);
         assert!(local > remote);
+    }
+
+    #[test]
+    fn versions_print_and_parse_back() {
+        let v = Clock::new("worker1").tick(1_764_127_433_123);
+        let text = v.to_string();
+        assert!(text.starts_with("1764127433123.0@"), "{text}");
+        assert_eq!(text.parse::<Version>(), Ok(v));
+        for bad in ["", "1.2", "x.1@00", "1.70000@00", "1.1@zz"] {
+            assert!(bad.parse::<Version>().is_err(), "{bad}");
+        }
     }
 
     #[test]

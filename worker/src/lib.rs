@@ -1,1 +1,275 @@
-//! The kv worker: store, replication, rebalancing. Built in the worker issue; nothing here yet.
+//! The kv worker: stores keys, serves clients over HTTP and the wire
+//! protocol, replicates at W=2, and rebalances when the topology changes.
+//!
+//! [`run`] takes bound listeners and a shutdown token; `main.rs` only
+//! parses flags and calls it, and tests start workers on ephemeral ports.
+
+pub mod controller;
+pub mod heartbeat;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod rebalance;
+pub mod replication;
+pub mod store;
+pub mod topology;
+pub mod wire_server;
+
+use crate::controller::{ControllerAddr, Registration};
+use crate::node::{Limits, Node};
+use crate::store::{MemStore, Store};
+use crate::topology::Topologies;
+use clap::Parser;
+use kv_wire::message::Hello;
+use kv_wire::{Clock, Version};
+use kvctl::Pool;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use thiserror::Error;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// How often expired tombstones are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How long a peer call may take before the connection is given up.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The worker's configuration: every flag has an environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kv-worker",
+    version,
+    about = "A kv worker: stores keys, replicates them at W=2, and rebalances when workers come and go"
+)]
+pub struct Config {
+    /// Unique worker id (a pod name in Kubernetes). Default: the hostname.
+    #[arg(long, env = "KV_NODE_ID")]
+    pub id: Option<String>,
+    /// HTTP address (PUT/GET/DELETE /kv, /healthz, /metrics).
+    #[arg(long, env = "KV_LISTEN", default_value = "0.0.0.0:8001")]
+    pub listen: SocketAddr,
+    /// Wire-protocol address, for clients and peers.
+    #[arg(long, env = "KV_WIRE_LISTEN", default_value = "0.0.0.0:8002")]
+    pub wire_listen: SocketAddr,
+    /// The host others reach this worker at (POD_IP in Kubernetes).
+    /// Default: this machine's address on the route to the controller.
+    #[arg(long, env = "KV_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// The controller's URL.
+    #[arg(long, env = "KV_CONTROLLER", default_value = "http://127.0.0.1:8000")]
+    pub controller: ControllerAddr,
+    /// The cluster's name, checked in every wire hello.
+    #[arg(long, env = "KV_CLUSTER", default_value = "kv")]
+    pub cluster: String,
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "KV_MAX_VALUE_SIZE", default_value_t = kv_wire::DEFAULT_MAX_VALUE_LEN)]
+    pub max_value_size: usize,
+    /// How long a write may wait for its second copy before answering 503.
+    #[arg(long, env = "KV_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub write_timeout: Duration,
+    /// How long deletes are remembered (tombstones) before being purged.
+    #[arg(long, env = "KV_TOMBSTONE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub tombstone_grace: Duration,
+}
+
+impl Config {
+    /// The defaults, with these addresses and controller.
+    pub fn for_test(id: &str, controller: &str) -> Config {
+        let mut config = Config::parse_from(["kv-worker", "--controller", controller]);
+        config.id = Some(id.to_string());
+        config.advertise_host = Some("127.0.0.1".into());
+        config
+    }
+}
+
+/// Why the worker could not run.
+#[derive(Debug, Error)]
+pub enum WorkerError {
+    /// A flag's value makes no sense.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A socket could not be bound or served.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(io::Error) -> WorkerError {
+    let context = context.into();
+    move |source| WorkerError::Io { context, source }
+}
+
+/// The worker's listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// HTTP.
+    pub http: TcpListener,
+    /// Wire protocol.
+    pub wire: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both.
+    pub fn bind(http: SocketAddr, wire: SocketAddr) -> Result<Listeners, WorkerError> {
+        Ok(Listeners {
+            http: TcpListener::bind(http).map_err(io_error(format!("cannot listen on {http}")))?,
+            wire: TcpListener::bind(wire).map_err(io_error(format!("cannot listen on {wire}")))?,
+        })
+    }
+}
+
+/// The worker's id: the flag, else the hostname.
+fn worker_id(config: &Config) -> Result<String, WorkerError> {
+    if let Some(id) = &config.id {
+        return Ok(id.clone());
+    }
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| WorkerError::Config("no --id given and no hostname found; pass --id".into()))
+}
+
+/// Runs the worker until `shutdown` is cancelled, then drains.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let id = worker_id(&config)?;
+    kv_wire::validate_key(&id)
+        .map_err(|_| WorkerError::Config("the worker id must be 1 to 1024 bytes".into()))?;
+    let http_port = listeners
+        .http
+        .local_addr()
+        .map_err(io_error("http listener"))?
+        .port();
+    let wire_port = listeners
+        .wire
+        .local_addr()
+        .map_err(io_error("wire listener"))?
+        .port();
+    let tracker = TaskTracker::new();
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let topologies = Arc::new(Topologies::new());
+    let pool = Arc::new(Pool::new(
+        Hello::new(config.cluster.clone(), id.clone()),
+        PEER_TIMEOUT,
+    ));
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let node = Arc::new(Node {
+        id: id.clone(),
+        store: store.clone(),
+        clock: Clock::new(&id),
+        topologies: topologies.clone(),
+        pool: pool.clone(),
+        replicator: replication::Replicator::new(
+            pool,
+            topologies.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ),
+        metrics,
+        limits: Limits {
+            max_value: config.max_value_size,
+            write_timeout: config.write_timeout,
+            read_timeout: Duration::from_secs(1),
+        },
+    });
+
+    listeners
+        .wire
+        .set_nonblocking(true)
+        .map_err(io_error("wire listener"))?;
+    let wire =
+        tokio::net::TcpListener::from_std(listeners.wire).map_err(io_error("wire listener"))?;
+    tracker.spawn(wire_server::serve(
+        wire,
+        node.clone(),
+        config.cluster.clone(),
+        kv_wire::DEFAULT_MAX_FRAME_LEN,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(rebalance::run(node.clone(), shutdown.clone()));
+    tracker.spawn(purge_tombstones(
+        store,
+        config.tombstone_grace,
+        shutdown.clone(),
+    ));
+
+    let registered = controller::Shared::default();
+    let reregister = Arc::new(Notify::new());
+    let me = Registration {
+        id: id.clone(),
+        host: config.advertise_host.clone().unwrap_or_default(),
+        port: http_port,
+        wire_port,
+        epoch: None,
+        generation: None,
+    };
+    tracker.spawn(controller::keep_registered(
+        config.controller.clone(),
+        me,
+        config.advertise_host.is_some(),
+        registered.clone(),
+        reregister.clone(),
+        topologies.clone(),
+        shutdown.clone(),
+    ));
+    let heartbeats = {
+        let (controller, shutdown) = (config.controller.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("heartbeats".into())
+            .spawn(move || heartbeat::run(controller, registered, topologies, reregister, shutdown))
+            .map_err(io_error("cannot start the heartbeat thread"))?
+    };
+
+    listeners
+        .http
+        .set_nonblocking(true)
+        .map_err(io_error("http listener"))?;
+    let http =
+        tokio::net::TcpListener::from_std(listeners.http).map_err(io_error("http listener"))?;
+    info!(%id, http_port, wire_port, controller = %config.controller.host, "worker listening");
+    let served = axum::serve(http, http::router(node))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(io_error("http server failed"));
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let _ = tokio::task::spawn_blocking(move || heartbeats.join()).await;
+    info!(%id, "worker stopped");
+    served
+}
+
+async fn purge_tombstones(store: Arc<dyn Store>, grace: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PURGE_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let cutoff = Version {
+            hlc: now_ms.saturating_sub(grace.as_millis() as u64) << 16,
+            node: 0,
+        };
+        let purged = store.purge_tombstones(cutoff);
+        if purged > 0 {
+            info!(purged, "expired tombstones purged");
+        }
+    }
+}

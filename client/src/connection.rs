@@ -1,0 +1,360 @@
+//! A pipelined wire-protocol connection, and a pool of them.
+//!
+//! A writer task sends requests as callers submit them (flushing once per
+//! burst, so concurrent callers share syscalls), a reader task matches
+//! responses to callers by request id. Reading and writing never wait on
+//! each other, so a peer that is slow to read cannot stop us from draining
+//! its responses. At most [`MAX_IN_FLIGHT`] requests wait for answers; past
+//! that, callers wait for room (back-pressure, not unbounded memory).
+
+use futures::{SinkExt, StreamExt};
+use kv_wire::message::{Hello, Welcome};
+use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame, WireError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+/// Requests in flight per connection before callers wait.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// Why a call failed.
+#[derive(Debug, Error, Clone)]
+pub enum ConnectionError {
+    /// Could not connect (refused, unreachable, bad address).
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The OS's words.
+        reason: String,
+    },
+    /// The server refused the hello or closed with a refusal.
+    #[error("refused by {addr}: {reason}")]
+    Refused {
+        /// The address.
+        addr: String,
+        /// The server's words.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("no answer from {addr} within {after:?}")]
+    Timeout {
+        /// The address.
+        addr: String,
+        /// The time allowed.
+        after: Duration,
+    },
+    /// The connection broke before the answer came.
+    #[error("connection to {addr} lost: {reason}")]
+    Lost {
+        /// The address.
+        addr: String,
+        /// What broke.
+        reason: String,
+    },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>>>;
+
+/// One pipelined connection to a worker.
+#[derive(Debug)]
+pub struct Connection {
+    addr: String,
+    welcome: Welcome,
+    calls: mpsc::Sender<(u64, Request)>,
+    pending: Pending,
+    room: Arc<Semaphore>,
+    next_id: AtomicU64,
+    closed: CancellationToken,
+    timeout: Duration,
+}
+
+impl Connection {
+    /// Connects to `addr`, says `hello`, and waits for the welcome; each
+    /// step and each later call may take at most `timeout`.
+    pub async fn connect(
+        addr: &str,
+        hello: Hello,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectionError> {
+        let lost = |reason: String| ConnectionError::Lost {
+            addr: addr.to_string(),
+            reason,
+        };
+        let handshake = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| ConnectionError::Connect {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })?;
+            stream.set_nodelay(true).map_err(|e| lost(e.to_string()))?;
+            let (read, write) = stream.into_split();
+            let mut reader =
+                FramedRead::new(read, FrameCodec::<ServerFrame, ClientFrame>::default());
+            let mut writer =
+                FramedWrite::new(write, FrameCodec::<ServerFrame, ClientFrame>::default());
+            writer
+                .send(ClientFrame::Hello(hello))
+                .await
+                .map_err(|e| lost(e.to_string()))?;
+            match reader.next().await {
+                Some(Ok(ServerFrame::Welcome(welcome))) => Ok((reader, writer, welcome)),
+                Some(Ok(ServerFrame::Refused(r))) => Err(ConnectionError::Refused {
+                    addr: addr.to_string(),
+                    reason: r.reason,
+                }),
+                Some(Ok(other)) => Err(lost(format!("expected a welcome, got {other:?}"))),
+                Some(Err(e)) => Err(lost(e.to_string())),
+                None => Err(lost("closed during the hello".into())),
+            }
+        };
+        let (reader, writer, welcome) =
+            tokio::time::timeout(timeout, handshake)
+                .await
+                .map_err(|_| ConnectionError::Timeout {
+                    addr: addr.to_string(),
+                    after: timeout,
+                })??;
+
+        let (calls, queue) = mpsc::channel(1024);
+        let pending: Pending = Arc::default();
+        let closed = CancellationToken::new();
+        tokio::spawn(write_loop(
+            writer,
+            queue,
+            pending.clone(),
+            closed.clone(),
+            addr.to_string(),
+        ));
+        tokio::spawn(read_loop(
+            reader,
+            pending.clone(),
+            closed.clone(),
+            addr.to_string(),
+        ));
+        Ok(Connection {
+            addr: addr.to_string(),
+            welcome,
+            calls,
+            pending,
+            room: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            next_id: AtomicU64::new(1),
+            closed,
+            timeout,
+        })
+    }
+
+    /// The server's welcome.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// The address connected to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether the connection has broken (calls would fail).
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Sends a request and waits for its response, at most the timeout
+    /// given at connect.
+    pub async fn call(&self, body: Request) -> Result<Response, ConnectionError> {
+        self.call_within(body, self.timeout).await
+    }
+
+    /// Sends a request and waits for its response, at most `timeout`.
+    pub async fn call_within(
+        &self,
+        body: Request,
+        timeout: Duration,
+    ) -> Result<Response, ConnectionError> {
+        let lost = || ConnectionError::Lost {
+            addr: self.addr.clone(),
+            reason: "connection closed".into(),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let exchange = async {
+            let _room = self.room.acquire().await.map_err(|_| lost())?;
+            let (tx, rx) = oneshot::channel();
+            self.lock_pending().insert(id, tx);
+            if self.is_closed() || self.calls.send((id, body)).await.is_err() {
+                self.lock_pending().remove(&id);
+                return Err(lost());
+            }
+            rx.await.map_err(|_| lost())?
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.lock_pending().remove(&id);
+                Err(ConnectionError::Timeout {
+                    addr: self.addr.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    /// Closes the connection; calls in flight fail.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>>
+    {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
+}
+
+type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec<ServerFrame, ClientFrame>>;
+type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
+
+async fn write_loop(
+    mut writer: Writer,
+    mut queue: mpsc::Receiver<(u64, Request)>,
+    pending: Pending,
+    closed: CancellationToken,
+    addr: String,
+) {
+    let result: Result<(), WireError> = async {
+        loop {
+            let (id, body) = tokio::select! {
+                next = queue.recv() => match next { Some(call) => call, None => return Ok(()) },
+                () = closed.cancelled() => return Ok(()),
+            };
+            writer.feed(ClientFrame::Request { id, body }).await?;
+            // Everything already queued goes out in the same flush.
+            while let Ok((id, body)) = queue.try_recv() {
+                writer.feed(ClientFrame::Request { id, body }).await?;
+            }
+            writer.flush().await?;
+        }
+    }
+    .await;
+    fail_all(
+        &pending,
+        &addr,
+        result.err().map_or("closed".into(), |e| e.to_string()),
+    );
+    closed.cancel();
+}
+
+async fn read_loop(mut reader: Reader, pending: Pending, closed: CancellationToken, addr: String) {
+    let reason = loop {
+        let frame = tokio::select! {
+            frame = reader.next() => frame,
+            () = closed.cancelled() => break "closed".to_string(),
+        };
+        match frame {
+            Some(Ok(ServerFrame::Response { id, body })) => {
+                let waiter = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Ok(body));
+                }
+            }
+            Some(Ok(ServerFrame::Refused(r))) => break format!("refused: {}", r.reason),
+            Some(Ok(other)) => break format!("unexpected frame {other:?}"),
+            Some(Err(e)) => break e.to_string(),
+            None => break "closed by the server".to_string(),
+        }
+    };
+    closed.cancel();
+    fail_all(&pending, &addr, reason);
+}
+
+fn fail_all(pending: &Pending, addr: &str, reason: String) {
+    let waiters: Vec<_> = pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain()
+        .collect();
+    for (_, waiter) in waiters {
+        let _ = waiter.send(Err(ConnectionError::Lost {
+            addr: addr.to_string(),
+            reason: reason.clone(),
+        }));
+    }
+}
+
+/// Connections by address, opened on first use and replaced when broken.
+#[derive(Debug)]
+pub struct Pool {
+    hello: Hello,
+    timeout: Duration,
+    connections: Mutex<HashMap<String, Arc<Connection>>>,
+}
+
+impl Pool {
+    /// A pool that greets with `hello` and waits at most `timeout`.
+    pub fn new(hello: Hello, timeout: Duration) -> Pool {
+        Pool {
+            hello,
+            timeout,
+            connections: Mutex::default(),
+        }
+    }
+
+    /// A live connection to `addr`, connecting if needed.
+    pub async fn get(&self, addr: &str) -> Result<Arc<Connection>, ConnectionError> {
+        if let Some(conn) = self.lock().get(addr) {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        let fresh = Arc::new(Connection::connect(addr, self.hello.clone(), self.timeout).await?);
+        let mut connections = self.lock();
+        // Another caller may have connected meanwhile: keep one.
+        let conn = match connections.get(addr) {
+            Some(existing) if !existing.is_closed() => existing.clone(),
+            _ => {
+                connections.insert(addr.to_string(), fresh.clone());
+                fresh
+            }
+        };
+        Ok(conn)
+    }
+
+    /// Sends `body` to `addr` on a pooled connection.
+    pub async fn call(&self, addr: &str, body: Request) -> Result<Response, ConnectionError> {
+        let conn = self.get(addr).await?;
+        let result = conn.call(body).await;
+        if let Err(ConnectionError::Timeout { .. }) = result {
+            // A peer that does not answer in time may be wedged: start afresh
+            // next time rather than queue behind it.
+            conn.close();
+        }
+        result
+    }
+
+    /// Closes and forgets the connection to `addr`, if any.
+    pub fn forget(&self, addr: &str) {
+        if let Some(conn) = self.lock().remove(addr) {
+            conn.close();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Connection>>> {
+        self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,237 @@
+//! Talking to the controller: registration over HTTP, retried with backoff,
+//! and repeated whenever the heartbeat thread sees a new controller
+//! incarnation.
+
+use crate::topology::Topologies;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Backoff between registration attempts.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long one registration request may take.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the controller is: `http://host:port`.
+#[derive(Debug, Clone)]
+pub struct ControllerAddr {
+    /// Host name or IP.
+    pub host: String,
+    /// HTTP (and heartbeat) port.
+    pub port: u16,
+}
+
+impl std::str::FromStr for ControllerAddr {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<ControllerAddr, String> {
+        let bad = || format!("{url:?} is not an http://host:port URL");
+        let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+        let authority = rest.trim_end_matches('/');
+        if authority.contains('/') {
+            return Err(bad());
+        }
+        let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(ControllerAddr {
+            host: host.to_string(),
+            port: port.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl ControllerAddr {
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Resolves the host (again: a Kubernetes Service may have moved).
+    pub fn resolve(&self, port: u16) -> std::io::Result<SocketAddr> {
+        (self.host.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{} resolves to nothing", self.host),
+                )
+            })
+    }
+
+    /// The local address of the route to the controller: what others most
+    /// likely reach this worker at.
+    pub fn local_route_ip(&self) -> std::io::Result<std::net::IpAddr> {
+        let target = self.resolve(self.port)?;
+        let bind: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let socket = UdpSocket::bind(bind)?;
+        socket.connect(target)?;
+        Ok(socket.local_addr()?.ip())
+    }
+}
+
+/// What this worker tells the controller about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registration {
+    /// Worker id.
+    pub id: String,
+    /// Host others reach it at.
+    pub host: String,
+    /// HTTP port.
+    pub port: u16,
+    /// Wire port.
+    pub wire_port: u16,
+    /// The last epoch seen (a restarted controller continues above it).
+    pub epoch: Option<u64>,
+    /// The incarnation held, kept across controller restarts.
+    pub generation: Option<u64>,
+}
+
+/// What the controller answered.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct Registered {
+    /// Heartbeat number.
+    pub member: u32,
+    /// Incarnation.
+    pub generation: u64,
+    /// Where heartbeats go.
+    pub heartbeat_port: u16,
+    /// How often.
+    pub heartbeat_interval_ms: u64,
+    /// The controller's incarnation.
+    pub incarnation: u64,
+}
+
+/// The current registration, shared with the heartbeat thread.
+pub type Shared = Arc<Mutex<Option<Registered>>>;
+
+/// Registers now and again whenever `reregister` is notified, until
+/// `shutdown`. The host to advertise is worked out on the first attempt
+/// when not given.
+pub async fn keep_registered(
+    controller: ControllerAddr,
+    mut me: Registration,
+    advertise_given: bool,
+    registered: Shared,
+    reregister: Arc<Notify>,
+    topologies: Arc<Topologies>,
+    shutdown: CancellationToken,
+) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("http://{}/register", controller.authority());
+    loop {
+        let mut retry = RETRY_MIN;
+        loop {
+            if !advertise_given {
+                match controller.local_route_ip() {
+                    Ok(ip) => me.host = ip.to_string(),
+                    Err(e) => {
+                        warn!(controller = %controller.authority(), error = %e, "cannot work out the address to advertise yet")
+                    }
+                }
+            }
+            let held = *registered.lock().unwrap_or_else(|p| p.into_inner());
+            let epoch = topologies.current().epoch();
+            me.epoch = (epoch > 0).then_some(epoch);
+            me.generation = held.map(|r| r.generation);
+            match register(&client, &url, &me).await {
+                Ok(reply) => {
+                    info!(controller = %url, member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
+                    *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
+                    break;
+                }
+                Err(e) => {
+                    warn!(controller = %url, error = %e, retry_in = ?retry, "registration failed")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(retry) => {}
+                () = shutdown.cancelled() => return,
+            }
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+        tokio::select! {
+            () = reregister.notified() => info!("the controller restarted; registering again"),
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn register(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    me: &Registration,
+) -> Result<Registered, String> {
+    let body = serde_json::to_vec(me).map_err(|e| e.to_string())?;
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+        }
+        serde_json::from_slice::<Registered>(&bytes).map_err(|e| format!("unreadable reply: {e}"))
+    };
+    tokio::time::timeout(REGISTER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_urls_parse_or_say_what_is_wrong() {
+        let a: ControllerAddr = "http://controller.kv-system:8000".parse().unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("controller.kv-system", 8000));
+        let b: ControllerAddr = "http://[::1]:8000/".parse().unwrap();
+        assert_eq!(
+            (b.host.as_str(), b.authority()),
+            ("::1", "[::1]:8000".to_string())
+        );
+        for bad in [
+            "controller:8000",
+            "http://controller",
+            "http://:80",
+            "http://h:x",
+            "http://h:1/path",
+        ] {
+            assert!(
+                bad.parse::<ControllerAddr>()
+                    .unwrap_err()
+                    .contains("http://host:port"),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! The worker's HTTP API: `PUT/GET/DELETE /kv`, `/healthz`, `/metrics`.
+//! Errors are JSON `{"error": ...}`: 4xx for the caller's fault, 503 when
+//! the cluster cannot do it now (retry), never a 500 for bad input.
+
+use crate::node::{Node, OpError};
+use crate::store::Stored;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+/// An HTTP error: a status and a message for the caller.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> ApiError {
+        let status = match e {
+            OpError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            OpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            OpError::WriteQuorum { .. }
+            | OpError::ReadQuorum { .. }
+            | OpError::NotOwner { .. }
+            | OpError::Unavailable
+            | OpError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> ApiError {
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body is too large: values are limited (see --max-value-size)".into(),
+            ),
+            status => ApiError(status, r.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> ApiError {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid query string: {}", r.body_text()),
+        )
+    }
+}
+
+/// The routes. `max_value` sizes the body limit: a JSON string may escape
+/// each byte of a value into up to six.
+pub fn router(node: Arc<Node>) -> Router {
+    let body_limit = node
+        .limits
+        .max_value
+        .saturating_mul(6)
+        .saturating_add(64 * 1024);
+    Router::new()
+        .route("/kv", get(get_kv).put(put_kv).delete(delete_kv))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(node)
+}
+
+#[derive(Deserialize)]
+struct PutBody {
+    key: String,
+    value: String,
+}
+
+async fn put_kv(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: PutBody = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid body ({e}); send {{\"key\":\"...\",\"value\":\"...\"}}"),
+        )
+    })?;
+    let result = node
+        .write(body.key.clone(), Some(Bytes::from(body.value)))
+        .await;
+    node.metrics
+        .count("put", result.as_ref().map_or_else(OpError::label, |_| "ok"));
+    let written = result?;
+    Ok(Json(
+        json!({ "key": body.key, "version": written.version.to_string(), "acks": written.acks }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    key: Option<String>,
+    consistency: Option<String>,
+}
+
+impl KeyQuery {
+    fn key(self) -> Result<(String, Option<String>), ApiError> {
+        match self.key {
+            Some(key) => Ok((key, self.consistency)),
+            None => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "missing query parameter \"key\": use /kv?key=K".into(),
+            )),
+        }
+    }
+}
+
+async fn get_kv(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (key, consistency) = query?.0.key()?;
+    node.validate(&key, None)?;
+    let (op, copy) = match consistency.as_deref() {
+        None | Some("local") => ("get", node.get_local(&key)),
+        Some("quorum") => {
+            let result = node.get_quorum(&key).await;
+            node.metrics.count(
+                "get_quorum",
+                result.as_ref().map_or_else(OpError::label, |_| "ok"),
+            );
+            ("get_quorum", result?)
+        }
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("consistency {other:?} is not one of \"local\", \"quorum\""),
+            ));
+        }
+    };
+    match copy {
+        Some(Stored {
+            version,
+            value: Some(value),
+        }) => {
+            node.metrics.count(op, "ok");
+            let value = String::from_utf8(value.to_vec()).map_err(|_| {
+                ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "the value is binary, not UTF-8 text: read it with kvctl get".into(),
+                )
+            })?;
+            Ok(Json(
+                json!({ "key": key, "value": value, "version": version.to_string() }),
+            ))
+        }
+        _ => {
+            node.metrics.count(op, "not_found");
+            Err(ApiError(StatusCode::NOT_FOUND, "key not found".into()))
+        }
+    }
+}
+
+async fn delete_kv(
+    State(node): State<Arc<Node>>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (key, _) = query?.0.key()?;
+    let result = node.write(key.clone(), None).await;
+    node.metrics.count(
+        "delete",
+        result.as_ref().map_or_else(OpError::label, |_| "ok"),
+    );
+    let written = result?;
+    Ok(Json(
+        json!({ "key": key, "version": written.version.to_string(), "acks": written.acks, "deleted": true }),
+    ))
+}
+
+async fn healthz(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {
+    let view = node.topologies.current();
+    let (keys, bytes) = node.store.stats();
+    Json(json!({
+        "status": "ok",
+        "id": node.id,
+        "epoch": view.epoch(),
+        "in_ring": view.member(&node.id).is_some(),
+        "keys": keys,
+        "bytes": bytes,
+    }))
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let (keys, bytes) = node.store.stats();
+    node.metrics.keys.set(keys as i64);
+    node.metrics.bytes.set(bytes as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        node.metrics.render(),
+    )
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {}: a worker serves /kv, /healthz, /metrics",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {}: PUT, GET and DELETE /kv; GET /healthz, /metrics",
+            uri.path()
+        ),
+    )
+}

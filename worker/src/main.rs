@@ -1,0 +1,37 @@
+//! `kv-worker`: parse flags, set up logging, run until Ctrl-C or SIGTERM.
+
+use clap::Parser;
+use kv_worker::{run, Config, Listeners};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::parse();
+    let listeners = Listeners::bind(config.listen, config.wire_listen)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM (what Kubernetes sends).
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,143 @@
+//! The worker's Prometheus metrics.
+
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
+
+/// An operation and its outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Op {
+    /// put, delete, get, get_quorum, replicate, offer, topology.
+    pub op: &'static str,
+    /// ok, not_found, error, quorum, not_owner...
+    pub outcome: &'static str,
+}
+
+/// Everything `/metrics` shows.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests served, by operation and outcome.
+    pub requests: Family<Op, Counter>,
+    /// Copies sent to replicas.
+    pub replicated_entries: Counter,
+    /// Bytes of copies sent to replicas.
+    pub replicated_bytes: Counter,
+    /// Replication batches that failed (and were retried).
+    pub replication_failures: Counter,
+    /// Rebalances completed.
+    pub rebalances: Counter,
+    /// Keys sent by rebalancing.
+    pub rebalance_keys: Counter,
+    /// Bytes sent by rebalancing.
+    pub rebalance_bytes: Counter,
+    /// Keys dropped after their new owners confirmed them.
+    pub rebalance_dropped: Counter,
+    /// Keys the running rebalance still has to visit (0 when idle).
+    pub rebalance_pending: Gauge,
+    /// Duration of the last rebalance, in milliseconds.
+    pub rebalance_last_ms: Gauge,
+    /// Keys held, tombstones included.
+    pub keys: Gauge,
+    /// Bytes of keys and values held.
+    pub bytes: Gauge,
+    /// The topology epoch held.
+    pub epoch: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kv_worker");
+        let m = Metrics {
+            requests: Family::default(),
+            replicated_entries: Counter::default(),
+            replicated_bytes: Counter::default(),
+            replication_failures: Counter::default(),
+            rebalances: Counter::default(),
+            rebalance_keys: Counter::default(),
+            rebalance_bytes: Counter::default(),
+            rebalance_dropped: Counter::default(),
+            rebalance_pending: Gauge::default(),
+            rebalance_last_ms: Gauge::default(),
+            keys: Gauge::default(),
+            bytes: Gauge::default(),
+            epoch: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests served, by operation and outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "replicated_entries",
+            "Copies sent to replicas",
+            m.replicated_entries.clone(),
+        );
+        registry.register(
+            "replicated_bytes",
+            "Bytes of copies sent to replicas",
+            m.replicated_bytes.clone(),
+        );
+        registry.register(
+            "replication_failures",
+            "Replication batches that failed and were retried",
+            m.replication_failures.clone(),
+        );
+        registry.register("rebalances", "Rebalances completed", m.rebalances.clone());
+        registry.register(
+            "rebalance_keys",
+            "Keys sent by rebalancing",
+            m.rebalance_keys.clone(),
+        );
+        registry.register(
+            "rebalance_bytes",
+            "Bytes sent by rebalancing",
+            m.rebalance_bytes.clone(),
+        );
+        registry.register(
+            "rebalance_dropped",
+            "Keys dropped after their new owners confirmed them",
+            m.rebalance_dropped.clone(),
+        );
+        registry.register(
+            "rebalance_pending_keys",
+            "Keys the running rebalance has yet to visit",
+            m.rebalance_pending.clone(),
+        );
+        registry.register(
+            "rebalance_last_duration_ms",
+            "Duration of the last rebalance",
+            m.rebalance_last_ms.clone(),
+        );
+        registry.register("keys", "Keys held, tombstones included", m.keys.clone());
+        registry.register("bytes", "Bytes of keys and values held", m.bytes.clone());
+        registry.register("epoch", "Topology epoch held", m.epoch.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one request.
+    pub fn count(&self, op: &'static str, outcome: &'static str) {
+        self.requests.get_or_create(&Op { op, outcome }).inc();
+    }
+
+    /// Counts a replicated batch.
+    pub fn replicated(&self, entries: usize, bytes: usize) {
+        self.replicated_entries.inc_by(entries as u64);
+        self.replicated_bytes.inc_by(bytes as u64);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,500 @@
+//! The worker's operations: routing, the write path at W=2, reads (local
+//! and quorum), and applying what peers send.
+
+use crate::metrics::Metrics;
+use crate::replication::{ReplicaAck, Replicator};
+use crate::store::{Applied, Store, Stored};
+use crate::topology::Topologies;
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use kv_wire::message::{Consistency, Failure, FailureKind};
+use kv_wire::{Clock, Entry, Member, Request, Response, Version, READ_QUORUM, WRITE_QUORUM};
+use kvctl::Pool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+/// How often a write is reissued with a newer version when a replica holds
+/// a newer one (a concurrent writer, or a lagging clock) before giving up.
+const MAX_WRITE_ATTEMPTS: usize = 4;
+/// How often a routed write follows a "not the owner" answer.
+const MAX_ROUTE_ATTEMPTS: usize = 3;
+
+/// Limits and timeouts of the data path.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest value accepted.
+    pub max_value: usize,
+    /// How long a write may wait for its quorum.
+    pub write_timeout: Duration,
+    /// How long a quorum read may wait for answers.
+    pub read_timeout: Duration,
+}
+
+/// A write that reached its quorum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// The version the primary gave it.
+    pub version: Version,
+    /// Copies holding it when answered.
+    pub acks: u8,
+}
+
+/// Why an operation failed. Each says what to do.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum OpError {
+    /// The request breaks the contract.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The value is over the limit.
+    #[error("value is {len} bytes; the limit is {max} bytes")]
+    TooLarge {
+        /// The value's size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Fewer than W copies confirmed in time: the outcome is unknown.
+    #[error("write quorum not reached: {acks} of {needed}")]
+    WriteQuorum {
+        /// Copies that confirmed.
+        acks: usize,
+        /// Copies needed.
+        needed: usize,
+    },
+    /// Fewer than R owners answered in time.
+    #[error("read quorum not reached: {answered} of {needed} owners answered")]
+    ReadQuorum {
+        /// Owners that answered.
+        answered: usize,
+        /// Owners needed.
+        needed: usize,
+    },
+    /// This worker is not the key's primary at its epoch.
+    #[error(
+        "this worker is not the key's primary at epoch {epoch}; refresh the topology and retry"
+    )]
+    NotOwner {
+        /// The worker's epoch.
+        epoch: u64,
+    },
+    /// No topology or no live worker.
+    #[error("no live worker owns the key yet: the worker has no topology (is the controller up?); retry shortly")]
+    Unavailable,
+    /// The primary could not be asked.
+    #[error(
+        "cannot reach the key's primary {primary}: {reason}; the write's outcome is unknown, retry"
+    )]
+    Unreachable {
+        /// The primary's id.
+        primary: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl OpError {
+    /// The error as a wire failure.
+    pub fn to_failure(&self) -> Failure {
+        let kind = match self {
+            OpError::BadRequest(_) | OpError::TooLarge { .. } => FailureKind::BadRequest,
+            OpError::WriteQuorum { .. }
+            | OpError::ReadQuorum { .. }
+            | OpError::Unreachable { .. } => FailureKind::Quorum,
+            OpError::NotOwner { epoch } => FailureKind::NotOwner { epoch: *epoch },
+            OpError::Unavailable => FailureKind::Unavailable,
+        };
+        Failure::new(kind, self.to_string())
+    }
+
+    fn from_failure(f: Failure) -> OpError {
+        match f.kind {
+            FailureKind::NotOwner { epoch } => OpError::NotOwner { epoch },
+            FailureKind::Unavailable => OpError::Unavailable,
+            FailureKind::BadRequest => OpError::BadRequest(f.message),
+            FailureKind::Quorum | FailureKind::Busy => OpError::Unreachable {
+                primary: "the primary".into(),
+                reason: f.message,
+            },
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            OpError::BadRequest(_) => "bad_request",
+            OpError::TooLarge { .. } => "too_large",
+            OpError::WriteQuorum { .. } | OpError::ReadQuorum { .. } => "quorum",
+            OpError::NotOwner { .. } => "not_owner",
+            OpError::Unavailable => "unavailable",
+            OpError::Unreachable { .. } => "unreachable",
+        }
+    }
+}
+
+/// A worker's data plane.
+pub struct Node {
+    /// This worker's id.
+    pub id: String,
+    /// Its copies.
+    pub store: Arc<dyn Store>,
+    /// Its hybrid logical clock.
+    pub clock: Clock,
+    /// What it knows of the cluster.
+    pub topologies: Arc<Topologies>,
+    /// Connections to peers.
+    pub pool: Arc<Pool>,
+    /// Replication links.
+    pub replicator: Replicator,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Limits and timeouts.
+    pub limits: Limits,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Node {
+    /// Checks a key and value against the contract.
+    pub fn validate(&self, key: &str, value: Option<&Bytes>) -> Result<(), OpError> {
+        kv_wire::validate_key(key).map_err(|e| OpError::BadRequest(format!("invalid key: {e}")))?;
+        match value {
+            Some(v) if v.len() > self.limits.max_value => Err(OpError::TooLarge {
+                len: v.len(),
+                max: self.limits.max_value,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes (or, with `None`, deletes) `key` at W=2, from any worker: the
+    /// write goes to the key's primary, here or over the wire.
+    pub async fn write(&self, key: String, value: Option<Bytes>) -> Result<Written, OpError> {
+        self.validate(&key, value.as_ref())?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let view = self.topologies.current();
+            let primary = view
+                .owners(&key)
+                .first()
+                .map(|m| (*m).clone())
+                .ok_or(OpError::Unavailable)?;
+            let result = if primary.id == self.id {
+                self.coordinate(&key, value.clone()).await
+            } else {
+                self.forward(&primary, &key, value.clone()).await
+            };
+            match result {
+                // The primary's view differs from ours: one of us is behind.
+                // Wait (briefly) for ours to move, then route again.
+                Err(OpError::NotOwner { epoch }) if attempt < MAX_ROUTE_ATTEMPTS => {
+                    let mut changes = self.topologies.subscribe();
+                    if view.epoch() >= epoch {
+                        let _ = tokio::time::timeout(Duration::from_millis(250), changes.changed())
+                            .await;
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        primary: &Member,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<Written, OpError> {
+        let request = match value {
+            Some(value) => Request::Put {
+                key: key.to_string(),
+                value,
+            },
+            None => Request::Delete {
+                key: key.to_string(),
+            },
+        };
+        let unreachable = |reason: String| OpError::Unreachable {
+            primary: primary.id.clone(),
+            reason,
+        };
+        let conn = self
+            .pool
+            .get(&primary.wire_addr())
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        match conn
+            .call_within(request, self.limits.write_timeout + Duration::from_secs(1))
+            .await
+        {
+            Ok(Response::Written { version, acks }) => Ok(Written { version, acks }),
+            Ok(Response::Failed(f)) => Err(OpError::from_failure(f)),
+            Ok(other) => Err(unreachable(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(unreachable(e.to_string())),
+        }
+    }
+
+    /// The primary's write path: version, store locally, replicate to both
+    /// replicas at once, answer when the first replica confirms (or the
+    /// second, if the first fails outright); the other copy carries on in
+    /// the background.
+    ///
+    /// Acknowledging on the first replica specifically (rather than on
+    /// whichever answers first) means every acknowledged write is on the
+    /// primary and the first replica, which is what rebalancing relies on
+    /// when the primary dies.
+    pub async fn coordinate(&self, key: &str, value: Option<Bytes>) -> Result<Written, OpError> {
+        self.validate(key, value.as_ref())?;
+        let view = self.topologies.current();
+        let owners = view.owners(key);
+        match owners.first() {
+            None => return Err(OpError::Unavailable),
+            Some(primary) if primary.id != self.id => {
+                return Err(OpError::NotOwner {
+                    epoch: view.epoch(),
+                })
+            }
+            Some(_) => {}
+        }
+        let replicas: Vec<Member> = owners[1..].iter().map(|m| (*m).clone()).collect();
+        let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let version = self.next_version(key);
+            self.store.apply(
+                key,
+                Stored {
+                    version,
+                    value: value.clone(),
+                },
+            );
+            if replicas.is_empty() {
+                return Err(OpError::WriteQuorum {
+                    acks: 1,
+                    needed: WRITE_QUORUM,
+                });
+            }
+            let entry = Entry {
+                key: key.to_string(),
+                version,
+                value: value.clone(),
+            };
+            let mut acks = Vec::with_capacity(replicas.len());
+            for replica in &replicas {
+                acks.push(self.replicator.send(replica, entry.clone()).await);
+            }
+            match tokio::time::timeout_at(deadline, quorum(acks)).await {
+                Ok(Quorum::Reached(copies)) => {
+                    return Ok(Written {
+                        version,
+                        acks: copies as u8,
+                    })
+                }
+                Ok(Quorum::Stale(held)) => self.clock.observe(held),
+                Ok(Quorum::Failed) | Err(_) => {
+                    return Err(OpError::WriteQuorum {
+                        acks: 1,
+                        needed: WRITE_QUORUM,
+                    })
+                }
+            }
+        }
+        Err(OpError::WriteQuorum {
+            acks: 1,
+            needed: WRITE_QUORUM,
+        })
+    }
+
+    /// A version above the clock and above the copy held here.
+    fn next_version(&self, key: &str) -> Version {
+        if let Some(held) = self.store.get(key) {
+            self.clock.observe(held.version);
+        }
+        self.clock.tick(now_ms())
+    }
+
+    /// Many writes for which this worker is primary, each at W=2 on its own.
+    pub async fn put_many(&self, items: Vec<(String, Bytes)>) -> Vec<Result<Version, Failure>> {
+        let writes = items.into_iter().map(|(key, value)| async move {
+            self.coordinate(&key, Some(value))
+                .await
+                .map(|w| w.version)
+                .map_err(|e| e.to_failure())
+        });
+        futures::future::join_all(writes).await
+    }
+
+    /// This worker's copy of `key`, tombstones included.
+    pub fn get_local(&self, key: &str) -> Option<Stored> {
+        self.store.get(key)
+    }
+
+    /// The newest copy among R=2 of the key's owners — and, while a
+    /// rebalance runs, its previous owners too.
+    pub async fn get_quorum(&self, key: &str) -> Result<Option<Stored>, OpError> {
+        self.validate(key, None)?;
+        let current = self.topologies.current();
+        let settled = self.topologies.settled();
+        let owners: Vec<Member> = current.owners(key).into_iter().cloned().collect();
+        if owners.is_empty() {
+            return Err(OpError::Unavailable);
+        }
+        let previous: Vec<Member> = if settled.epoch() == current.epoch() {
+            Vec::new()
+        } else {
+            settled
+                .owners(key)
+                .into_iter()
+                .filter(|m| current.has(m) && !owners.iter().any(|o| o.id == m.id))
+                .cloned()
+                .collect()
+        };
+        let needed = READ_QUORUM.min(owners.len());
+        let mut asks: FuturesUnordered<_> = owners
+            .iter()
+            .map(|m| (true, m))
+            .chain(previous.iter().map(|m| (false, m)))
+            .map(|(is_owner, m)| async move { (is_owner, self.read_copy(m, key).await) })
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.limits.read_timeout;
+        let (mut answered, mut failed, mut previous_left) = (0, 0, previous.len());
+        let mut newest: Option<Stored> = None;
+        while let Ok(Some((is_owner, copy))) = tokio::time::timeout_at(deadline, asks.next()).await
+        {
+            if !is_owner {
+                previous_left -= 1;
+            }
+            match copy {
+                Ok(copy) => {
+                    answered += usize::from(is_owner);
+                    if copy.as_ref().map(|c| c.version) > newest.as_ref().map(|c| c.version) {
+                        newest = copy;
+                    }
+                }
+                Err(_) => failed += usize::from(is_owner),
+            }
+            if answered >= needed && previous_left == 0 {
+                break;
+            }
+            if owners.len() - failed < needed {
+                break;
+            }
+        }
+        if answered >= needed {
+            Ok(newest)
+        } else {
+            Err(OpError::ReadQuorum { answered, needed })
+        }
+    }
+
+    async fn read_copy(&self, member: &Member, key: &str) -> Result<Option<Stored>, OpError> {
+        if member.id == self.id {
+            return Ok(self.store.get(key));
+        }
+        let request = Request::Get {
+            key: key.to_string(),
+            consistency: Consistency::Local,
+        };
+        let fail = |reason: String| OpError::Unreachable {
+            primary: member.id.clone(),
+            reason,
+        };
+        let conn = self
+            .pool
+            .get(&member.wire_addr())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match conn.call_within(request, self.limits.read_timeout).await {
+            Ok(Response::Value(entry)) => Ok(entry.map(|e| Stored {
+                version: e.version,
+                value: e.value,
+            })),
+            Ok(other) => Err(fail(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    /// Stores the copies a peer sends; reports the ones older than held.
+    pub fn replicate(&self, entries: Vec<Entry>) -> Response {
+        let mut applied = 0;
+        let mut stale = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            if kv_wire::validate_key(&entry.key).is_err() {
+                continue;
+            }
+            self.clock.observe(entry.version);
+            match self.store.apply(
+                &entry.key,
+                Stored {
+                    version: entry.version,
+                    value: entry.value,
+                },
+            ) {
+                Applied::Stored => applied += 1,
+                Applied::Held => {}
+                Applied::Older { held } => stale.push((i as u32, held)),
+            }
+        }
+        Response::Replicated { applied, stale }
+    }
+
+    /// The offered items this worker lacks (missing or older here).
+    pub fn wanted(&self, items: &[(String, Version)]) -> Vec<u32> {
+        items
+            .iter()
+            .enumerate()
+            .filter(|(_, (key, version))| {
+                self.store
+                    .get(key)
+                    .is_none_or(|held| held.version < *version)
+            })
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+}
+
+enum Quorum {
+    /// Copies (the primary's included) that hold the write.
+    Reached(usize),
+    /// A replica holds a newer version.
+    Stale(Version),
+    /// Both replicas failed.
+    Failed,
+}
+
+/// Waits for the first replica's answer; if it fails outright, for the
+/// second's. Counts the second when it has already answered too.
+async fn quorum(mut acks: Vec<oneshot::Receiver<ReplicaAck>>) -> Quorum {
+    let mut second = if acks.len() > 1 {
+        Some(acks.remove(1))
+    } else {
+        None
+    };
+    let first = acks
+        .remove(0)
+        .await
+        .unwrap_or(ReplicaAck::Failed("link stopped".into()));
+    match first {
+        ReplicaAck::Applied => {
+            let both = matches!(
+                second.as_mut().map(|s| s.try_recv()),
+                Some(Ok(ReplicaAck::Applied))
+            );
+            Quorum::Reached(if both { 3 } else { 2 })
+        }
+        ReplicaAck::Stale(held) => Quorum::Stale(held),
+        ReplicaAck::Failed(_) => match second {
+            Some(second) => match second.await {
+                Ok(ReplicaAck::Applied) => Quorum::Reached(2),
+                Ok(ReplicaAck::Stale(held)) => Quorum::Stale(held),
+                _ => Quorum::Failed,
+            },
+            None => Quorum::Failed,
+        },
+    }
+}

@@ -1,0 +1,226 @@
+//! Replication links: one per peer, batching the copies sent to it.
+//!
+//! Writes coordinated concurrently share `Replicate` frames (group commit):
+//! a link sends everything queued as one batch, waits for its answer,
+//! then sends what queued meanwhile. A failed batch is retried with backoff
+//! for as long as the peer is live and still owns each key; the writer
+//! waiting on it hears of the failure at once (to fall back or give up),
+//! but the copy keeps trying — the contract's "async third copy, retried
+//! until it holds the write or leaves the owner set". A byte budget per
+//! link bounds memory: when a peer lags, writers wait (back-pressure).
+
+use crate::metrics::Metrics;
+use crate::topology::{Topologies, View};
+use kv_wire::{Entry, Member, Request, Response, Version};
+use kvctl::Pool;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Bytes of copies queued per peer before writers wait.
+const LINK_BUDGET: usize = 64 * 1024 * 1024;
+/// Most entries in one `Replicate` frame.
+const MAX_BATCH_ENTRIES: usize = 1024;
+/// Most bytes in one `Replicate` frame (well under the frame limit).
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Backoff between retries of a failed batch.
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// What became of one copy sent to a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaAck {
+    /// The replica holds it (or an equal version).
+    Applied,
+    /// The replica holds a newer version: reissue the write above it.
+    Stale(Version),
+    /// The attempt failed (the copy is still being retried).
+    Failed(String),
+}
+
+struct Item {
+    entry: Entry,
+    reply: Option<oneshot::Sender<ReplicaAck>>,
+    _budget: OwnedSemaphorePermit,
+}
+
+impl Item {
+    fn size(&self) -> usize {
+        self.entry.key.len() + self.entry.value.as_ref().map_or(0, |v| v.len()) + 32
+    }
+
+    fn answer(&mut self, ack: ReplicaAck) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(ack);
+        }
+    }
+}
+
+struct Link {
+    member: Member,
+    queue: mpsc::UnboundedSender<Item>,
+    budget: Arc<Semaphore>,
+}
+
+/// The replication links of this worker.
+pub struct Replicator {
+    links: Mutex<HashMap<String, Link>>,
+    pool: Arc<Pool>,
+    topologies: Arc<Topologies>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl Replicator {
+    /// Links over `pool`, dropping copies for peers that leave `topologies`.
+    pub fn new(
+        pool: Arc<Pool>,
+        topologies: Arc<Topologies>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Replicator {
+        Replicator {
+            links: Mutex::default(),
+            pool,
+            topologies,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Queues a copy of `entry` for `peer`; waits while the peer's budget
+    /// is spent. The receiver hears the first attempt's outcome.
+    pub async fn send(&self, peer: &Member, entry: Entry) -> oneshot::Receiver<ReplicaAck> {
+        let (tx, rx) = oneshot::channel();
+        let (queue, budget) = self.link(peer);
+        let size = entry.key.len() + entry.value.as_ref().map_or(0, |v| v.len()) + 32;
+        let permits = size.min(LINK_BUDGET) as u32;
+        let Ok(permit) = budget.acquire_many_owned(permits).await else {
+            let _ = tx.send(ReplicaAck::Failed("replication link closed".into()));
+            return rx;
+        };
+        let item = Item {
+            entry,
+            reply: Some(tx),
+            _budget: permit,
+        };
+        if let Err(mpsc::error::SendError(mut item)) = queue.send(item) {
+            item.answer(ReplicaAck::Failed("replication link closed".into()));
+        }
+        rx
+    }
+
+    fn link(&self, peer: &Member) -> (mpsc::UnboundedSender<Item>, Arc<Semaphore>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(link) = links.get(&peer.id) {
+            if link.member == *peer && !link.queue.is_closed() {
+                return (link.queue.clone(), link.budget.clone());
+            }
+        }
+        let (queue, rx) = mpsc::unbounded_channel();
+        let budget = Arc::new(Semaphore::new(LINK_BUDGET));
+        tokio::spawn(run_link(
+            peer.clone(),
+            rx,
+            self.pool.clone(),
+            self.topologies.clone(),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+        links.insert(
+            peer.id.clone(),
+            Link {
+                member: peer.clone(),
+                queue: queue.clone(),
+                budget: budget.clone(),
+            },
+        );
+        (queue, budget)
+    }
+}
+
+/// Sends queued copies to one peer until it leaves the topology.
+async fn run_link(
+    peer: Member,
+    mut queue: mpsc::UnboundedReceiver<Item>,
+    pool: Arc<Pool>,
+    topologies: Arc<Topologies>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let addr = peer.wire_addr();
+    let mut backlog: VecDeque<Item> = VecDeque::new();
+    let mut retry = RETRY_MIN;
+    loop {
+        if backlog.is_empty() {
+            tokio::select! {
+                next = queue.recv() => match next {
+                    Some(item) => backlog.push_back(item),
+                    None => return,
+                },
+                () = shutdown.cancelled() => return,
+            }
+        }
+        while let Ok(item) = queue.try_recv() {
+            backlog.push_back(item);
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(item) = backlog.pop_front() {
+            bytes += item.size();
+            batch.push(item);
+            if batch.len() >= MAX_BATCH_ENTRIES || bytes >= MAX_BATCH_BYTES {
+                break;
+            }
+        }
+        let entries: Vec<Entry> = batch.iter().map(|i| i.entry.clone()).collect();
+        let count = entries.len();
+        match pool.call(&addr, Request::Replicate { entries }).await {
+            Ok(Response::Replicated { stale, .. }) => {
+                metrics.replicated(count, bytes);
+                let mut stale: HashMap<u32, Version> = stale.into_iter().collect();
+                for (i, item) in batch.iter_mut().enumerate() {
+                    match stale.remove(&(i as u32)) {
+                        Some(held) => item.answer(ReplicaAck::Stale(held)),
+                        None => item.answer(ReplicaAck::Applied),
+                    }
+                }
+                retry = RETRY_MIN;
+            }
+            other => {
+                let reason = match other {
+                    Err(e) => e.to_string(),
+                    Ok(Response::Failed(f)) => f.message,
+                    Ok(unexpected) => format!("unexpected answer {unexpected:?}"),
+                };
+                metrics.replication_failures.inc();
+                debug!(peer = %peer.id, %reason, entries = count, "replication batch failed; retrying");
+                for item in &mut batch {
+                    item.answer(ReplicaAck::Failed(reason.clone()));
+                }
+                // Keep trying the copies that still belong on this peer.
+                for item in batch.into_iter().rev() {
+                    backlog.push_front(item);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(retry) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                retry = (retry * 2).min(RETRY_MAX);
+                let view = topologies.current();
+                if !view.has(&peer) {
+                    warn!(peer = %peer.id, dropped = backlog.len(), "peer left the topology; its pending copies are left to rebalancing");
+                    return;
+                }
+                backlog.retain(|item| still_owner(&view, &peer, &item.entry.key));
+            }
+        }
+    }
+}
+
+fn still_owner(view: &View, peer: &Member, key: &str) -> bool {
+    view.owners(key).iter().any(|m| m.id == peer.id)
+}

@@ -1,0 +1,272 @@
+//! The wire-protocol server: clients and peers, pipelined.
+//!
+//! Each connection has a reader (this task) and a writer task. Cheap
+//! requests — local reads, replication batches, offers, topology pushes —
+//! are answered inline, in order; writes and quorum reads, which wait on
+//! other workers, run as tasks of their own and answer when done, so one
+//! slow write does not hold up the requests behind it. A connection has at
+//! most [`MAX_IN_FLIGHT`] such tasks: past that it stops reading, and TCP
+//! pushes back on the client.
+
+use crate::node::Node;
+use futures::{SinkExt, StreamExt};
+use kv_wire::message::{Consistency, Refusal, Welcome};
+use kv_wire::{ClientFrame, Entry, FrameCodec, Request, Response, ServerFrame};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+/// Time a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Open connections at most; more are refused.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Waiting requests per connection at most.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Accepts connections until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    cluster: String,
+    max_frame: usize,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, usually: back off, keep serving.
+                    warn!(error = %e, "wire accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%peer, "too many wire connections; refusing one");
+            let mut writer = FramedWrite::new(
+                stream,
+                FrameCodec::<ClientFrame, ServerFrame>::new(max_frame),
+            );
+            let refusal = Refusal::new(format!(
+                "this worker has {MAX_CONNECTIONS} connections open; retry later"
+            ));
+            tokio::spawn(async move {
+                let _ = writer.send(ServerFrame::Refused(refusal)).await;
+            });
+            continue;
+        };
+        let (node, cluster, shutdown) = (node.clone(), cluster.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(reason) = connection(stream, node, &cluster, max_frame, shutdown).await {
+                debug!(%peer, %reason, "wire connection closed");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    node: Arc<Node>,
+    cluster: &str,
+    max_frame: usize,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (read, write) = stream.into_split();
+    let mut reader = FramedRead::new(read, FrameCodec::<ClientFrame, ServerFrame>::new(max_frame));
+    let mut writer = FramedWrite::new(
+        write,
+        FrameCodec::<ClientFrame, ServerFrame>::new(max_frame),
+    );
+
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        Ok(Some(Ok(ClientFrame::Hello(hello)))) => hello,
+        Ok(Some(Ok(_))) => return refuse(&mut writer, "the first frame must be a hello").await,
+        Ok(Some(Err(e))) => return refuse(&mut writer, &format!("unreadable hello: {e}")).await,
+        Ok(None) => return Err("closed before the hello".into()),
+        Err(_) => return refuse(&mut writer, "no hello within 5 s").await,
+    };
+    if let Err(refusal) = hello.check(cluster) {
+        warn!(from = %hello.from, reason = %refusal.reason, "wire hello refused");
+        return refuse(&mut writer, &refusal.reason).await;
+    }
+    let welcome = Welcome {
+        node: node.id.clone(),
+        epoch: node.topologies.current().epoch(),
+    };
+    writer
+        .send(ServerFrame::Welcome(welcome))
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let (out, mut outbox) = mpsc::channel::<ServerFrame>(MAX_IN_FLIGHT);
+    let sender = tokio::spawn(async move {
+        while let Some(frame) = outbox.recv().await {
+            writer.feed(frame).await?;
+            while let Ok(frame) = outbox.try_recv() {
+                writer.feed(frame).await?;
+            }
+            writer.flush().await?;
+        }
+        Ok::<_, kv_wire::WireError>(writer)
+    });
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let result = loop {
+        let frame = tokio::select! {
+            frame = reader.next() => frame,
+            () = shutdown.cancelled() => break Ok(()),
+        };
+        let (id, body) = match frame {
+            Some(Ok(ClientFrame::Request { id, body })) => (id, body),
+            Some(Ok(ClientFrame::Hello(_))) => break Err("a second hello".to_string()),
+            Some(Err(e)) => break Err(format!("bad frame: {e}")),
+            None => break Ok(()),
+        };
+        if waits_on_peers(&body) {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break Ok(());
+            };
+            let (node, out) = (node.clone(), out.clone());
+            tokio::spawn(async move {
+                let body = answer(&node, body).await;
+                let _ = out.send(ServerFrame::Response { id, body }).await;
+                drop(permit);
+            });
+        } else {
+            let body = answer(&node, body).await;
+            if out.send(ServerFrame::Response { id, body }).await.is_err() {
+                break Err("writer stopped".into());
+            }
+        }
+    };
+    drop(out);
+    if let Err(reason) = &result {
+        // Tell the client why, if the writer still works, then close.
+        if let Ok(Ok(mut writer)) = sender.await {
+            let _ = writer
+                .send(ServerFrame::Refused(Refusal::new(reason.clone())))
+                .await;
+        }
+    }
+    result
+}
+
+async fn refuse(
+    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec<ClientFrame, ServerFrame>>,
+    reason: &str,
+) -> Result<(), String> {
+    let _ = writer
+        .send(ServerFrame::Refused(Refusal::new(reason)))
+        .await;
+    Err(reason.to_string())
+}
+
+fn waits_on_peers(body: &Request) -> bool {
+    matches!(
+        body,
+        Request::Put { .. }
+            | Request::Delete { .. }
+            | Request::PutMany { .. }
+            | Request::Get {
+                consistency: Consistency::Quorum,
+                ..
+            }
+    )
+}
+
+/// The answer to one request.
+pub async fn answer(node: &Node, body: Request) -> Response {
+    let metrics = &node.metrics;
+    match body {
+        Request::Get {
+            key,
+            consistency: Consistency::Local,
+        } => {
+            let copy = node.get_local(&key);
+            metrics.count("get", if copy.is_some() { "ok" } else { "not_found" });
+            Response::Value(copy.map(|c| Entry {
+                key,
+                version: c.version,
+                value: c.value,
+            }))
+        }
+        Request::Get {
+            key,
+            consistency: Consistency::Quorum,
+        } => match node.get_quorum(&key).await {
+            Ok(copy) => {
+                // Clients never see tombstones.
+                let live = copy.filter(|c| c.value.is_some());
+                metrics.count(
+                    "get_quorum",
+                    if live.is_some() { "ok" } else { "not_found" },
+                );
+                Response::Value(live.map(|c| Entry {
+                    key,
+                    version: c.version,
+                    value: c.value,
+                }))
+            }
+            Err(e) => {
+                metrics.count("get_quorum", e.label());
+                Response::Failed(e.to_failure())
+            }
+        },
+        Request::Put { key, value } => {
+            written(node, "put", node.coordinate(&key, Some(value)).await)
+        }
+        Request::Delete { key } => written(node, "delete", node.coordinate(&key, None).await),
+        Request::PutMany { items } => {
+            let results = node.put_many(items).await;
+            for r in &results {
+                metrics.count("put", if r.is_ok() { "ok" } else { "error" });
+            }
+            Response::PutMany(results)
+        }
+        Request::Replicate { entries } => {
+            metrics.count("replicate", "ok");
+            node.replicate(entries)
+        }
+        Request::Offer { items } => {
+            metrics.count("offer", "ok");
+            Response::Wanted(node.wanted(&items))
+        }
+        Request::Topology(topology) => {
+            metrics.count("topology", "ok");
+            let epoch = node.topologies.offer(topology);
+            metrics.epoch.set(epoch as i64);
+            Response::TopologyAccepted { epoch }
+        }
+    }
+}
+
+fn written(
+    node: &Node,
+    op: &'static str,
+    result: Result<crate::node::Written, crate::node::OpError>,
+) -> Response {
+    match result {
+        Ok(w) => {
+            node.metrics.count(op, "ok");
+            Response::Written {
+                version: w.version,
+                acks: w.acks,
+            }
+        }
+        Err(e) => {
+            node.metrics.count(op, e.label());
+            Response::Failed(e.to_failure())
+        }
+    }
+}

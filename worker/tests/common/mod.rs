@@ -1,0 +1,213 @@
+//! Test harness: a controller and workers in this process, on ephemeral
+//! ports, and a small HTTP client.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Generous: many clusters share 2 cores when tests run in parallel.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One HTTP request; the status and the body as JSON.
+pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Value) {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+pub struct Service {
+    pub id: String,
+    pub http: SocketAddr,
+    pub wire: SocketAddr,
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Service {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.http, path)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http("GET", &self.url(path), "").await
+    }
+
+    /// Stops the service and waits until it has.
+    pub async fn kill(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+
+    /// The value this worker holds locally for `key`, if any.
+    pub async fn local(&self, key: &str) -> Option<String> {
+        let (status, body) = self.get(&format!("/kv?key={key}")).await;
+        (status == 200).then(|| body["value"].as_str().unwrap().to_string())
+    }
+}
+
+pub struct Cluster {
+    pub controller: Service,
+    pub workers: Vec<Service>,
+}
+
+impl Cluster {
+    /// A controller (no grace period) and `n` workers named worker1..n,
+    /// waiting until every worker holds the topology with all of them.
+    pub async fn start(n: usize) -> Cluster {
+        let controller = start_controller().await;
+        let mut cluster = Cluster {
+            controller,
+            workers: Vec::new(),
+        };
+        for i in 1..=n {
+            cluster.add(&format!("worker{i}")).await;
+        }
+        cluster.settled().await;
+        cluster
+    }
+
+    pub async fn add(&mut self, id: &str) {
+        let worker = start_worker(id, &self.controller).await;
+        self.workers.push(worker);
+    }
+
+    pub fn worker(&self, id: &str) -> &Service {
+        self.workers
+            .iter()
+            .find(|w| w.id == id)
+            .unwrap_or_else(|| panic!("no worker {id}"))
+    }
+
+    /// Waits until every running worker holds the controller's epoch, with
+    /// exactly the running workers in the ring.
+    pub async fn settled(&self) -> u64 {
+        let ids: Vec<&str> = self.workers.iter().map(|w| w.id.as_str()).collect();
+        eventually("the cluster to settle", || async {
+            let (_, nodes) = self.controller.get("/nodes").await;
+            let epoch = nodes["epoch"].as_u64()?;
+            let up: Vec<&str> = nodes["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["status"] != "DOWN")
+                .map(|n| n["id"].as_str().unwrap())
+                .collect();
+            if up != ids {
+                return None;
+            }
+            for w in &self.workers {
+                let (_, health) = w.get("/healthz").await;
+                if health["epoch"].as_u64() != Some(epoch) || health["in_ring"] != true {
+                    return None;
+                }
+            }
+            Some(epoch)
+        })
+        .await
+    }
+
+    pub async fn mapping(&self, key: &str) -> Vec<String> {
+        let (status, m) = self.controller.get(&format!("/mapping?key={key}")).await;
+        assert_eq!(status, 200, "{m}");
+        m["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Stops worker `id` and removes it from the cluster.
+    pub async fn stop(&mut self, id: &str) {
+        let i = self.workers.iter().position(|w| w.id == id).unwrap();
+        self.workers.remove(i).kill().await;
+    }
+
+    pub async fn shutdown(self) {
+        for w in self.workers {
+            w.kill().await;
+        }
+        self.controller.kill().await;
+    }
+}
+
+pub async fn start_controller() -> Service {
+    let listeners = kv_controller::Listeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let http = listeners.http.local_addr().unwrap();
+    let mut config = kv_controller::Config::with_listen(http);
+    config.grace = Duration::ZERO;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { kv_controller::run(config, listeners, stop).await.unwrap() }
+    });
+    Service {
+        id: "controller".into(),
+        http,
+        wire: http,
+        stop,
+        task,
+    }
+}
+
+pub async fn start_worker(id: &str, controller: &Service) -> Service {
+    let listeners = kv_worker::Listeners::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let http = listeners.http.local_addr().unwrap();
+    let wire = listeners.wire.local_addr().unwrap();
+    let config = kv_worker::Config::for_test(id, &format!("http://{}", controller.http));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { kv_worker::run(config, listeners, stop).await.unwrap() }
+    });
+    Service {
+        id: id.into(),
+        http,
+        wire,
+        stop,
+        task,
+    }
+}
+
+pub fn put_body(key: &str, value: &str) -> String {
+    serde_json::json!({ "key": key, "value": value }).to_string()
+}
