@@ -1,0 +1,213 @@
+//! The worker's promises in a live in-process cluster: routing, convergence,
+//! deletes, re-replication after a failure, and a join.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use futures::stream::{self, StreamExt};
+use kv_wire::Ring;
+use std::collections::HashMap;
+
+/// Writes `key:{i}` = `value-{i}` for i in 0..n through HTTP, spread over
+/// the workers, 64 at a time.
+async fn write_keys(cluster: &Cluster, n: usize) {
+    let urls: Vec<String> = cluster.workers.iter().map(|w| w.url("/kv")).collect();
+    stream::iter(0..n)
+        .map(|i| {
+            let url = urls[i % urls.len()].clone();
+            async move {
+                let (status, reply) = http(
+                    "PUT",
+                    &url,
+                    put_body(&format!("key:{i}"), &format!("value-{i}")),
+                )
+                .await;
+                assert_eq!(status, 200, "key:{i}: {reply}");
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// The ring the running workers form.
+fn ring(cluster: &Cluster) -> Ring {
+    Ring::new(cluster.workers.iter().map(|w| w.id.clone()))
+}
+
+/// Keys (tombstones included) each worker holds, from /healthz.
+async fn held(cluster: &Cluster) -> HashMap<String, u64> {
+    let mut held = HashMap::new();
+    for w in &cluster.workers {
+        let (_, health) = w.get("/healthz").await;
+        held.insert(w.id.clone(), health["keys"].as_u64().unwrap());
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_to_a_non_owner_reaches_the_primary() {
+    let cluster = Cluster::start(4).await;
+    let owners = cluster.mapping("routed").await;
+    let outsider = cluster
+        .workers
+        .iter()
+        .find(|w| !owners.contains(&w.id))
+        .unwrap();
+    let (status, reply) = http(
+        "PUT",
+        &outsider.url("/kv"),
+        put_body("routed", "via-outsider"),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        cluster.worker(&owners[0]).local("routed").await.as_deref(),
+        Some("via-outsider")
+    );
+    assert_eq!(
+        outsider.local("routed").await,
+        None,
+        "a non-owner keeps no copy"
+    );
+    // A delete through the outsider is routed too.
+    let (status, _) = http("DELETE", &outsider.url("/kv?key=routed"), "").await;
+    assert_eq!(status, 200);
+    assert_eq!(cluster.worker(&owners[0]).local("routed").await, None);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_to_one_key_converge_on_every_owner() {
+    let cluster = Cluster::start(4).await;
+    let urls: Vec<String> = cluster.workers.iter().map(|w| w.url("/kv")).collect();
+    stream::iter(0..200)
+        .map(|i| {
+            let url = urls[i % urls.len()].clone();
+            async move { http("PUT", &url, put_body("contended", &format!("writer-{i}"))).await }
+        })
+        .buffer_unordered(32)
+        .for_each(|(status, reply)| async move { assert_eq!(status, 200, "{reply}") })
+        .await;
+    let owners = cluster.mapping("contended").await;
+    let values = eventually("every owner to hold the same copy", || async {
+        let mut seen = Vec::new();
+        for id in &owners {
+            let (_, body) = cluster.worker(id).get("/kv?key=contended").await;
+            seen.push((
+                body["value"].as_str()?.to_string(),
+                body["version"].as_str()?.to_string(),
+            ));
+        }
+        seen.windows(2).all(|w| w[0] == w[1]).then_some(seen)
+    })
+    .await;
+    // The copy they agree on is the newest write: a quorum read agrees.
+    let (_, quorum) = cluster.workers[0]
+        .get("/kv?key=contended&consistency=quorum")
+        .await;
+    assert_eq!(quorum["value"].as_str(), Some(values[0].0.as_str()));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_survives_rebalancing_without_resurrection() {
+    let mut cluster = Cluster::start(4).await;
+    let url = cluster.workers[0].url("/kv");
+    for key in ["doomed", "kept"] {
+        let (status, _) = http("PUT", &url, put_body(key, "v1")).await;
+        assert_eq!(status, 200);
+    }
+    let (status, reply) = http("DELETE", &cluster.workers[1].url("/kv?key=doomed"), "").await;
+    assert_eq!((status, reply["deleted"].as_bool()), (200, Some(true)));
+    let owners = cluster.mapping("doomed").await;
+    for id in &owners {
+        let w = cluster.worker(id);
+        eventually("the tombstone on every owner", || async {
+            w.local("doomed").await.is_none().then_some(())
+        })
+        .await;
+    }
+    // The primary dies: the survivors rebalance; the value must not return.
+    cluster.stop(&owners[0]).await;
+    cluster.settled().await;
+    let new_owners = cluster.mapping("doomed").await;
+    let keeper = cluster.worker(&cluster.mapping("kept").await[0]);
+    eventually("rebalancing to have moved the live key", || async {
+        let mut all = true;
+        for id in cluster.mapping("kept").await {
+            all &= cluster.worker(&id).local("kept").await.is_some();
+        }
+        all.then_some(())
+    })
+    .await;
+    for id in &new_owners {
+        assert_eq!(
+            cluster.worker(id).local("doomed").await,
+            None,
+            "{id} resurrected the deleted key"
+        );
+    }
+    let (status, _) = keeper.get("/kv?key=doomed&consistency=quorum").await;
+    assert_eq!(status, 404);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keys_survive_a_failure_on_all_three_owners_and_a_join_rebalances_them() {
+    let n = 10_000;
+    let mut cluster = Cluster::start(4).await;
+    write_keys(&cluster, n).await;
+
+    // One worker stops: every key ends up on each of its three owners.
+    cluster.stop("worker2").await;
+    cluster.settled().await;
+    let ring3 = ring(&cluster);
+    let per_worker = |ring: &Ring| {
+        let mut owned: HashMap<String, u64> = HashMap::new();
+        for i in 0..n {
+            for owner in ring.owners(format!("key:{i}").as_bytes(), 3) {
+                *owned.entry(owner.to_string()).or_default() += 1;
+            }
+        }
+        owned
+    };
+    let expected = per_worker(&ring3);
+    eventually("every survivor to hold every key it owns", || async {
+        (held(&cluster).await == expected).then_some(())
+    })
+    .await;
+    for i in (0..n).step_by(7) {
+        let key = format!("key:{i}");
+        for owner in ring3.owners(key.as_bytes(), 3) {
+            let value = cluster.worker(owner).local(&key).await;
+            assert_eq!(
+                value.as_deref(),
+                Some(format!("value-{i}").as_str()),
+                "{key} on {owner}"
+            );
+        }
+    }
+
+    // A worker joins: it receives its share; the others drop what they no
+    // longer own, so each holds exactly what the ring gives it.
+    cluster.add("worker5").await;
+    cluster.settled().await;
+    let ring4 = ring(&cluster);
+    let expected = per_worker(&ring4);
+    eventually(
+        "the new worker's share to arrive and displaced copies to go",
+        || async { (held(&cluster).await == expected).then_some(()) },
+    )
+    .await;
+    for i in (0..n).step_by(11) {
+        let key = format!("key:{i}");
+        for owner in ring4.owners(key.as_bytes(), 3) {
+            assert!(
+                cluster.worker(owner).local(&key).await.is_some(),
+                "{key} missing on {owner}"
+            );
+        }
+    }
+    cluster.shutdown().await;
+}

@@ -1,0 +1,179 @@
+//! The worker's HTTP contract: every bad input gets a JSON error with the
+//! right status, and the cluster's limits answer 503 with what to do.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_a_json_error_with_the_right_status() {
+    let cluster = Cluster::start(3).await;
+    let w = &cluster.workers[0];
+    let kv = w.url("/kv");
+    let big_value = "v".repeat(kv_wire::DEFAULT_MAX_VALUE_LEN + 1);
+    let long_key = "k".repeat(1025);
+    let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
+        ("PUT", kv.clone(), b"{oops".to_vec(), 400, "invalid body"),
+        (
+            "PUT",
+            kv.clone(),
+            br#"{"key":"a"}"#.to_vec(),
+            400,
+            "missing field `value`",
+        ),
+        (
+            "PUT",
+            kv.clone(),
+            br#"{"key":"a","value":7}"#.to_vec(),
+            400,
+            "invalid body",
+        ),
+        (
+            "PUT",
+            kv.clone(),
+            br#"{"key":"","value":"x"}"#.to_vec(),
+            400,
+            "key must not be empty",
+        ),
+        (
+            "PUT",
+            kv.clone(),
+            put_body(&long_key, "x").into_bytes(),
+            400,
+            "1024 bytes",
+        ),
+        (
+            "PUT",
+            kv.clone(),
+            put_body("a", &big_value).into_bytes(),
+            413,
+            "limit is 1048576 bytes",
+        ),
+        (
+            "PUT",
+            kv.clone(),
+            vec![b' '; 7 * 1024 * 1024],
+            413,
+            "too large",
+        ),
+        ("PUT", kv.clone(), vec![0xff, 0xfe], 400, "invalid body"),
+        (
+            "GET",
+            kv.clone(),
+            vec![],
+            400,
+            "missing query parameter \"key\"",
+        ),
+        (
+            "GET",
+            w.url("/kv?key="),
+            vec![],
+            400,
+            "key must not be empty",
+        ),
+        (
+            "GET",
+            w.url("/kv?key=a&consistency=strong"),
+            vec![],
+            400,
+            "\"strong\" is not one of",
+        ),
+        ("GET", w.url("/kv?key=absent"), vec![], 404, "key not found"),
+        (
+            "GET",
+            w.url("/kv?key=absent&consistency=quorum"),
+            vec![],
+            404,
+            "key not found",
+        ),
+        (
+            "DELETE",
+            kv.clone(),
+            vec![],
+            400,
+            "missing query parameter \"key\"",
+        ),
+        ("POST", kv.clone(), vec![], 405, "not allowed"),
+        (
+            "GET",
+            w.url("/nothing/here"),
+            vec![],
+            404,
+            "no route /nothing/here",
+        ),
+    ];
+    for (method, url, body, status, says) in cases {
+        let (got, reply) = http(method, &url, body).await;
+        let error = reply["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {url}: no JSON error in {reply}"));
+        assert_eq!(got, status, "{method} {url}: {error}");
+        assert!(
+            error.contains(says),
+            "{method} {url}: {error:?} does not say {says:?}"
+        );
+    }
+    // Still healthy, and nothing was written by any of it.
+    let (status, health) = w.get("/healthz").await;
+    assert_eq!((status, health["keys"].as_u64()), (200, Some(0)));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_worker_refuses_writes_it_cannot_replicate() {
+    let cluster = Cluster::start(1).await;
+    let (status, reply) = http("PUT", &cluster.workers[0].url("/kv"), put_body("k", "v")).await;
+    assert_eq!(status, 503);
+    assert_eq!(reply["error"], "write quorum not reached: 1 of 2");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_a_topology_says_so() {
+    // The controller address answers nothing: the worker never registers.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nowhere = Service {
+        id: "nowhere".into(),
+        http: format!("127.0.0.1:{port}").parse().unwrap(),
+        wire: format!("127.0.0.1:{port}").parse().unwrap(),
+        stop: Default::default(),
+        task: tokio::spawn(async {}),
+    };
+    let w = start_worker("orphan", &nowhere).await;
+    let (status, reply) = eventually("the worker to serve HTTP", || async {
+        let url = w.url("/kv");
+        let request = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            http("PUT", &url, put_body("k", "v")),
+        );
+        request.await.ok()
+    })
+    .await;
+    assert_eq!(status, 503, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("no topology"),
+        "{reply}"
+    );
+    w.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_prometheus_text() {
+    let cluster = Cluster::start(2).await;
+    let (status, text) = cluster.workers[0].get("/metrics").await;
+    assert_eq!(status, 200);
+    let text = text.as_str().unwrap();
+    for name in [
+        "kv_worker_epoch",
+        "kv_worker_rebalances_total",
+        "kv_worker_keys",
+        "# EOF",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    cluster.shutdown().await;
+}
