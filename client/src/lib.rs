@@ -1,8 +1,17 @@
-//! kvctl's library: a typed async client for kv.
+//! The kv client library: a typed async client for kv, used by kvctl and by
+//! workers talking to each other.
 //!
+//! - [`Client`]: learns the topology from the controller, routes each request
+//!   straight to the key's primary with the shared ring, and follows
+//!   topology changes and failures;
 //! - [`connection`]: one pipelined wire-protocol connection — many requests
-//!   in flight, answered in any order — and a [`Pool`] of them by address.
+//!   in flight, answered in any order — and a [`Pool`] of them by address;
+//! - [`http`]: JSON over HTTP for the admin APIs.
 
+pub mod client;
 pub mod connection;
+pub mod http;
 
+pub use client::{Client, ClientError, NodeInfo, Nodes};
 pub use connection::{Connection, ConnectionError, Pool};
+pub use http::{HttpClient, HttpError, Method};

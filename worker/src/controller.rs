@@ -3,10 +3,7 @@
 //! incarnation.
 
 use crate::topology::Topologies;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use kv_client::HttpClient;
 use serde::{Deserialize, Serialize};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{Arc, Mutex};
@@ -18,8 +15,6 @@ use tracing::{info, warn};
 /// Backoff between registration attempts.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// How long one registration request may take.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the controller is: `http://host:port`.
 #[derive(Debug, Clone)]
@@ -136,8 +131,7 @@ pub async fn keep_registered(
     topologies: Arc<Topologies>,
     shutdown: CancellationToken,
 ) {
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client = HttpClient::new();
     let url = format!("http://{}/register", controller.authority());
     loop {
         let mut retry = RETRY_MIN;
@@ -154,7 +148,7 @@ pub async fn keep_registered(
             let epoch = topologies.current().epoch();
             me.epoch = (epoch > 0).then_some(epoch);
             me.generation = held.map(|r| r.generation);
-            match register(&client, &url, &me).await {
+            match client.post_json::<_, Registered>(&url, &me).await {
                 Ok(reply) => {
                     info!(controller = %url, member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
                     *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
@@ -175,35 +169,6 @@ pub async fn keep_registered(
             () = shutdown.cancelled() => return,
         }
     }
-}
-
-async fn register(
-    client: &Client<HttpConnector, Full<Bytes>>,
-    url: &str,
-    me: &Registration,
-) -> Result<Registered, String> {
-    let body = serde_json::to_vec(me).map_err(|e| e.to_string())?;
-    let request = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let exchange = async {
-        let response = client.request(request).await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
-        }
-        serde_json::from_slice::<Registered>(&bytes).map_err(|e| format!("unreadable reply: {e}"))
-    };
-    tokio::time::timeout(REGISTER_TIMEOUT, exchange)
-        .await
-        .map_err(|_| "timed out".to_string())?
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@
 
 use crate::metrics::Metrics;
 use crate::topology::{Topologies, View};
+use kv_client::Pool;
 use kv_wire::{Entry, Member, Request, Response, Version};
-use kvctl::Pool;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,9 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use kv_client::HttpClient;
 use serde_json::Value;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,21 +29,13 @@ where
     }
 }
 
-fn client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
-/// One HTTP request; the status and the body as JSON.
+/// One HTTP request; the status and the body as JSON (or as a string).
 pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Value) {
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(body.into()))
+    let method = method.parse().unwrap();
+    let (status, bytes) = HttpClient::new()
+        .request(method, url, body.into())
+        .await
         .unwrap();
-    let response = client().request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let value = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
     (status, value)

@@ -1,0 +1,348 @@
+//! A ring-aware client: each request goes straight to the key's primary.
+//!
+//! The client learns the live workers from the controller's `/nodes` and
+//! builds the same ring the workers use. A worker that is not the key's
+//! primary any more answers "not owner" with its epoch; a worker that does
+//! not answer may be dead. Either way the client refreshes the topology and
+//! retries, for up to [`RETRY_WINDOW`] — long enough for the controller to
+//! notice a dead worker and publish the topology without it.
+
+use crate::connection::Pool;
+use crate::http::{HttpClient, HttpError};
+use bytes::Bytes;
+use futures::future::join_all;
+use kv_wire::message::{Consistency, Failure, FailureKind, Hello};
+use kv_wire::{Member, Request, Response, Ring, Version, REPLICATION_FACTOR};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How long a request keeps retrying through topology changes.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(5);
+/// Pause before retrying after a failure that a topology change may fix.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// How long one wire call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Items per `PutMany` frame.
+pub const PUT_MANY_CHUNK: usize = 512;
+
+/// Why a client call failed.
+#[derive(Debug, Error, Clone)]
+pub enum ClientError {
+    /// The controller could not be asked.
+    #[error("controller: {0}")]
+    Controller(#[from] HttpError),
+    /// No live worker is known.
+    #[error("no live worker: is the cluster up? (the controller lists none)")]
+    NoWorkers,
+    /// A worker refused the request for good (bad key, value too large...).
+    #[error("{0}")]
+    Refused(Failure),
+    /// The request kept failing for [`RETRY_WINDOW`]; the last reason.
+    #[error("gave up after retrying: {0}")]
+    GaveUp(String),
+}
+
+/// A worker as `/nodes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Worker id.
+    pub id: String,
+    /// Host.
+    pub host: String,
+    /// HTTP port.
+    pub port: u16,
+    /// Wire port.
+    pub wire_port: u16,
+    /// Incarnation.
+    pub generation: u64,
+    /// UP, SUSPECT or DOWN.
+    pub status: String,
+    /// RFC 3339 time of the last heartbeat.
+    pub last_heartbeat: String,
+    /// Milliseconds since the last heartbeat.
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// The controller's `/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nodes {
+    /// Topology epoch.
+    pub epoch: u64,
+    /// Every registered worker, sorted by id.
+    pub nodes: Vec<NodeInfo>,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    epoch: u64,
+    members: HashMap<String, Member>,
+    ring: Ring,
+}
+
+impl View {
+    fn from_nodes(nodes: &Nodes) -> View {
+        let members: HashMap<String, Member> = nodes
+            .nodes
+            .iter()
+            .filter(|n| n.status != "DOWN")
+            .map(|n| {
+                let member = Member {
+                    id: n.id.clone(),
+                    host: n.host.clone(),
+                    port: n.port,
+                    wire_port: n.wire_port,
+                    generation: n.generation,
+                };
+                (n.id.clone(), member)
+            })
+            .collect();
+        let ring = Ring::new(members.keys().cloned());
+        View {
+            epoch: nodes.epoch,
+            members,
+            ring,
+        }
+    }
+
+    fn owners(&self, key: &str) -> Vec<&Member> {
+        self.ring
+            .owners(key.as_bytes(), REPLICATION_FACTOR)
+            .into_iter()
+            .filter_map(|id| self.members.get(id))
+            .collect()
+    }
+}
+
+/// A client of one kv cluster.
+#[derive(Debug)]
+pub struct Client {
+    controller: String,
+    http: HttpClient,
+    pool: Pool,
+    view: RwLock<Arc<View>>,
+}
+
+impl Client {
+    /// A client of the cluster whose controller is at `controller`
+    /// (`http://host:port`), greeting workers as `from` in cluster
+    /// `cluster`. Fetches the topology once.
+    pub async fn connect(
+        controller: &str,
+        cluster: &str,
+        from: &str,
+    ) -> Result<Client, ClientError> {
+        let client = Client {
+            controller: controller.trim_end_matches('/').to_string(),
+            http: HttpClient::new(),
+            pool: Pool::new(Hello::new(cluster, from), CALL_TIMEOUT),
+            view: RwLock::default(),
+        };
+        client.refresh().await?;
+        Ok(client)
+    }
+
+    /// The controller's `/nodes`.
+    pub async fn nodes(&self) -> Result<Nodes, ClientError> {
+        Ok(self
+            .http
+            .get_json(&format!("{}/nodes", self.controller))
+            .await?)
+    }
+
+    /// The controller's `/mapping?key=`, as JSON.
+    pub async fn mapping(&self, key: &str) -> Result<serde_json::Value, ClientError> {
+        let query = serde_urlencoded::to_string([("key", key)])
+            .map_err(|e| ClientError::GaveUp(e.to_string()))?;
+        let url = format!("{}/mapping?{query}", self.controller);
+        Ok(self.http.get_json(&url).await?)
+    }
+
+    /// Fetches the topology from the controller again.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        let nodes = self.nodes().await?;
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::from_nodes(&nodes));
+        Ok(())
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The key's owners as the client sees them, primary first.
+    pub fn owners(&self, key: &str) -> Vec<Member> {
+        self.view().owners(key).into_iter().cloned().collect()
+    }
+
+    /// The topology epoch the client routes by.
+    pub fn epoch(&self) -> u64 {
+        self.view().epoch
+    }
+
+    /// Writes `key` at W=2; returns its version.
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<Version, ClientError> {
+        self.write(key, || Request::Put {
+            key: key.to_string(),
+            value: value.clone(),
+        })
+        .await
+    }
+
+    /// Deletes `key` at W=2 (a tombstone); returns its version.
+    pub async fn delete(&self, key: &str) -> Result<Version, ClientError> {
+        self.write(key, || Request::Delete {
+            key: key.to_string(),
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        request: impl Fn() -> Request,
+    ) -> Result<Version, ClientError> {
+        let deadline = Instant::now() + RETRY_WINDOW;
+        loop {
+            let view = self.view();
+            let primary = view
+                .owners(key)
+                .first()
+                .map(|m| m.wire_addr())
+                .ok_or(ClientError::NoWorkers)?;
+            let reason = match self.pool.call(&primary, request()).await {
+                Ok(Response::Written { version, .. }) => return Ok(version),
+                Ok(Response::Failed(f)) if f.kind == FailureKind::BadRequest => {
+                    return Err(ClientError::Refused(f))
+                }
+                Ok(Response::Failed(f)) => f.message,
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(e) => e.to_string(),
+            };
+            self.retry_or_give_up(deadline, reason).await?;
+        }
+    }
+
+    /// Reads `key` from a quorum of its owners: the newest value and its
+    /// version, or `None` if absent or deleted.
+    pub async fn get(&self, key: &str) -> Result<Option<(Bytes, Version)>, ClientError> {
+        let deadline = Instant::now() + RETRY_WINDOW;
+        loop {
+            let view = self.view();
+            let owners = view.owners(key);
+            if owners.is_empty() {
+                return Err(ClientError::NoWorkers);
+            }
+            let mut reason = String::new();
+            // Any owner coordinates a quorum read: try them in ring order.
+            for owner in owners {
+                let request = Request::Get {
+                    key: key.to_string(),
+                    consistency: Consistency::Quorum,
+                };
+                match self.pool.call(&owner.wire_addr(), request).await {
+                    Ok(Response::Value(entry)) => {
+                        return Ok(entry.and_then(|e| e.value.map(|v| (v, e.version))))
+                    }
+                    Ok(Response::Failed(f)) if f.kind == FailureKind::BadRequest => {
+                        return Err(ClientError::Refused(f))
+                    }
+                    Ok(Response::Failed(f)) => reason = f.message,
+                    Ok(other) => reason = format!("unexpected answer {other:?}"),
+                    Err(e) => reason = e.to_string(),
+                }
+            }
+            self.retry_or_give_up(deadline, reason).await?;
+        }
+    }
+
+    /// Writes many keys at W=2, each on its own: batched per primary and
+    /// pipelined. Results come in the order of `items`.
+    pub async fn put_many(&self, items: Vec<(String, Bytes)>) -> Vec<Result<Version, ClientError>> {
+        let mut results: Vec<Option<Result<Version, ClientError>>> =
+            (0..items.len()).map(|_| None).collect();
+        let mut todo: Vec<usize> = (0..items.len()).collect();
+        let deadline = Instant::now() + RETRY_WINDOW;
+        while !todo.is_empty() {
+            let view = self.view();
+            let mut by_primary: HashMap<String, Vec<usize>> = HashMap::new();
+            for i in todo.drain(..) {
+                match view.owners(&items[i].0).first() {
+                    Some(primary) => by_primary.entry(primary.wire_addr()).or_default().push(i),
+                    None => results[i] = Some(Err(ClientError::NoWorkers)),
+                }
+            }
+            let calls = by_primary.into_iter().flat_map(|(addr, indices)| {
+                indices
+                    .chunks(PUT_MANY_CHUNK)
+                    .map(|chunk| {
+                        let chunk = chunk.to_vec();
+                        let batch: Vec<(String, Bytes)> =
+                            chunk.iter().map(|&i| items[i].clone()).collect();
+                        let addr = addr.clone();
+                        async move {
+                            (
+                                chunk,
+                                self.pool
+                                    .call(&addr, Request::PutMany { items: batch })
+                                    .await,
+                            )
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let mut last_reason = String::new();
+            for (chunk, answer) in join_all(calls).await {
+                match answer {
+                    Ok(Response::PutMany(outcomes)) if outcomes.len() == chunk.len() => {
+                        for (i, outcome) in chunk.into_iter().zip(outcomes) {
+                            match outcome {
+                                Ok(version) => results[i] = Some(Ok(version)),
+                                Err(f) if f.kind == FailureKind::BadRequest => {
+                                    results[i] = Some(Err(ClientError::Refused(f)))
+                                }
+                                Err(f) => {
+                                    last_reason = f.message;
+                                    todo.push(i);
+                                }
+                            }
+                        }
+                    }
+                    other => {
+                        last_reason = match other {
+                            Err(e) => e.to_string(),
+                            Ok(answer) => format!("unexpected answer {answer:?}"),
+                        };
+                        todo.extend(chunk);
+                    }
+                }
+            }
+            if !todo.is_empty() {
+                if let Err(e) = self.retry_or_give_up(deadline, last_reason).await {
+                    for &i in &todo {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    break;
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ClientError::GaveUp("not attempted".into()))))
+            .collect()
+    }
+
+    /// After a failure: past the deadline, give up; else pause, refresh the
+    /// topology (a worker may be gone, or the client behind) and go on.
+    async fn retry_or_give_up(&self, deadline: Instant, reason: String) -> Result<(), ClientError> {
+        if Instant::now() >= deadline {
+            return Err(ClientError::GaveUp(reason));
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+        // A controller that cannot answer right now is no reason to stop:
+        // route by the topology we have.
+        let _ = self.refresh().await;
+        Ok(())
+    }
+}

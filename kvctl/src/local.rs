@@ -1,0 +1,300 @@
+//! `kvctl local`: the demo cluster on this machine, each node its own OS
+//! process running this same binary (`kvctl node controller|worker`), so a
+//! single `cargo run` builds everything it needs.
+//!
+//! Children read their stdin and stop when it closes: however kvctl ends —
+//! Ctrl-C, SIGTERM, even `kill -9` — the pipes close and no node is left
+//! behind.
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kv_client::HttpClient;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// The controller's demo port (HTTP and heartbeats).
+pub const CONTROLLER_PORT: u16 = 8000;
+/// How long the cluster may take to come up.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// `kvctl local` flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Workers to start (their ports are 8{i}01 and 8{i}02).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=9))]
+    workers: u8,
+    /// Folder for the nodes' logs. Default: a new folder under the system's temporary folder.
+    #[arg(long)]
+    logs: Option<PathBuf>,
+}
+
+struct Node {
+    name: String,
+    http: u16,
+    wire: Option<u16>,
+    log: PathBuf,
+    child: Child,
+}
+
+/// Worker `i`'s HTTP and wire ports: 8101/8102 for worker1, and so on.
+fn worker_ports(i: u8) -> (u16, u16) {
+    let base = 8000 + 100 * u16::from(i);
+    (base + 1, base + 2)
+}
+
+/// Runs the cluster until Ctrl-C or SIGTERM.
+pub async fn run(args: Args) -> Result<()> {
+    let exe =
+        std::env::current_exe().context("cannot find the kvctl executable to start nodes with")?;
+    let logs = match args.logs {
+        Some(dir) => dir,
+        None => std::env::temp_dir().join(format!("kvctl-local-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("cannot create the log folder {}", logs.display()))?;
+    let controller_url = format!("http://127.0.0.1:{CONTROLLER_PORT}");
+
+    let mut nodes = Vec::new();
+    let listen = format!("127.0.0.1:{CONTROLLER_PORT}");
+    nodes.push(spawn(
+        &exe,
+        "controller",
+        &["controller", "--listen", &listen],
+        CONTROLLER_PORT,
+        None,
+        &logs,
+    )?);
+    for i in 1..=args.workers {
+        let (http, wire) = worker_ports(i);
+        let name = format!("worker{i}");
+        let (http_addr, wire_addr) = (format!("127.0.0.1:{http}"), format!("127.0.0.1:{wire}"));
+        let flags = [
+            "worker",
+            "--id",
+            &name,
+            "--listen",
+            &http_addr,
+            "--wire-listen",
+            &wire_addr,
+            "--advertise-host",
+            "127.0.0.1",
+            "--controller",
+            &controller_url,
+        ];
+        nodes.push(spawn(&exe, &name, &flags, http, Some(wire), &logs)?);
+    }
+
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    println!(
+        "starting a controller and {} workers (logs in {})...",
+        args.workers,
+        logs.display()
+    );
+    tokio::select! {
+        ready = wait_ready(&controller_url, &mut nodes, usize::from(args.workers)) => {
+            if let Err(e) = ready {
+                shutdown(&mut nodes).await;
+                return Err(e);
+            }
+        }
+        () = stop.cancelled() => {
+            shutdown(&mut nodes).await;
+            return Ok(());
+        }
+    }
+    print_table(&nodes);
+    println!(
+        "\nReady. Try:\n  curl localhost:8000/nodes\n  curl \"localhost:8000/mapping?key=user123\"\n  curl -X PUT localhost:8101/kv -H 'Content-Type: application/json' -d '{{\"key\":\"user123\",\"value\":\"hello-k8s\"}}'\n  curl \"localhost:8201/kv?key=user123\"\n  kill -9 <pid of a worker>   # the local \"scale to 0\"\nCtrl-C stops everything."
+    );
+    // Report nodes that exit (a `kill -9` in the demo) until told to stop.
+    let mut alive: Vec<bool> = vec![true; nodes.len()];
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                for (node, alive) in nodes.iter_mut().zip(alive.iter_mut()) {
+                    if *alive {
+                        if let Ok(Some(status)) = node.child.try_wait() {
+                            *alive = false;
+                            println!("{} (pid gone) exited: {status}", node.name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping...");
+    shutdown(&mut nodes).await;
+    Ok(())
+}
+
+fn spawn(
+    exe: &PathBuf,
+    name: &str,
+    flags: &[&str],
+    http: u16,
+    wire: Option<u16>,
+    logs: &std::path::Path,
+) -> Result<Node> {
+    let log = logs.join(format!("{name}.log"));
+    let file =
+        std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = file.try_clone().context("cannot share the log file")?;
+    let child = Command::new(exe)
+        .arg("node")
+        .args(flags)
+        .stdin(Stdio::piped())
+        .stdout(file)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    Ok(Node {
+        name: name.to_string(),
+        http,
+        wire,
+        log,
+        child,
+    })
+}
+
+/// Waits until every worker is UP and holds the topology with all of them.
+async fn wait_ready(controller: &str, nodes: &mut [Node], workers: usize) -> Result<()> {
+    let http = HttpClient::new();
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        for node in nodes.iter_mut() {
+            if let Some(status) = node.child.try_wait()? {
+                let tail = std::fs::read_to_string(&node.log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                bail!(
+                    "{} exited ({status}) before the cluster was ready; is port {} free?\nlast lines of {}:\n{}",
+                    node.name,
+                    node.http,
+                    node.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+        if ready(&http, controller, nodes, workers).await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not come up within {READY_WITHIN:?}; see the logs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn ready(http: &HttpClient, controller: &str, nodes: &[Node], workers: usize) -> bool {
+    let Ok(status) = http.get_json::<Value>(&format!("{controller}/nodes")).await else {
+        return false;
+    };
+    let up = status["nodes"]
+        .as_array()
+        .map_or(0, |n| n.iter().filter(|n| n["status"] == "UP").count());
+    if up != workers {
+        return false;
+    }
+    for node in nodes.iter().filter(|n| n.wire.is_some()) {
+        let url = format!("http://127.0.0.1:{}/healthz", node.http);
+        match http.get_json::<Value>(&url).await {
+            Ok(health) if health["in_ring"] == true && health["epoch"] == status["epoch"] => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn print_table(nodes: &[Node]) {
+    println!(
+        "\n{:<12} {:>8} {:>6} {:>6}  LOG",
+        "NODE", "PID", "HTTP", "WIRE"
+    );
+    for node in nodes {
+        let pid = node.child.id().map_or("-".into(), |p| p.to_string());
+        let wire = node.wire.map_or("-".into(), |w| w.to_string());
+        println!(
+            "{:<12} {:>8} {:>6} {:>6}  {}",
+            node.name,
+            pid,
+            node.http,
+            wire,
+            node.log.display()
+        );
+    }
+}
+
+/// Closes every node's stdin (each then drains and exits), waits a little,
+/// and kills what is left.
+async fn shutdown(nodes: &mut [Node]) {
+    for node in nodes.iter_mut() {
+        drop(node.child.stdin.take());
+    }
+    for node in nodes.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(5), node.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = node.child.kill().await;
+        }
+    }
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    stop.cancel();
+}
+
+/// Runs one node of a local cluster with `args` as its flags, until its
+/// stdin closes (kvctl ended) or a signal arrives.
+pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(false)
+        .init();
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            stop.cancel();
+        }
+    });
+    if controller {
+        let config = kv_controller::Config::try_parse_from(
+            std::iter::once("kv-controller".to_string()).chain(args),
+        )?;
+        let listeners = kv_controller::Listeners::bind(config.listen)?;
+        kv_controller::run(config, listeners, stop).await?;
+    } else {
+        let config = kv_worker::Config::try_parse_from(
+            std::iter::once("kv-worker".to_string()).chain(args),
+        )?;
+        let listeners = kv_worker::Listeners::bind(config.listen, config.wire_listen)?;
+        kv_worker::run(config, listeners, stop).await?;
+    }
+    Ok(())
+}

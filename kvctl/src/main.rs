@@ -1,0 +1,237 @@
+//! kvctl: the kv command line.
+
+mod bench;
+mod load;
+mod local;
+mod resp;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand, ValueEnum};
+use kv_client::Client;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kvctl",
+    version,
+    about = "The kv command line: read and write keys, bulk load, benchmark, and run a local cluster",
+    after_help = "Start a cluster on this machine with `kvctl local`, then try `kvctl put user123 hello` and `kvctl mapping user123`."
+)]
+struct Cli {
+    /// The controller's URL.
+    #[arg(
+        long,
+        env = "KV_CONTROLLER",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
+    controller: String,
+    /// The cluster's name, checked by every worker in the wire hello.
+    #[arg(long, env = "KV_CLUSTER", default_value = "kv", global = true)]
+    cluster: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a controller and 4 workers on this machine, each its own process,
+    /// on the demo ports; Ctrl-C stops them all.
+    Local(local::Args),
+    /// List the workers the controller knows.
+    Nodes {
+        /// Print the controller's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which workers own a key: primary first.
+    Mapping {
+        /// The key.
+        key: String,
+        /// Print the controller's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a key (acknowledged at two copies).
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a key from a quorum of its owners; prints the value.
+    Get {
+        /// The key.
+        key: String,
+        /// Print JSON with the version.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a key (a tombstone, acknowledged at two copies).
+    Del {
+        /// The key.
+        key: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bulk-load keys from a file or generated ones, batched and pipelined.
+    Load(load::Args),
+    /// Closed-loop benchmark over the wire protocol, HTTP, or Redis.
+    Bench(bench::Args),
+    /// Runs one node of `kvctl local` (internal).
+    #[command(hide = true)]
+    Node {
+        /// Which node.
+        role: Role,
+        /// Its flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Controller,
+    Worker,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Local(args) => local::run(args).await,
+        Command::Node { role, args } => local::node(role == Role::Controller, args).await,
+        Command::Load(args) => {
+            load::run(&connect(&cli.controller, &cli.cluster).await?, args).await
+        }
+        Command::Bench(args) => bench::run(&cli.controller, &cli.cluster, args).await,
+        Command::Nodes { json } => {
+            let nodes = connect(&cli.controller, &cli.cluster)
+                .await?
+                .nodes()
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!("epoch {}", nodes.epoch);
+                println!(
+                    "{:<16} {:<8} {:<16} {:>6} {:>6} {:>5} {:>10}",
+                    "ID", "STATUS", "HOST", "HTTP", "WIRE", "GEN", "SILENT_MS"
+                );
+                for n in &nodes.nodes {
+                    println!(
+                        "{:<16} {:<8} {:<16} {:>6} {:>6} {:>5} {:>10}",
+                        n.id,
+                        n.status,
+                        n.host,
+                        n.port,
+                        n.wire_port,
+                        n.generation,
+                        n.last_heartbeat_ms_ago
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Mapping { key, json } => {
+            let mapping = connect(&cli.controller, &cli.cluster)
+                .await?
+                .mapping(&key)
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&mapping)?);
+            } else {
+                let name = |n: &serde_json::Value| {
+                    format!(
+                        "{} ({}:{})",
+                        n["id"].as_str().unwrap_or("?"),
+                        n["host"].as_str().unwrap_or("?"),
+                        n["port"]
+                    )
+                };
+                let replicas: Vec<String> = mapping["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(name)
+                    .collect();
+                println!(
+                    "{key}: primary {}, replicas {} (epoch {})",
+                    name(&mapping["primary"]),
+                    replicas.join(", "),
+                    mapping["epoch"]
+                );
+            }
+            Ok(())
+        }
+        Command::Put { key, value, json } => {
+            let version = connect(&cli.controller, &cli.cluster)
+                .await?
+                .put(&key, Bytes::from(value))
+                .await?;
+            print_written(&key, version, json, "stored");
+            Ok(())
+        }
+        Command::Del { key, json } => {
+            let version = connect(&cli.controller, &cli.cluster)
+                .await?
+                .delete(&key)
+                .await?;
+            print_written(&key, version, json, "deleted");
+            Ok(())
+        }
+        Command::Get { key, json } => match connect(&cli.controller, &cli.cluster)
+            .await?
+            .get(&key)
+            .await?
+        {
+            Some((value, version)) => {
+                if json {
+                    let text = String::from_utf8_lossy(&value);
+                    println!(
+                        "{}",
+                        json!({ "key": key, "value": text, "version": version.to_string() })
+                    );
+                } else {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&value)?;
+                    out.write_all(b"\n")?;
+                }
+                Ok(())
+            }
+            None => bail!("key not found: {key}"),
+        },
+    }
+}
+
+fn print_written(key: &str, version: kv_wire::Version, json: bool, what: &str) {
+    if json {
+        println!(
+            "{}",
+            json!({ "key": key, "version": version.to_string(), what: true })
+        );
+    } else {
+        println!("{what} {key} at version {version}");
+    }
+}
+
+async fn connect(controller: &str, cluster: &str) -> Result<Client> {
+    Client::connect(controller, cluster, "kvctl")
+        .await
+        .with_context(|| {
+            format!("cannot reach the cluster at {controller} (is it running? try `kvctl local`)")
+        })
+}
