@@ -17,8 +17,6 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-/// The controller's demo port (HTTP and heartbeats).
-pub const CONTROLLER_PORT: u16 = 8000;
 /// How long the cluster may take to come up.
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
@@ -31,6 +29,10 @@ pub struct Args {
     /// Folder for the nodes' logs. Default: a new folder under the system's temporary folder.
     #[arg(long)]
     logs: Option<PathBuf>,
+    /// The controller's port; worker i listens on base+100*i+1 (HTTP) and
+    /// base+100*i+2 (wire).
+    #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u16).range(1..=64535))]
+    base_port: u16,
 }
 
 struct Node {
@@ -41,9 +43,10 @@ struct Node {
     child: Child,
 }
 
-/// Worker `i`'s HTTP and wire ports: 8101/8102 for worker1, and so on.
-fn worker_ports(i: u8) -> (u16, u16) {
-    let base = 8000 + 100 * u16::from(i);
+/// Worker `i`'s HTTP and wire ports: 8101/8102 for worker1 with the
+/// default base, and so on.
+fn worker_ports(base: u16, i: u8) -> (u16, u16) {
+    let base = base + 100 * u16::from(i);
     (base + 1, base + 2)
 }
 
@@ -57,20 +60,21 @@ pub async fn run(args: Args) -> Result<()> {
     };
     std::fs::create_dir_all(&logs)
         .with_context(|| format!("cannot create the log folder {}", logs.display()))?;
-    let controller_url = format!("http://127.0.0.1:{CONTROLLER_PORT}");
+    let controller_port = args.base_port;
+    let controller_url = format!("http://127.0.0.1:{controller_port}");
 
     let mut nodes = Vec::new();
-    let listen = format!("127.0.0.1:{CONTROLLER_PORT}");
+    let listen = format!("127.0.0.1:{controller_port}");
     nodes.push(spawn(
         &exe,
         "controller",
         &["controller", "--listen", &listen],
-        CONTROLLER_PORT,
+        controller_port,
         None,
         &logs,
     )?);
     for i in 1..=args.workers {
-        let (http, wire) = worker_ports(i);
+        let (http, wire) = worker_ports(args.base_port, i);
         let name = format!("worker{i}");
         let (http_addr, wire_addr) = (format!("127.0.0.1:{http}"), format!("127.0.0.1:{wire}"));
         let flags = [
@@ -109,8 +113,11 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     print_table(&nodes);
+    let (w1, _) = worker_ports(args.base_port, 1);
+    let (w2, _) = worker_ports(args.base_port, 2);
+    let c = controller_port;
     println!(
-        "\nReady. Try:\n  curl localhost:8000/nodes\n  curl \"localhost:8000/mapping?key=user123\"\n  curl -X PUT localhost:8101/kv -H 'Content-Type: application/json' -d '{{\"key\":\"user123\",\"value\":\"hello-k8s\"}}'\n  curl \"localhost:8201/kv?key=user123\"\n  kill -9 <pid of a worker>   # the local \"scale to 0\"\nCtrl-C stops everything."
+        "\nReady. Try:\n  curl localhost:{c}/nodes\n  curl \"localhost:{c}/mapping?key=user123\"\n  curl -X PUT localhost:{w1}/kv -H 'Content-Type: application/json' -d '{{\"key\":\"user123\",\"value\":\"hello-k8s\"}}'\n  curl \"localhost:{w2}/kv?key=user123\"\n  kill -9 <pid of a worker>   # the local \"scale to 0\"\nCtrl-C stops everything."
     );
     // Report nodes that exit (a `kill -9` in the demo) until told to stop.
     let mut alive: Vec<bool> = vec![true; nodes.len()];
@@ -122,7 +129,7 @@ pub async fn run(args: Args) -> Result<()> {
                     if *alive {
                         if let Ok(Some(status)) = node.child.try_wait() {
                             *alive = false;
-                            println!("{} (pid gone) exited: {status}", node.name);
+                            println!("{} exited: {status}", node.name);
                         }
                     }
                 }

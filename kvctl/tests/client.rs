@@ -1,0 +1,80 @@
+//! The client library against an in-process cluster: routing, pipelining,
+//! and a retried write across a primary's failure.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../worker/tests/common/mod.rs"]
+mod common;
+use bytes::Bytes;
+use common::*;
+use kv_client::Client;
+
+async fn client(cluster: &Cluster) -> Client {
+    Client::connect(&format!("http://{}", cluster.controller.http), "kv", "test")
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_to_the_primary_and_many_share_one_client() {
+    let cluster = Cluster::start(4).await;
+    let c = client(&cluster).await;
+    let version = c.put("user123", Bytes::from("hello")).await.unwrap();
+    let owners = cluster.mapping("user123").await;
+    let (_, body) = cluster.worker(&owners[0]).get("/kv?key=user123").await;
+    assert_eq!(body["version"].as_str(), Some(version.to_string().as_str()));
+    assert_eq!(
+        c.get("user123").await.unwrap().map(|(v, _)| v),
+        Some(Bytes::from("hello"))
+    );
+
+    // A thousand writes at once over the client's pipelined connections.
+    let writes = (0..1000).map(|i| {
+        let c = &c;
+        async move {
+            c.put(&format!("many:{i}"), Bytes::from(format!("v{i}")))
+                .await
+        }
+    });
+    for result in futures::future::join_all(writes).await {
+        result.unwrap();
+    }
+    let items: Vec<(String, Bytes)> = (0..3000)
+        .map(|i| (format!("bulk:{i}"), Bytes::from(format!("b{i}"))))
+        .collect();
+    assert!(c.put_many(items).await.iter().all(Result::is_ok));
+    assert_eq!(
+        c.get("bulk:2999").await.unwrap().map(|(v, _)| v),
+        Some(Bytes::from("b2999"))
+    );
+    c.delete("bulk:2999").await.unwrap();
+    assert_eq!(c.get("bulk:2999").await.unwrap(), None);
+    let refused = c.put("", Bytes::from("x")).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("key must not be empty"),
+        "{refused}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_is_retried_on_the_new_primary_when_the_old_one_dies() {
+    let mut cluster = Cluster::start(4).await;
+    let c = client(&cluster).await;
+    c.put("survivor", Bytes::from("v1")).await.unwrap();
+    let owners = cluster.mapping("survivor").await;
+    cluster.stop(&owners[0]).await;
+    // The client still routes to the dead primary: the write fails there,
+    // and succeeds once the controller has published the new topology.
+    c.put("survivor", Bytes::from("v2")).await.unwrap();
+    let new_primary = cluster.mapping("survivor").await[0].clone();
+    assert_ne!(new_primary, owners[0]);
+    assert_eq!(
+        cluster
+            .worker(&new_primary)
+            .local("survivor")
+            .await
+            .as_deref(),
+        Some("v2")
+    );
+    cluster.shutdown().await;
+}
