@@ -11,7 +11,7 @@ use futures::{SinkExt, StreamExt};
 use kv_wire::message::{Hello, Welcome};
 use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame, WireError};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -62,6 +62,26 @@ pub enum ConnectionError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>>>;
 
+/// Whether a connection has broken: a flag for the per-call check (a
+/// `CancellationToken` takes a lock to answer) and a token to wake the
+/// reader and writer tasks.
+#[derive(Debug, Default)]
+struct Closed {
+    flag: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Closed {
+    fn close(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
 /// One pipelined connection to a worker.
 #[derive(Debug)]
 pub struct Connection {
@@ -71,7 +91,7 @@ pub struct Connection {
     pending: Pending,
     room: Arc<Semaphore>,
     next_id: AtomicU64,
-    closed: CancellationToken,
+    closed: Arc<Closed>,
     timeout: Duration,
 }
 
@@ -125,7 +145,7 @@ impl Connection {
 
         let (calls, queue) = mpsc::channel(1024);
         let pending: Pending = Arc::default();
-        let closed = CancellationToken::new();
+        let closed = Arc::new(Closed::default());
         tokio::spawn(write_loop(
             writer,
             queue,
@@ -163,7 +183,7 @@ impl Connection {
 
     /// Whether the connection has broken (calls would fail).
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.closed.is_closed()
     }
 
     /// Sends a request and waits for its response, at most the timeout
@@ -207,7 +227,7 @@ impl Connection {
 
     /// Closes the connection; calls in flight fail.
     pub fn close(&self) {
-        self.closed.cancel();
+        self.closed.close();
     }
 
     fn lock_pending(
@@ -220,7 +240,7 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.closed.cancel();
+        self.closed.close();
     }
 }
 
@@ -231,14 +251,14 @@ async fn write_loop(
     mut writer: Writer,
     mut queue: mpsc::Receiver<(u64, Request)>,
     pending: Pending,
-    closed: CancellationToken,
+    closed: Arc<Closed>,
     addr: String,
 ) {
     let result: Result<(), WireError> = async {
         loop {
             let (id, body) = tokio::select! {
                 next = queue.recv() => match next { Some(call) => call, None => return Ok(()) },
-                () = closed.cancelled() => return Ok(()),
+                () = closed.token.cancelled() => return Ok(()),
             };
             writer.feed(ClientFrame::Request { id, body }).await?;
             // Everything already queued goes out in the same flush.
@@ -254,14 +274,14 @@ async fn write_loop(
         &addr,
         result.err().map_or("closed".into(), |e| e.to_string()),
     );
-    closed.cancel();
+    closed.close();
 }
 
-async fn read_loop(mut reader: Reader, pending: Pending, closed: CancellationToken, addr: String) {
+async fn read_loop(mut reader: Reader, pending: Pending, closed: Arc<Closed>, addr: String) {
     let reason = loop {
         let frame = tokio::select! {
             frame = reader.next() => frame,
-            () = closed.cancelled() => break "closed".to_string(),
+            () = closed.token.cancelled() => break "closed".to_string(),
         };
         match frame {
             Some(Ok(ServerFrame::Response { id, body })) => {
@@ -279,7 +299,7 @@ async fn read_loop(mut reader: Reader, pending: Pending, closed: CancellationTok
             None => break "closed by the server".to_string(),
         }
     };
-    closed.cancel();
+    closed.close();
     fail_all(&pending, &addr, reason);
 }
 

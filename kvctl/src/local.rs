@@ -153,7 +153,14 @@ fn spawn(
     let file =
         std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = file.try_clone().context("cannot share the log file")?;
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    // The nodes share this machine: give each its share of the cores rather
+    // than a full runtime per core each, which on a laptop means threads
+    // contending for CPUs and context switches on every message.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        command.env("TOKIO_WORKER_THREADS", threads_per_node().to_string());
+    }
+    let child = command
         .arg("node")
         .args(flags)
         .stdin(Stdio::piped())
@@ -169,6 +176,12 @@ fn spawn(
         log,
         child,
     })
+}
+
+/// Runtime threads per node: the machine's cores shared among the 5 nodes.
+fn threads_per_node() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 5).max(1)
 }
 
 /// Waits until every worker is UP and holds the topology with all of them.

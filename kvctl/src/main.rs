@@ -1,5 +1,11 @@
 //! kvctl: the kv command line.
 
+// glibc's malloc spent a third of a bulk load's CPU in allocation; mimalloc
+// keeps per-thread free lists and is several times cheaper for our small,
+// short-lived buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod load;
 mod local;

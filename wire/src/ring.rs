@@ -15,13 +15,24 @@
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+/// Owners precomputed per arc: lookups for up to this many owners (the
+/// replication factor) are one binary search and one read, no walk.
+const PRECOMPUTED: usize = crate::REPLICATION_FACTOR;
+/// Padding in a precomputed arc of a ring with fewer workers.
+const NONE: u32 = u32::MAX;
+
 /// A consistent-hash ring over a set of worker ids (empty by default).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ring {
     /// Worker ids, sorted and distinct; tokens point into this list.
     nodes: Vec<String>,
-    /// `(token, index into nodes)`, sorted by token then node.
-    tokens: Vec<(u64, u32)>,
+    /// Token positions, sorted (ties broken by node index).
+    tokens: Vec<u64>,
+    /// The node (index into `nodes`) of each token.
+    token_nodes: Vec<u32>,
+    /// The first [`PRECOMPUTED`] distinct owners walking clockwise from each
+    /// token, padded with [`NONE`].
+    arcs: Vec<[u32; PRECOMPUTED]>,
 }
 
 impl Ring {
@@ -51,14 +62,37 @@ impl Ring {
         nodes.sort_unstable();
         nodes.dedup();
         let vnodes = vnodes.max(1);
-        let mut tokens = Vec::with_capacity(nodes.len() * vnodes as usize);
+        let mut placed = Vec::with_capacity(nodes.len() * vnodes as usize);
         for (index, id) in (0u32..).zip(&nodes) {
             for v in 0..vnodes {
-                tokens.push((xxh3_64_with_seed(id.as_bytes(), u64::from(v)), index));
+                placed.push((xxh3_64_with_seed(id.as_bytes(), u64::from(v)), index));
             }
         }
-        tokens.sort_unstable();
-        Ring { nodes, tokens }
+        placed.sort_unstable();
+        let (tokens, token_nodes): (Vec<u64>, Vec<u32>) = placed.into_iter().unzip();
+        let want = PRECOMPUTED.min(nodes.len());
+        let arcs = (0..tokens.len())
+            .map(|start| {
+                let mut arc = [NONE; PRECOMPUTED];
+                let mut found = 0;
+                for &node in token_nodes[start..].iter().chain(&token_nodes[..start]) {
+                    if found == want {
+                        break;
+                    }
+                    if !arc[..found].contains(&node) {
+                        arc[found] = node;
+                        found += 1;
+                    }
+                }
+                arc
+            })
+            .collect();
+        Ring {
+            nodes,
+            tokens,
+            token_nodes,
+            arcs,
+        }
     }
 
     /// The worker ids on the ring, sorted.
@@ -110,9 +144,14 @@ impl Ring {
         if want == 0 {
             return owners;
         }
-        let start = self.tokens.partition_point(|&(token, _)| token < hash);
-        let (before, after) = self.tokens.split_at(start);
-        for &(_, node) in after.iter().chain(before) {
+        // The first token at or after the hash, wrapping past the top.
+        let start = self.tokens.partition_point(|&token| token < hash) % self.tokens.len();
+        if want <= PRECOMPUTED {
+            owners.extend_from_slice(&self.arcs[start][..want]);
+            return owners;
+        }
+        let (before, after) = self.token_nodes.split_at(start);
+        for &node in after.iter().chain(before) {
             if !owners.contains(&node) {
                 owners.push(node);
                 if owners.len() == want {
@@ -145,12 +184,12 @@ mod tests {
         let mut primary = vec![0.0; nodes];
         let mut copies = vec![0.0; nodes];
         let space = 2f64.powi(64);
-        for (i, &(token, _)) in ring.tokens.iter().enumerate() {
+        for (i, &token) in ring.tokens.iter().enumerate() {
             // The arc (previous token, token] hashes to the owners of `token`.
             let prev = if i == 0 {
-                ring.tokens[ring.tokens.len() - 1].0
+                ring.tokens[ring.tokens.len() - 1]
             } else {
-                ring.tokens[i - 1].0
+                ring.tokens[i - 1]
             };
             let arc = token.wrapping_sub(prev) as f64 / space;
             let owners = ring.owner_indices(token, n);
@@ -181,10 +220,28 @@ mod tests {
         assert_eq!(Ring::key_hash(b"user123"), 0x6f3b_ae88_a40b_238c);
         assert_eq!(
             ring.tokens[..2],
-            [(1_018_056_878_270_471, 2), (1_846_419_460_150_565, 3)]
+            [1_018_056_878_270_471, 1_846_419_460_150_565]
         );
+        assert_eq!(ring.token_nodes[..2], [2, 3]);
         for (key, expected) in cases {
             assert_eq!(ring.owners(key.as_bytes(), 3), expected, "key {key:?}");
+        }
+    }
+
+    #[test]
+    fn precomputed_owners_agree_with_walking_the_ring() {
+        for n in [1, 2, 3, 5, 9] {
+            let ring = Ring::with_vnodes(workers(n), 64);
+            for key in keys(2_000) {
+                let all = ring.owners(key.as_bytes(), n + 2);
+                for want in 1..=3 {
+                    assert_eq!(
+                        ring.owners(key.as_bytes(), want),
+                        all[..want.min(n)],
+                        "{n} workers, {key}"
+                    );
+                }
+            }
         }
     }
 

@@ -1,5 +1,11 @@
 //! `kv-worker`: parse flags, set up logging, run until Ctrl-C or SIGTERM.
 
+// glibc's malloc spent a third of a bulk load's CPU in allocation; mimalloc
+// keeps per-thread free lists and is several times cheaper for our small,
+// short-lived buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use kv_worker::{run, Config, Listeners};
 use tokio_util::sync::CancellationToken;

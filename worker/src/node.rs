@@ -4,7 +4,7 @@
 use crate::metrics::Metrics;
 use crate::replication::{ReplicaAck, Replicator};
 use crate::store::{Applied, Store, Stored};
-use crate::topology::Topologies;
+use crate::topology::{Topologies, View};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kv_client::Pool;
@@ -252,42 +252,10 @@ impl Node {
     pub async fn coordinate(&self, key: &str, value: Option<Bytes>) -> Result<Written, OpError> {
         self.validate(key, value.as_ref())?;
         let view = self.topologies.current();
-        let owners = view.owners(key);
-        match owners.first() {
-            None => return Err(OpError::Unavailable),
-            Some(primary) if primary.id != self.id => {
-                return Err(OpError::NotOwner {
-                    epoch: view.epoch(),
-                })
-            }
-            Some(_) => {}
-        }
-        let replicas: Vec<Member> = owners[1..].iter().map(|m| (*m).clone()).collect();
+        let replicas = self.replicas_if_primary(&view, key)?;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let version = self.next_version(key);
-            self.store.apply(
-                key,
-                Stored {
-                    version,
-                    value: value.clone(),
-                },
-            );
-            if replicas.is_empty() {
-                return Err(OpError::WriteQuorum {
-                    acks: 1,
-                    needed: WRITE_QUORUM,
-                });
-            }
-            let entry = Entry {
-                key: key.to_string(),
-                version,
-                value: value.clone(),
-            };
-            let mut acks = Vec::with_capacity(replicas.len());
-            for replica in &replicas {
-                acks.push(self.replicator.send(replica, entry.clone()).await);
-            }
+            let (version, acks) = self.issue(key, &value, &replicas).await;
             match tokio::time::timeout_at(deadline, quorum(acks)).await {
                 Ok(Quorum::Reached(copies)) => {
                     return Ok(Written {
@@ -296,18 +264,62 @@ impl Node {
                     })
                 }
                 Ok(Quorum::Stale(held)) => self.clock.observe(held),
-                Ok(Quorum::Failed) | Err(_) => {
-                    return Err(OpError::WriteQuorum {
-                        acks: 1,
-                        needed: WRITE_QUORUM,
-                    })
-                }
+                Ok(Quorum::Failed) | Err(_) => break,
             }
         }
         Err(OpError::WriteQuorum {
             acks: 1,
             needed: WRITE_QUORUM,
         })
+    }
+
+    /// The key's replicas, if this worker is its primary with at least one
+    /// replica to reach the write quorum with.
+    fn replicas_if_primary<'v>(
+        &self,
+        view: &'v View,
+        key: &str,
+    ) -> Result<Vec<&'v Member>, OpError> {
+        let owners = view.owners(key);
+        match owners.first() {
+            None => Err(OpError::Unavailable),
+            Some(primary) if primary.id != self.id => Err(OpError::NotOwner {
+                epoch: view.epoch(),
+            }),
+            Some(_) if owners.len() < WRITE_QUORUM => Err(OpError::WriteQuorum {
+                acks: 1,
+                needed: WRITE_QUORUM,
+            }),
+            Some(_) => Ok(owners[1..].to_vec()),
+        }
+    }
+
+    /// Versions a write, stores it here and queues it for the replicas;
+    /// returns the version and each replica's acknowledgement to come.
+    async fn issue(
+        &self,
+        key: &str,
+        value: &Option<Bytes>,
+        replicas: &[&Member],
+    ) -> (Version, Vec<oneshot::Receiver<ReplicaAck>>) {
+        let version = self.next_version(key);
+        self.store.apply(
+            key,
+            Stored {
+                version,
+                value: value.clone(),
+            },
+        );
+        let entry = Entry {
+            key: key.to_string(),
+            version,
+            value: value.clone(),
+        };
+        let mut acks = Vec::with_capacity(replicas.len());
+        for replica in replicas {
+            acks.push(self.replicator.send(replica, entry.clone()).await);
+        }
+        (version, acks)
     }
 
     /// A version above the clock and above the copy held here.
@@ -318,15 +330,49 @@ impl Node {
         self.clock.tick(now_ms())
     }
 
-    /// Many writes for which this worker is primary, each at W=2 on its own.
+    /// Many writes for which this worker is primary, each at W=2 on its
+    /// own: all are issued before any is awaited, so their copies share
+    /// replication batches.
     pub async fn put_many(&self, items: Vec<(String, Bytes)>) -> Vec<Result<Version, Failure>> {
-        let writes = items.into_iter().map(|(key, value)| async move {
-            self.coordinate(&key, Some(value))
-                .await
-                .map(|w| w.version)
-                .map_err(|e| e.to_failure())
-        });
-        futures::future::join_all(writes).await
+        let view = self.topologies.current();
+        let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
+        let mut results: Vec<Option<Result<Version, Failure>>> = vec![None; items.len()];
+        let mut issued = Vec::with_capacity(items.len());
+        for (i, (key, value)) in items.iter().enumerate() {
+            let value = Some(value.clone());
+            match self
+                .validate(key, value.as_ref())
+                .and_then(|()| self.replicas_if_primary(&view, key))
+            {
+                Ok(replicas) => issued.push((i, self.issue(key, &value, &replicas).await)),
+                Err(e) => results[i] = Some(Err(e.to_failure())),
+            }
+        }
+        for (i, (version, acks)) in issued {
+            results[i] = Some(
+                match tokio::time::timeout_at(deadline, quorum(acks)).await {
+                    Ok(Quorum::Reached(_)) => Ok(version),
+                    // A newer version on a replica: reissue this one alone.
+                    Ok(Quorum::Stale(held)) => {
+                        self.clock.observe(held);
+                        let (key, value) = &items[i];
+                        self.coordinate(key, Some(value.clone()))
+                            .await
+                            .map(|w| w.version)
+                            .map_err(|e| e.to_failure())
+                    }
+                    Ok(Quorum::Failed) | Err(_) => Err(OpError::WriteQuorum {
+                        acks: 1,
+                        needed: WRITE_QUORUM,
+                    }
+                    .to_failure()),
+                },
+            );
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(OpError::Unavailable.to_failure())))
+            .collect()
     }
 
     /// This worker's copy of `key`, tombstones included.
