@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The seed demo, for real, in containers: the images built the CI way
+(scripts/build-images), the compose cluster on a Docker network, the story
+driven over HTTP, `docker stop` of a mapped worker, and a scaled worker
+service. Every container and network is removed, pass or fail.
+
+Prints the image sizes, the time from `up` to 4 workers UP, and detection
+and rebalance times; ends with "N passed, M failed".
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = f"kvtest{os.getpid()}"
+PATIENCE = 60.0
+results = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PORTS = {"KV_CONTROLLER_PORT": free_port()}
+for i in range(1, 5):
+    PORTS[f"KV_WORKER{i}_PORT"] = free_port()
+    PORTS[f"KV_WORKER{i}_WIRE_PORT"] = free_port()
+ENV = {**os.environ, **{k: str(v) for k, v in PORTS.items()}}
+CONTROLLER = f"http://127.0.0.1:{PORTS['KV_CONTROLLER_PORT']}"
+
+
+def worker_url(worker_id):
+    return f"http://127.0.0.1:{PORTS[f'KV_{worker_id.upper()}_PORT']}"
+
+
+def compose(*args, check=True):
+    cmd = ["docker-compose", "-f", os.path.join(ROOT, "compose.yaml"), "-p", PROJECT, *args]
+    return subprocess.run(cmd, env=ENV, cwd=ROOT, check=check, capture_output=True, text=True)
+
+
+def http(method, url, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def eventually(what, check):
+    deadline = time.monotonic() + PATIENCE
+    while True:
+        try:
+            value = check()
+        except (OSError, urllib.error.URLError, ValueError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def check(name, fn):
+    try:
+        fn()
+        results.append((name, None))
+        print(f"ok   {name}")
+    except Exception as e:  # a failed check is reported, the rest still run
+        results.append((name, e))
+        print(f"FAIL {name}: {e}")
+
+
+def nodes():
+    return http("GET", f"{CONTROLLER}/nodes")[1]["nodes"]
+
+
+def status_of(worker_id):
+    return next((n["status"] for n in nodes() if n["id"] == worker_id), None)
+
+
+def mapping(key):
+    status, body = http("GET", f"{CONTROLLER}/mapping?key={key}")
+    assert status == 200, body
+    return body["workers"]
+
+
+def local_value(worker_id, key):
+    status, body = http("GET", f"{worker_url(worker_id)}/kv?key={key}")
+    return body.get("value") if status == 200 else None
+
+
+state = {}
+
+
+def images_build():
+    out = subprocess.run([os.path.join(ROOT, "scripts", "build-images")], cwd=ROOT, check=True, capture_output=True, text=True)
+    print(out.stdout.strip())
+    for line in out.stdout.split("\n"):
+        if line.startswith("distributed-kv-"):
+            state.setdefault("sizes", []).append(line)
+    assert len(state["sizes"]) == 2, out.stdout
+
+
+def cluster_comes_up():
+    start = time.monotonic()
+    compose("up", "-d", "controller", "worker1", "worker2", "worker3", "worker4")
+    eventually("4 workers UP", lambda: len([n for n in nodes() if n["status"] == "UP"]) == 4)
+    state["up"] = time.monotonic() - start
+    # and every worker serves with the topology
+    for i in range(1, 5):
+        eventually(f"worker{i} in the ring", lambda: http("GET", f"{worker_url(f'worker{i}')}/healthz")[1]["in_ring"])
+    print(f"     compose up -> 4 workers UP in {state['up']:.2f} s")
+
+
+def demo_story():
+    owners = mapping("user123")
+    assert len(owners) == 3, owners
+    status, reply = http("PUT", f"{worker_url(owners[0])}/kv", {"key": "user123", "value": "hello-k8s"})
+    assert status == 200 and reply["acks"] >= 2, reply
+    assert local_value(owners[0], "user123") == "hello-k8s"
+    for w in owners:
+        eventually(f"the value on {w}", lambda: local_value(w, "user123") == "hello-k8s")
+    fourth = next(f"worker{i}" for i in range(1, 5) if f"worker{i}" not in owners)
+    assert local_value(fourth, "user123") is None
+    status, body = http("GET", f"{worker_url(fourth)}/kv?key=user123&consistency=quorum")
+    assert status == 200 and body["value"] == "hello-k8s", body
+    state["owners"] = owners
+
+
+def failure_and_rebalance():
+    victim = state["owners"][0]
+    start = time.monotonic()
+    compose("stop", "-t", "0", victim)
+    eventually(f"{victim} DOWN", lambda: status_of(victim) == "DOWN")
+    detected = time.monotonic() - start
+    new_owners = eventually("a mapping without the victim", lambda: (lambda m: m if victim not in m and len(m) == 3 else None)(mapping("user123")))
+    for w in new_owners:
+        eventually(f"the value on new owner {w}", lambda: local_value(w, "user123") == "hello-k8s")
+    rebalanced = time.monotonic() - start
+    print(f"     docker stop -> DOWN in {detected:.2f} s; value on every new owner {rebalanced:.2f} s after the stop")
+
+
+def scaled_workers_register():
+    compose("--profile", "scale", "up", "-d", "--scale", "worker=2", "worker")
+    eventually("two more workers UP", lambda: len([n for n in nodes() if n["status"] == "UP"]) == 5)
+    extra = [n for n in nodes() if not n["id"].startswith("worker")]
+    assert len(extra) == 2 and extra[0]["id"] != extra[1]["id"], extra
+
+
+def main():
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        print("skipped: no Docker engine answers `docker info`")
+        return 0
+    try:
+        check("images build from host binaries (no base image)", images_build)
+        if results[-1][1] is None:
+            check("the compose cluster comes up with 4 workers UP", cluster_comes_up)
+            check("the demo story: mapping, PUT to the primary, values on the owners", demo_story)
+            check("docker stop of the primary: DOWN, smaller mapping, value on every new owner", failure_and_rebalance)
+            check("a worker service scaled to two: both register", scaled_workers_register)
+    finally:
+        if any(e for _, e in results):
+            print(compose("logs", "--tail", "20", check=False).stdout[-4000:])
+        compose("--profile", "scale", "down", "-v", "--remove-orphans", "-t", "1", check=False)
+    if "sizes" in state:
+        print("     images: " + ", ".join(state["sizes"]))
+    failed = len([1 for _, e in results if e])
+    print(f"containers: {len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

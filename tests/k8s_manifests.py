@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""What matters in k8s/ for the demo, checked offline: the seed's file names,
+kustomization listing every manifest, namespace, images and pull policy,
+ports and protocols, probes, and the env wiring that gives each pod its
+identity. (Schema validation is `kubernetes-validate --strict`, run by
+.ci/run beside this.) Ends with "N passed, M failed"."""
+import os
+import sys
+
+import yaml
+
+K8S = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "k8s")
+SEED_FILES = ["namespace.yaml", "controller-deployment.yaml", "controller-service.yaml"] + [
+    f"worker{i}-{kind}.yaml" for i in range(1, 5) for kind in ("deployment", "service")
+]
+results = []
+
+
+def load(name):
+    with open(os.path.join(K8S, name)) as f:
+        return yaml.safe_load(f)
+
+
+def check(name):
+    def wrap(fn):
+        try:
+            fn()
+            results.append(None)
+            print(f"ok   {name}")
+        except AssertionError as e:
+            results.append(e)
+            print(f"FAIL {name}: {e}")
+        return fn
+
+    return wrap
+
+
+def container(deployment):
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, containers
+    return containers[0]
+
+
+def ports(spec_ports):
+    return sorted((p["containerPort"] if "containerPort" in p else p["port"], p.get("protocol", "TCP")) for p in spec_ports)
+
+
+@check("the seed's file names exist, and kustomization lists every manifest")
+def _():
+    present = sorted(f for f in os.listdir(K8S) if f.endswith(".yaml") and f != "kustomization.yaml")
+    for f in SEED_FILES:
+        assert f in present, f"{f} missing"
+    listed = load("kustomization.yaml")["resources"]
+    assert sorted(listed) == present, f"kustomization lists {listed}, folder has {present}"
+    assert listed[0] == "namespace.yaml", "the namespace must come first"
+
+
+@check("everything lives in namespace kv-system")
+def _():
+    assert load("namespace.yaml")["metadata"]["name"] == "kv-system"
+    for f in SEED_FILES[1:] + ["hpa.yaml"]:
+        assert load(f)["metadata"]["namespace"] == "kv-system", f
+
+
+@check("images are the demo's, never pulled (minikube docker-env)")
+def _():
+    for f, image in [("controller-deployment.yaml", "distributed-kv-controller:latest")] + [
+        (f"worker{i}-deployment.yaml", "distributed-kv-worker:latest") for i in range(1, 5)
+    ]:
+        c = container(load(f))
+        assert c["image"] == image, (f, c["image"])
+        assert c["imagePullPolicy"] == "Never", f
+
+
+@check("the controller takes HTTP on TCP 8000 and heartbeats on UDP 8000, pod and Service")
+def _():
+    want = [(8000, "TCP"), (8000, "UDP")]
+    assert ports(container(load("controller-deployment.yaml"))["ports"]) == want
+    service = load("controller-service.yaml")
+    assert service["metadata"]["name"] == "controller"
+    assert ports(service["spec"]["ports"]) == want
+    assert all(p["targetPort"] == 8000 for p in service["spec"]["ports"])
+    assert load("controller-deployment.yaml")["spec"]["strategy"]["type"] == "Recreate"
+
+
+@check("each worker Service selects its own Deployment's pods on 8001 (HTTP) and 8002 (wire)")
+def _():
+    for i in range(1, 5):
+        d, s = load(f"worker{i}-deployment.yaml"), load(f"worker{i}-service.yaml")
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert s["spec"]["selector"].items() <= labels.items(), f"worker{i}-service selects {s['spec']['selector']}"
+        assert s["spec"]["selector"].get("worker") == f"worker{i}", "a Service must not select other workers' pods"
+        assert ports(container(d)["ports"]) == [(8001, "TCP"), (8002, "TCP")]
+        assert ports(s["spec"]["ports"]) == [(8001, "TCP"), (8002, "TCP")]
+
+
+@check("probes hit /healthz on the HTTP port; termination is graceful; resources are bounded")
+def _():
+    for f, port in [("controller-deployment.yaml", 8000)] + [(f"worker{i}-deployment.yaml", 8001) for i in range(1, 5)]:
+        d = load(f)
+        c = container(d)
+        named = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = c[probe]["httpGet"]
+            assert get["path"] == "/healthz", (f, probe)
+            assert named.get(get["port"], get["port"]) == port, (f, probe, get["port"])
+        assert d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 5, f
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= c["resources"][kind].keys(), (f, kind)
+        assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True, f
+
+
+@check("workers take their id from the pod name and advertise the pod IP; they find the controller Service")
+def _():
+    for i in range(1, 5):
+        env = {e["name"]: e for e in container(load(f"worker{i}-deployment.yaml"))["env"]}
+        assert env["KV_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        assert env["KV_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        url = env["KV_CONTROLLER"]["value"]
+        assert url.startswith("http://controller") and url.endswith(":8000"), url
+        assert env["KV_LISTEN"]["value"].endswith(":8001") and env["KV_WIRE_LISTEN"]["value"].endswith(":8002")
+
+
+@check("the HPA example scales a worker Deployment on CPU")
+def _():
+    hpa = load("hpa.yaml")
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    assert hpa["spec"]["scaleTargetRef"]["name"] in {f"worker{i}" for i in range(1, 5)}
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+failed = len([e for e in results if e])
+print(f"k8s manifests: {len(results) - failed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
