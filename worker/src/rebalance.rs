@@ -40,6 +40,8 @@ const MAX_DEBOUNCE: Duration = Duration::from_secs(3);
 const BATCH: usize = 1024;
 /// Rounds of offers before a non-designated holder sends values itself.
 const OFFER_ROUNDS: usize = 3;
+/// Tries of one rebalancing call before leaving it to the next rebalance.
+const CALL_ATTEMPTS: usize = 4;
 /// Pause between offer rounds, giving designated senders time to deliver.
 const OFFER_PAUSE: Duration = Duration::from_millis(500);
 
@@ -384,35 +386,64 @@ async fn send(node: &Node, member: &Member, entries: Vec<Entry>, summary: &mut S
         .iter()
         .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
         .sum();
-    match node
-        .pool
-        .call(&member.wire_addr(), Request::Replicate { entries })
-        .await
-    {
-        Ok(Response::Replicated { .. }) => {
-            summary.sent += count;
-            summary.bytes += bytes;
-            true
-        }
-        other => {
-            warn!(peer = %member.id, entries = count, answer = ?other.map(|_| ()), "rebalance batch failed; the next rebalance retries");
-            false
-        }
+    let sent = call(
+        node,
+        member,
+        || Request::Replicate {
+            entries: entries.clone(),
+        },
+        |r| matches!(r, Response::Replicated { .. }).then_some(()),
+    )
+    .await;
+    if sent.is_some() {
+        summary.sent += count;
+        summary.bytes += bytes;
     }
+    sent.is_some()
 }
 
 async fn offer(node: &Node, member: &Member, items: Vec<(String, Version)>) -> Option<Vec<u32>> {
-    match node
-        .pool
-        .call(&member.wire_addr(), Request::Offer { items })
-        .await
-    {
-        Ok(Response::Wanted(wanted)) => Some(wanted),
-        other => {
-            warn!(peer = %member.id, answer = ?other.map(|_| ()), "rebalance offer failed; the next rebalance retries");
-            None
+    call(
+        node,
+        member,
+        || Request::Offer {
+            items: items.clone(),
+        },
+        |r| match r {
+            Response::Wanted(wanted) => Some(wanted),
+            _ => None,
+        },
+    )
+    .await
+}
+
+/// One rebalancing call, retried a few times while `member` is still in
+/// the topology: a connection that broke between batches (a peer's idle
+/// timeout, a blip) must not leave keys behind until the next change.
+async fn call<T>(
+    node: &Node,
+    member: &Member,
+    request: impl Fn() -> Request,
+    accept: impl Fn(Response) -> Option<T>,
+) -> Option<T> {
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1..=CALL_ATTEMPTS {
+        let answer = node.pool.call(&member.wire_addr(), request()).await;
+        let failure = match answer {
+            Ok(response) => match accept(response) {
+                Some(value) => return Some(value),
+                None => "unexpected answer".to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        if attempt == CALL_ATTEMPTS || !node.topologies.current().has(member) {
+            warn!(peer = %member.id, %failure, "rebalance call failed; the next rebalance retries");
+            return None;
         }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
     }
+    None
 }
 
 #[cfg(test)]

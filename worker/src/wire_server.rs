@@ -23,6 +23,10 @@ use tracing::{debug, warn};
 
 /// Time a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that completes no frame for this long is closed: it bounds
+/// how long a stalled or half-sent frame holds a connection slot and its
+/// buffer. Pooled peer connections that idle this long reconnect on next use.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Open connections at most; more are refused.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Waiting requests per connection at most.
@@ -124,7 +128,10 @@ async fn connection(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
         let frame = tokio::select! {
-            frame = reader.next() => frame,
+            frame = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => match frame {
+                Ok(frame) => frame,
+                Err(_) => break Err(format!("no complete frame for {} s", IDLE_TIMEOUT.as_secs())),
+            },
             () = shutdown.cancelled() => break Ok(()),
         };
         let (id, body) = match frame {
