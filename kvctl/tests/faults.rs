@@ -577,3 +577,130 @@ impl DrainInto for History {
         std::mem::take(self)
     }
 }
+
+/// Whether any worker but `except` is DOWN now.
+async fn others_down(cluster: &Cluster, except: &str) -> Vec<String> {
+    cluster
+        .nodes()
+        .await
+        .into_iter()
+        .filter(|(id, s)| id != except && s == "DOWN")
+        .map(|(id, _)| id)
+        .collect()
+}
+
+async fn moved(cluster: &Cluster, among: &[String]) -> f64 {
+    let mut sum = 0.0;
+    for w in among {
+        sum += cluster.metric(w, "kv_worker_rebalance_keys_total").await;
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_worker_loses_nothing_and_never_takes_the_others_down() {
+    let _serial = SERIAL.lock().await;
+    let seed = seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let cluster = Cluster::start(4).await;
+    let load = Load::start(&cluster, seed).await;
+    let victim = format!("worker{}", rng.usize(1..=4));
+    let pid = cluster.nodes[&victim].pid();
+    let all = workers(4);
+    let before = moved(&cluster, &all).await;
+    // Stopped and continued every second for 20 s.
+    let flapping_until = Instant::now() + Duration::from_secs(20);
+    let mut stopped = false;
+    while Instant::now() < flapping_until {
+        signal(pid, if stopped { "-CONT" } else { "-STOP" });
+        stopped = !stopped;
+        let tick = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < tick {
+            let down = others_down(&cluster, &victim).await;
+            assert!(
+                down.is_empty(),
+                "{down:?} marked DOWN while {victim} flapped (seed {seed})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    if stopped {
+        signal(pid, "-CONT");
+    }
+    cluster.wait_all_up(4).await;
+    let (history, ops, failed) = load.stop().await;
+    let history = history.lock().unwrap().drain_into();
+    let result = converge(&cluster, &history, &all).await;
+    report(
+        &format!("{victim} flapping 1 s / 1 s for 20 s"),
+        seed,
+        ops,
+        &history,
+        failed,
+        &result,
+    );
+    let moved = moved(&cluster, &all).await - before;
+    println!("FAULTS |   rebalancing moved {moved} keys over 10 flaps of a worker holding about {} copies", 3 * history.acked.len() / 4);
+    assert!(
+        result.is_ok(),
+        "data lost while a worker flapped (seed {seed})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_cpu_causes_no_false_down() {
+    let _serial = SERIAL.lock().await;
+    let seed = seed();
+    let cluster = Cluster::start(4).await;
+    let load = Load::start(&cluster, seed).await;
+    // Three busy loops per core, at the same priority as the cluster.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut burners: Vec<Child> = (0..3 * cores)
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut worst = Vec::new();
+    while Instant::now() < until {
+        worst.extend(others_down(&cluster, "").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for b in &mut burners {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    let (history, ops, failed) = load.stop().await;
+    let history = history.lock().unwrap().drain_into();
+    let result = converge(&cluster, &history, &workers(4)).await;
+    report(
+        &format!(
+            "CPU saturated ({} busy loops on {cores} cores) for 10 s",
+            3 * cores
+        ),
+        seed,
+        ops,
+        &history,
+        failed,
+        &result,
+    );
+    let url = format!("{}/metrics", cluster.controller_url());
+    let (_, metrics) = cluster
+        .http
+        .request("GET".parse().unwrap(), &url, Bytes::new())
+        .await
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    assert!(
+        worst.is_empty(),
+        "false DOWN under CPU load: {worst:?} (seed {seed})"
+    );
+    assert!(
+        !metrics.contains("to=\"DOWN\""),
+        "a DOWN transition happened:\n{metrics}"
+    );
+    assert!(result.is_ok(), "data lost under CPU load (seed {seed})");
+}
