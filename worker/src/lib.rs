@@ -71,6 +71,9 @@ pub struct Config {
     /// How long a write may wait for its second copy before answering 503.
     #[arg(long, env = "KV_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub write_timeout: Duration,
+    /// A wire connection that completes no frame for this long is closed.
+    #[arg(long, env = "KV_WIRE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub wire_idle_timeout: Duration,
     /// How long deletes are remembered (tombstones) before being purged.
     #[arg(long, env = "KV_TOMBSTONE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub tombstone_grace: Duration,
@@ -193,11 +196,15 @@ pub async fn run(
         .map_err(io_error("wire listener"))?;
     let wire =
         tokio::net::TcpListener::from_std(listeners.wire).map_err(io_error("wire listener"))?;
+    let wire_settings = wire_server::Settings {
+        cluster: config.cluster.clone(),
+        max_frame: kv_wire::DEFAULT_MAX_FRAME_LEN,
+        idle_timeout: config.wire_idle_timeout,
+    };
     tracker.spawn(wire_server::serve(
         wire,
         node.clone(),
-        config.cluster.clone(),
-        kv_wire::DEFAULT_MAX_FRAME_LEN,
+        Arc::new(wire_settings),
         shutdown.clone(),
         tracker.clone(),
     ));

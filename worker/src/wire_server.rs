@@ -23,21 +23,30 @@ use tracing::{debug, warn};
 
 /// Time a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// A connection that completes no frame for this long is closed: it bounds
-/// how long a stalled or half-sent frame holds a connection slot and its
-/// buffer. Pooled peer connections that idle this long reconnect on next use.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Open connections at most; more are refused.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Waiting requests per connection at most.
 pub const MAX_IN_FLIGHT: usize = 1024;
 
+/// How the wire server treats its connections.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The cluster name every hello must carry.
+    pub cluster: String,
+    /// Largest frame accepted.
+    pub max_frame: usize,
+    /// A connection that completes no frame for this long is closed: it
+    /// bounds how long a stalled or half-sent frame holds a connection slot
+    /// and its buffer. Pooled peer connections that idle this long simply
+    /// reconnect on next use.
+    pub idle_timeout: Duration,
+}
+
 /// Accepts connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     node: Arc<Node>,
-    cluster: String,
-    max_frame: usize,
+    settings: Arc<Settings>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -59,7 +68,7 @@ pub async fn serve(
             debug!(%peer, "too many wire connections; refusing one");
             let mut writer = FramedWrite::new(
                 stream,
-                FrameCodec::<ClientFrame, ServerFrame>::new(max_frame),
+                FrameCodec::<ClientFrame, ServerFrame>::new(settings.max_frame),
             );
             let refusal = Refusal::new(format!(
                 "this worker has {MAX_CONNECTIONS} connections open; retry later"
@@ -69,9 +78,9 @@ pub async fn serve(
             });
             continue;
         };
-        let (node, cluster, shutdown) = (node.clone(), cluster.clone(), shutdown.clone());
+        let (node, settings, shutdown) = (node.clone(), settings.clone(), shutdown.clone());
         tracker.spawn(async move {
-            if let Err(reason) = connection(stream, node, &cluster, max_frame, shutdown).await {
+            if let Err(reason) = connection(stream, node, &settings, shutdown).await {
                 debug!(%peer, %reason, "wire connection closed");
             }
             drop(slot);
@@ -82,10 +91,10 @@ pub async fn serve(
 async fn connection(
     stream: TcpStream,
     node: Arc<Node>,
-    cluster: &str,
-    max_frame: usize,
+    settings: &Settings,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
+    let max_frame = settings.max_frame;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let (read, write) = stream.into_split();
     let mut reader = FramedRead::new(read, FrameCodec::<ClientFrame, ServerFrame>::new(max_frame));
@@ -101,7 +110,7 @@ async fn connection(
         Ok(None) => return Err("closed before the hello".into()),
         Err(_) => return refuse(&mut writer, "no hello within 5 s").await,
     };
-    if let Err(refusal) = hello.check(cluster) {
+    if let Err(refusal) = hello.check(&settings.cluster) {
         warn!(from = %hello.from, reason = %refusal.reason, "wire hello refused");
         return refuse(&mut writer, &refusal.reason).await;
     }
@@ -128,9 +137,9 @@ async fn connection(
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let result = loop {
         let frame = tokio::select! {
-            frame = tokio::time::timeout(IDLE_TIMEOUT, reader.next()) => match frame {
+            frame = tokio::time::timeout(settings.idle_timeout, reader.next()) => match frame {
                 Ok(frame) => frame,
-                Err(_) => break Err(format!("no complete frame for {} s", IDLE_TIMEOUT.as_secs())),
+                Err(_) => break Err(format!("no complete frame within {:?}", settings.idle_timeout)),
             },
             () = shutdown.cancelled() => break Ok(()),
         };

@@ -176,6 +176,15 @@ pub async fn start_controller() -> Service {
 }
 
 pub async fn start_worker(id: &str, controller: &Service) -> Service {
+    start_worker_with(id, controller, |_| {}).await
+}
+
+/// A worker whose configuration `adjust` changes first.
+pub async fn start_worker_with(
+    id: &str,
+    controller: &Service,
+    adjust: impl FnOnce(&mut kv_worker::Config),
+) -> Service {
     let listeners = kv_worker::Listeners::bind(
         "127.0.0.1:0".parse().unwrap(),
         "127.0.0.1:0".parse().unwrap(),
@@ -183,7 +192,8 @@ pub async fn start_worker(id: &str, controller: &Service) -> Service {
     .unwrap();
     let http = listeners.http.local_addr().unwrap();
     let wire = listeners.wire.local_addr().unwrap();
-    let config = kv_worker::Config::for_test(id, &format!("http://{}", controller.http));
+    let mut config = kv_worker::Config::for_test(id, &format!("http://{}", controller.http));
+    adjust(&mut config);
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let stop = stop.clone();

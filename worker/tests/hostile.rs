@@ -1,0 +1,146 @@
+//! Hostile wire clients: a frame declared at 4 GiB, garbage, a half-sent
+//! frame left to stall, a thousand idle connections. Each is refused or cut
+//! off, and a well-behaved client is served throughout.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use bytes::{BufMut, BytesMut};
+use common::*;
+use futures::{SinkExt, StreamExt};
+use kv_wire::message::Hello;
+use kv_wire::{ClientFrame, FrameCodec, ServerFrame};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::{Framed, FramedRead};
+
+/// A cluster whose first worker closes wire connections idle for 1 s.
+async fn cluster() -> Cluster {
+    let controller = start_controller().await;
+    let mut cluster = Cluster {
+        controller,
+        workers: Vec::new(),
+    };
+    let w = start_worker_with("worker1", &cluster.controller, |c| {
+        c.wire_idle_timeout = Duration::from_secs(1)
+    })
+    .await;
+    cluster.workers.push(w);
+    cluster.add("worker2").await;
+    cluster.settled().await;
+    cluster
+}
+
+/// Reads what the server says until it closes: the refusal's reason.
+async fn refusal(stream: TcpStream) -> String {
+    let mut frames = FramedRead::new(stream, FrameCodec::<ServerFrame, ClientFrame>::default());
+    let mut reason = String::new();
+    let closed = tokio::time::timeout(PATIENCE, async {
+        while let Some(frame) = frames.next().await {
+            match frame {
+                Ok(ServerFrame::Refused(r)) => reason = r.reason,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server did not close the connection");
+    reason
+}
+
+async fn greeted(cluster: &Cluster) -> Framed<TcpStream, FrameCodec<ServerFrame, ClientFrame>> {
+    let stream = TcpStream::connect(cluster.workers[0].wire).await.unwrap();
+    let mut conn = Framed::new(stream, FrameCodec::default());
+    conn.send(ClientFrame::Hello(Hello::new("kv", "hostile")))
+        .await
+        .unwrap();
+    assert!(matches!(
+        conn.next().await,
+        Some(Ok(ServerFrame::Welcome(_)))
+    ));
+    conn
+}
+
+async fn still_serves(cluster: &Cluster, key: &str) {
+    let (status, reply) = http("PUT", &cluster.workers[0].url("/kv"), put_body(key, "fine")).await;
+    assert_eq!(status, 200, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_declared_at_4_gib_is_refused_from_its_header() {
+    let cluster = cluster().await;
+    // Before the hello...
+    let mut stream = TcpStream::connect(cluster.workers[0].wire).await.unwrap();
+    stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert!(refusal(stream).await.contains("exceeds"));
+    // ...and after it.
+    let conn = greeted(&cluster).await;
+    let mut stream = conn.into_inner();
+    stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    stream.write_all(&[0; 1000]).await.unwrap();
+    assert!(refusal(stream).await.contains("exceeds"));
+    still_serves(&cluster, "after-4gib").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_a_wrong_cluster_are_refused_with_a_reason() {
+    let cluster = cluster().await;
+    let mut stream = TcpStream::connect(cluster.workers[0].wire).await.unwrap();
+    let mut frame = BytesMut::new();
+    frame.put_u32(4);
+    frame.put_slice(&[0xc1; 4]);
+    stream.write_all(&frame).await.unwrap();
+    assert!(refusal(stream).await.contains("unreadable hello"));
+
+    let stream = TcpStream::connect(cluster.workers[0].wire).await.unwrap();
+    let mut conn = Framed::new(stream, FrameCodec::<ServerFrame, ClientFrame>::default());
+    conn.send(ClientFrame::Hello(Hello::new("other", "hostile")))
+        .await
+        .unwrap();
+    assert!(refusal(conn.into_inner()).await.contains("does not match"));
+
+    let mut stream = greeted(&cluster).await.into_inner();
+    stream.write_all(&frame).await.unwrap();
+    assert!(refusal(stream).await.contains("bad frame"));
+    still_serves(&cluster, "after-garbage").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_frame_is_cut_off_after_the_idle_timeout() {
+    let cluster = cluster().await;
+    let mut stream = greeted(&cluster).await.into_inner();
+    stream.write_all(&100u32.to_be_bytes()).await.unwrap();
+    stream.write_all(&[0x92; 10]).await.unwrap();
+    let started = Instant::now();
+    assert!(refusal(stream).await.contains("no complete frame"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut off early: {:?}",
+        started.elapsed()
+    );
+    still_serves(&cluster, "after-stall").await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_silent_connections_do_not_keep_a_client_out() {
+    let cluster = cluster().await;
+    let mut silent = Vec::new();
+    for _ in 0..1000 {
+        silent.push(TcpStream::connect(cluster.workers[0].wire).await.unwrap());
+    }
+    still_serves(&cluster, "among-the-silent").await;
+    // Without a hello they are all closed after the hello timeout.
+    for mut s in silent {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(PATIENCE, async {
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection was kept open");
+    }
+    cluster.shutdown().await;
+}
