@@ -9,16 +9,13 @@
 
 use crate::metrics::Outcome;
 use crate::state::{Published, Shared};
-use futures::{SinkExt, StreamExt};
-use kv_wire::message::{Hello, Welcome};
-use kv_wire::{ClientFrame, FrameCodec, Member, Request, Response, ServerFrame, Topology};
+use kv_client::Connection;
+use kv_wire::message::Hello;
+use kv_wire::{Member, Request, Response, Topology};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use thiserror::Error;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -28,25 +25,6 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retry delays after a failed push: doubling up to the maximum.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Why a push failed.
-#[derive(Debug, Error)]
-enum PushError {
-    #[error("timed out")]
-    Timeout,
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
-    #[error(transparent)]
-    Wire(#[from] kv_wire::WireError),
-    #[error("connection closed")]
-    Closed,
-    #[error("refused: {0}")]
-    Refused(String),
-    #[error("unexpected answer: {0}")]
-    Unexpected(String),
-}
-
-type Connection = Framed<TcpStream, FrameCodec<ServerFrame, ClientFrame>>;
 
 struct Link {
     member: Member,
@@ -140,23 +118,11 @@ async fn push_loop(
     let mut connection: Option<Connection> = None;
     let mut acked = 0;
     let mut retry = RETRY_MIN;
-    let mut next_id = 0u64;
     loop {
         let latest = published.borrow_and_update().clone();
         let epoch = latest.topology.epoch;
         if epoch > acked {
-            next_id += 1;
-            let push = push(
-                &mut connection,
-                &member,
-                &cluster,
-                next_id,
-                &latest.topology,
-            );
-            match tokio::time::timeout(PUSH_TIMEOUT, push)
-                .await
-                .unwrap_or(Err(PushError::Timeout))
-            {
+            match push(&mut connection, &member, &cluster, &latest.topology).await {
                 Ok(now_at) => {
                     acked = now_at;
                     retry = RETRY_MIN;
@@ -167,14 +133,14 @@ async fn push_loop(
                         .inc();
                     debug!(node = %member.id, epoch, "topology pushed");
                 }
-                Err(e) => {
+                Err(error) => {
                     connection = None;
                     shared
                         .metrics
                         .pushes
                         .get_or_create(&Outcome { outcome: "error" })
                         .inc();
-                    warn!(node = %member.id, addr = %member.wire_addr(), epoch, error = %e, "topology push failed; retrying");
+                    warn!(node = %member.id, addr = %member.wire_addr(), epoch, %error, "topology push failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(retry) => {}
                         () = stop.cancelled() => return,
@@ -202,43 +168,21 @@ async fn push(
     connection: &mut Option<Connection>,
     member: &Member,
     cluster: &str,
-    id: u64,
     topology: &Topology,
-) -> Result<u64, PushError> {
+) -> Result<u64, String> {
     let conn = match connection {
-        Some(conn) => conn,
-        None => connection.insert(connect(member, cluster).await?),
-    };
-    conn.send(ClientFrame::Request {
-        id,
-        body: Request::Topology(topology.clone()),
-    })
-    .await?;
-    loop {
-        match conn.next().await.ok_or(PushError::Closed)?? {
-            ServerFrame::Response {
-                id: got,
-                body: Response::TopologyAccepted { epoch },
-            } if got == id => return Ok(epoch),
-            // An answer to an earlier, timed-out push: skip it.
-            ServerFrame::Response { id: got, .. } if got < id => continue,
-            ServerFrame::Refused(r) => return Err(PushError::Refused(r.reason)),
-            other => return Err(PushError::Unexpected(format!("{other:?}"))),
+        Some(conn) if !conn.is_closed() => conn,
+        _ => {
+            let hello = Hello::new(cluster, "controller");
+            let conn = Connection::connect(&member.wire_addr(), hello, PUSH_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            connection.insert(conn)
         }
-    }
-}
-
-async fn connect(member: &Member, cluster: &str) -> Result<Connection, PushError> {
-    let stream = TcpStream::connect(member.wire_addr())
-        .await
-        .map_err(PushError::Connect)?;
-    stream.set_nodelay(true).map_err(PushError::Connect)?;
-    let mut conn = Framed::new(stream, FrameCodec::default());
-    conn.send(ClientFrame::Hello(Hello::new(cluster, "controller")))
-        .await?;
-    match conn.next().await.ok_or(PushError::Closed)?? {
-        ServerFrame::Welcome(Welcome { .. }) => Ok(conn),
-        ServerFrame::Refused(r) => Err(PushError::Refused(r.reason)),
-        other => Err(PushError::Unexpected(format!("{other:?}"))),
+    };
+    match conn.call(Request::Topology(topology.clone())).await {
+        Ok(Response::TopologyAccepted { epoch }) => Ok(epoch),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -12,7 +12,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use kv_wire::register::RegisterReply;
+use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -68,55 +69,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterBody {
-    id: String,
-    host: String,
-    port: u16,
-    wire_port: u16,
-    #[serde(default)]
-    epoch: Option<u64>,
-    #[serde(default)]
-    generation: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct RegisterReply {
-    id: String,
-    member: u32,
-    generation: u64,
-    epoch: u64,
-    heartbeat_port: u16,
-    heartbeat_interval_ms: u64,
-    incarnation: u64,
-}
-
 async fn register(
     State(shared): State<Arc<Shared>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RegisterReply>, ApiError> {
-    let body: RegisterBody = serde_json::from_slice(&body?).map_err(|e| {
+    let body: Registration = serde_json::from_slice(&body?).map_err(|e| {
         ApiError::bad_request(format!(
             "invalid registration ({e}); send {{\"id\",\"host\",\"port\",\"wire_port\"}}"
         ))
     })?;
     let id = body.id.clone();
-    let registered = shared
-        .register(Registration {
-            id: body.id,
-            host: body.host,
-            port: body.port,
-            wire_port: body.wire_port,
-            epoch: body.epoch,
-            generation: body.generation,
-        })
-        .map_err(|e| match e {
-            RegisterError::Invalid(_) => {
-                ApiError::bad_request(format!("invalid registration: {e}"))
-            }
-            RegisterError::Full => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        })?;
+    let registered = shared.register(body).map_err(|e| match e {
+        RegisterError::Invalid(_) => ApiError::bad_request(format!("invalid registration: {e}")),
+        RegisterError::Full => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    })?;
     Ok(Json(RegisterReply {
         id,
         member: registered.member,

@@ -21,21 +21,7 @@ pub const MAX_WORKERS: usize = 65_536;
 pub const MAX_NAME_LEN: usize = 253;
 
 /// A worker's registration, as received.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registration {
-    /// Unique worker id.
-    pub id: String,
-    /// Host others reach it at.
-    pub host: String,
-    /// HTTP port.
-    pub port: u16,
-    /// Wire port.
-    pub wire_port: u16,
-    /// The last epoch the worker saw, if it ran under a controller before.
-    pub epoch: Option<u64>,
-    /// The generation the worker had, if it ran under a controller before.
-    pub generation: Option<u64>,
-}
+pub use kv_wire::register::RegisterRequest as Registration;
 
 /// What a registration was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 //!   pipeline, and the topology the controller publishes;
 //! - [`codec`]: length-framed MessagePack for those messages;
 //! - [`heartbeat`]: the compact UDP heartbeat and its ack;
+//! - [`register`]: the JSON of the controller's `/register`;
 //! - [`ring`]: the consistent-hash ring every process computes identically;
 //! - [`version`]: hybrid-logical-clock versions, compared last-writer-wins.
 //!
@@ -13,6 +14,7 @@ pub mod codec;
 pub mod error;
 pub mod heartbeat;
 pub mod message;
+pub mod register;
 pub mod ring;
 pub mod version;
 

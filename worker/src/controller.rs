@@ -4,7 +4,6 @@
 
 use crate::topology::Topologies;
 use kv_client::HttpClient;
-use serde::{Deserialize, Serialize};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,52 +68,28 @@ impl ControllerAddr {
             })
     }
 
-    /// The local address of the route to the controller: what others most
-    /// likely reach this worker at.
-    pub fn local_route_ip(&self) -> std::io::Result<std::net::IpAddr> {
-        let target = self.resolve(self.port)?;
-        let bind: SocketAddr = if target.is_ipv4() {
+    /// A UDP socket connected to the controller's `port` (the name
+    /// resolved afresh): only the controller's datagrams reach it.
+    pub fn udp_socket(&self, port: u16) -> std::io::Result<UdpSocket> {
+        let target = self.resolve(port)?;
+        let any: SocketAddr = if target.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
             ([0u16; 8], 0).into()
         };
-        let socket = UdpSocket::bind(bind)?;
+        let socket = UdpSocket::bind(any)?;
         socket.connect(target)?;
-        Ok(socket.local_addr()?.ip())
+        Ok(socket)
+    }
+
+    /// The local address of the route to the controller: what others most
+    /// likely reach this worker at.
+    pub fn local_route_ip(&self) -> std::io::Result<std::net::IpAddr> {
+        Ok(self.udp_socket(self.port)?.local_addr()?.ip())
     }
 }
 
-/// What this worker tells the controller about itself.
-#[derive(Debug, Clone, Serialize)]
-pub struct Registration {
-    /// Worker id.
-    pub id: String,
-    /// Host others reach it at.
-    pub host: String,
-    /// HTTP port.
-    pub port: u16,
-    /// Wire port.
-    pub wire_port: u16,
-    /// The last epoch seen (a restarted controller continues above it).
-    pub epoch: Option<u64>,
-    /// The incarnation held, kept across controller restarts.
-    pub generation: Option<u64>,
-}
-
-/// What the controller answered.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-pub struct Registered {
-    /// Heartbeat number.
-    pub member: u32,
-    /// Incarnation.
-    pub generation: u64,
-    /// Where heartbeats go.
-    pub heartbeat_port: u16,
-    /// How often.
-    pub heartbeat_interval_ms: u64,
-    /// The controller's incarnation.
-    pub incarnation: u64,
-}
+pub use kv_wire::register::{RegisterReply as Registered, RegisterRequest as Registration};
 
 /// The current registration, shared with the heartbeat thread.
 pub type Shared = Arc<Mutex<Option<Registered>>>;
@@ -144,10 +119,10 @@ pub async fn keep_registered(
                     }
                 }
             }
-            let held = *registered.lock().unwrap_or_else(|p| p.into_inner());
+            let held = registered.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let epoch = topologies.current().epoch();
             me.epoch = (epoch > 0).then_some(epoch);
-            me.generation = held.map(|r| r.generation);
+            me.generation = held.as_ref().map(|r| r.generation);
             match client.post_json::<_, Registered>(&url, &me).await {
                 Ok(reply) => {
                     info!(controller = %url, member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");

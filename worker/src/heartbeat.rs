@@ -10,7 +10,7 @@
 use crate::controller::{ControllerAddr, Registered, Shared};
 use crate::topology::Topologies;
 use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -34,13 +34,13 @@ pub fn run(
     let mut asked_to_reregister = false;
     let mut buf = [0u8; 128];
     while !shutdown.is_cancelled() {
-        let Some(reg) = *registered.lock().unwrap_or_else(|p| p.into_inner()) else {
+        let Some(reg) = registered.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
         let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(10));
         if socket.is_none() {
-            match open(&controller, reg.heartbeat_port) {
+            match controller.udp_socket(reg.heartbeat_port) {
                 Ok(s) => socket = Some(s),
                 Err(e) => {
                     warn!(controller = %controller.host, error = %e, "cannot open the heartbeat socket; retrying")
@@ -109,18 +109,6 @@ fn registered_changed(shared: &Shared, before: &Registered) -> bool {
     shared
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .is_some_and(|now| now != *before)
-}
-
-fn open(controller: &ControllerAddr, port: u16) -> std::io::Result<UdpSocket> {
-    let target = controller.resolve(port)?;
-    let bind: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        ([0u16; 8], 0).into()
-    };
-    let socket = UdpSocket::bind(bind)?;
-    // Connected: only the controller's datagrams reach us.
-    socket.connect(target)?;
-    Ok(socket)
+        .as_ref()
+        .is_some_and(|now| now != before)
 }
