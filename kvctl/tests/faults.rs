@@ -640,6 +640,11 @@ async fn a_flapping_worker_loses_nothing_and_never_takes_the_others_down() {
         &result,
     );
     let moved = moved(&cluster, &all).await - before;
+    let mut hints = 0.0;
+    for w in &all {
+        hints += cluster.metric(w, "kv_worker_hints_total").await;
+    }
+    println!("FAULTS |   {hints} hints queued for owners that flapped out of the topology");
     println!("FAULTS |   rebalancing moved {moved} keys over 10 flaps of a worker holding about {} copies", 3 * history.acked.len() / 4);
     assert!(
         result.is_ok(),

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub replicated_bytes: Counter,
     /// Replication batches that failed (and were retried).
     pub replication_failures: Counter,
+    /// Copies queued for owners the current topology leaves out.
+    pub hints: Counter,
+    /// Hints dropped because the peer's replication budget was spent.
+    pub hints_dropped: Counter,
     /// Rebalances completed.
     pub rebalances: Counter,
     /// Keys sent by rebalancing.
@@ -53,6 +57,8 @@ impl Metrics {
             replicated_entries: Counter::default(),
             replicated_bytes: Counter::default(),
             replication_failures: Counter::default(),
+            hints: Counter::default(),
+            hints_dropped: Counter::default(),
             rebalances: Counter::default(),
             rebalance_keys: Counter::default(),
             rebalance_bytes: Counter::default(),
@@ -83,6 +89,16 @@ impl Metrics {
             "replication_failures",
             "Replication batches that failed and were retried",
             m.replication_failures.clone(),
+        );
+        registry.register(
+            "hints",
+            "Copies queued for owners the current topology leaves out",
+            m.hints.clone(),
+        );
+        registry.register(
+            "hints_dropped",
+            "Hints dropped because the peer's replication budget was spent",
+            m.hints_dropped.clone(),
         );
         registry.register("rebalances", "Rebalances completed", m.rebalances.clone());
         registry.register(

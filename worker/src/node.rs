@@ -255,7 +255,7 @@ impl Node {
         let replicas = self.replicas_if_primary(&view, key)?;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let (version, acks) = self.issue(key, &value, &replicas).await;
+            let (version, acks) = self.issue(&view, key, &value, &replicas).await;
             match tokio::time::timeout_at(deadline, quorum(acks)).await {
                 Ok(Quorum::Reached(copies)) => {
                     return Ok(Written {
@@ -294,10 +294,13 @@ impl Node {
         }
     }
 
-    /// Versions a write, stores it here and queues it for the replicas;
-    /// returns the version and each replica's acknowledgement to come.
+    /// Versions a write, stores it here and queues it for the replicas
+    /// (and, while the topology is moving, hints for owners of the settled
+    /// view that `view` leaves out); returns the version and each replica's
+    /// acknowledgement to come.
     async fn issue(
         &self,
+        view: &Arc<View>,
         key: &str,
         value: &Option<Bytes>,
         replicas: &[&Member],
@@ -315,6 +318,14 @@ impl Node {
             version,
             value: value.clone(),
         };
+        let settled = self.topologies.settled();
+        if !Arc::ptr_eq(&settled, view) {
+            for owner in settled.owners(key) {
+                if owner.id != self.id && !replicas.iter().any(|r| r.id == owner.id) {
+                    self.replicator.hint(owner, entry.clone());
+                }
+            }
+        }
         let mut acks = Vec::with_capacity(replicas.len());
         for replica in replicas {
             acks.push(self.replicator.send(replica, entry.clone()).await);
@@ -344,7 +355,7 @@ impl Node {
                 .validate(key, value.as_ref())
                 .and_then(|()| self.replicas_if_primary(&view, key))
             {
-                Ok(replicas) => issued.push((i, self.issue(key, &value, &replicas).await)),
+                Ok(replicas) => issued.push((i, self.issue(&view, key, &value, &replicas).await)),
                 Err(e) => results[i] = Some(Err(e.to_failure())),
             }
         }

@@ -113,6 +113,30 @@ impl Replicator {
         rx
     }
 
+    /// Queues a copy for an owner of the settled view that the current view
+    /// leaves out (a hint, as Dynamo calls it): if the topology returns to
+    /// the settled one before any rebalance runs — a worker that flapped
+    /// DOWN and back — this is how that owner gets the writes it missed.
+    /// Never waits: with the peer's budget spent, the hint is dropped and
+    /// counted.
+    pub fn hint(&self, peer: &Member, entry: Entry) {
+        let (queue, budget) = self.link(peer);
+        let size = entry.key.len() + entry.value.as_ref().map_or(0, |v| v.len()) + 32;
+        match budget.try_acquire_many_owned(size.min(LINK_BUDGET) as u32) {
+            Ok(permit) => {
+                let _ = queue.send(Item {
+                    entry,
+                    reply: None,
+                    _budget: permit,
+                });
+                self.metrics.hints.inc();
+            }
+            Err(_) => {
+                self.metrics.hints_dropped.inc();
+            }
+        }
+    }
+
     fn link(&self, peer: &Member) -> (mpsc::UnboundedSender<Item>, Arc<Semaphore>) {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(link) = links.get(&peer.id) {
@@ -210,12 +234,18 @@ async fn run_link(
                     () = shutdown.cancelled() => return,
                 }
                 retry = (retry * 2).min(RETRY_MAX);
-                let view = topologies.current();
-                if !view.has(&peer) {
-                    warn!(peer = %peer.id, dropped = backlog.len(), "peer left the topology; its pending copies are left to rebalancing");
+                // A peer that is out of the current topology may only be
+                // flapping: until a rebalance without it has completed (the
+                // settled view drops it too), its copies are still owed.
+                let (current, settled) = (topologies.current(), topologies.settled());
+                if !current.has(&peer) && !settled.has(&peer) {
+                    warn!(peer = %peer.id, dropped = backlog.len(), "peer left the topology and rebalancing has moved on; its pending copies are dropped");
                     return;
                 }
-                backlog.retain(|item| still_owner(&view, &peer, &item.entry.key));
+                backlog.retain(|item| {
+                    let key = &item.entry.key;
+                    still_owner(&current, &peer, key) || still_owner(&settled, &peer, key)
+                });
             }
         }
     }
