@@ -24,6 +24,35 @@ fn main() {
     let budget = Duration::from_secs(1);
     let keys: Vec<String> = (0..100_000).map(|i| format!("key:{i}")).collect();
 
+    // Balance and movement, over 200,000 real keys.
+    let sample: Vec<String> = (0..200_000).map(|i| format!("sample:{i}")).collect();
+    let sample: Vec<&[u8]> = sample.iter().map(|k| k.as_bytes()).collect();
+    for workers in [4, 16, 64] {
+        let names: Vec<String> = (1..=workers + 1).map(|i| format!("worker{i}")).collect();
+        let ring = Ring::new(names[..workers].iter().cloned());
+        let grown = Ring::new(names.iter().cloned());
+        let mut held = std::collections::HashMap::<&str, usize>::new();
+        let (mut moved_primaries, mut moved_copies) = (0, 0);
+        for key in &sample {
+            let before = ring.owners(key, 3);
+            let after = grown.owners(key, 3);
+            for owner in &before {
+                *held.entry(owner).or_default() += 1;
+            }
+            moved_primaries += usize::from(before[0] != after[0]);
+            moved_copies += after.iter().filter(|o| !before.contains(o)).count();
+        }
+        let max = *held.values().max().unwrap_or(&0) as f64;
+        let mean = (3 * sample.len()) as f64 / workers as f64;
+        println!(
+            "ring  {workers:>2} workers: busiest holds {:.3}x the mean copies; one joining moves {:.4} of primaries and {:.4} of copies (1/(N+1) = {:.4})",
+            max / mean,
+            moved_primaries as f64 / sample.len() as f64,
+            moved_copies as f64 / (3 * sample.len()) as f64,
+            1.0 / (workers + 1) as f64
+        );
+    }
+
     for workers in [4, 64] {
         let built = Instant::now();
         let ring = Ring::new((1..=workers).map(|i| format!("worker{i}")));
