@@ -333,13 +333,14 @@ impl Load {
         }
     }
 
-    async fn stop(self) -> (Arc<Mutex<History>>, u64, u64) {
+    async fn stop(self) -> (History, u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             t.await.unwrap();
         }
+        let history = std::mem::take(&mut *self.history.lock().unwrap());
         (
-            self.history,
+            history,
             self.ops.load(Ordering::Relaxed),
             self.failed.load(Ordering::Relaxed),
         )
@@ -418,6 +419,32 @@ fn report(
     }
 }
 
+/// What a scenario ends with.
+struct Settled {
+    history: History,
+    failed: u64,
+    result: Result<Duration, Vec<String>>,
+}
+
+/// Stops the load, waits for the copies on the `live` workers to converge,
+/// and prints the scenario's line.
+async fn settle(
+    cluster: &Cluster,
+    load: Load,
+    live: &[String],
+    scenario: &str,
+    seed: u64,
+) -> Settled {
+    let (history, ops, failed) = load.stop().await;
+    let result = converge(cluster, &history, live).await;
+    report(scenario, seed, ops, &history, failed, &result);
+    Settled {
+        history,
+        failed,
+        result,
+    }
+}
+
 fn workers(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("worker{i}")).collect()
 }
@@ -434,19 +461,19 @@ async fn kill_9_of_a_primary_under_steady_writes_loses_no_acknowledged_write() {
     let victim = format!("worker{}", rng.usize(1..=4));
     signal(cluster.nodes[&victim].pid(), "-9");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (history, ops, failed) = load.stop().await;
     let live: Vec<String> = workers(4).into_iter().filter(|w| *w != victim).collect();
-    let history = history.lock().unwrap().drain_into();
-    let result = converge(&cluster, &history, &live).await;
-    report(
+    let settled = settle(
+        &cluster,
+        load,
+        &live,
         &format!("kill -9 {victim} under writes"),
         seed,
-        ops,
-        &history,
-        failed,
-        &result,
+    )
+    .await;
+    assert!(
+        settled.result.is_ok(),
+        "acknowledged writes lost (seed {seed})"
     );
-    assert!(result.is_ok(), "acknowledged writes lost (seed {seed})");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,21 +490,18 @@ async fn a_worker_stopped_for_3s_comes_back_and_converges_without_resurrecting_o
     tokio::time::sleep(Duration::from_secs(3)).await;
     signal(pid, "-CONT");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (history, ops, failed) = load.stop().await;
     // Back in the ring: all four are live owners again.
     cluster.wait_all_up(4).await;
-    let history = history.lock().unwrap().drain_into();
-    let result = converge(&cluster, &history, &workers(4)).await;
-    report(
+    let settled = settle(
+        &cluster,
+        load,
+        &workers(4),
         &format!("SIGSTOP {victim} 3 s"),
         seed,
-        ops,
-        &history,
-        failed,
-        &result,
-    );
+    )
+    .await;
     assert!(
-        result.is_ok(),
+        settled.result.is_ok(),
         "stale or lost copies after a gray failure (seed {seed})"
     );
 }
@@ -515,22 +539,22 @@ async fn a_restarted_controller_marks_nobody_down_and_moves_no_data_while_writes
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.wait_all_up(4).await;
-    let (history, ops, failed) = load.stop().await;
-    let history = history.lock().unwrap().drain_into();
-    let result = converge(&cluster, &history, &workers(4)).await;
-    report(
+    let settled = settle(
+        &cluster,
+        load,
+        &workers(4),
         "controller kill -9 and restart",
         seed,
-        ops,
-        &history,
-        failed,
-        &result,
-    );
+    )
+    .await;
     assert!(
-        result.is_ok(),
+        settled.result.is_ok(),
         "writes lost across a controller restart (seed {seed})"
     );
-    assert_eq!(failed, 0, "writes failed while the controller was away");
+    assert_eq!(
+        settled.failed, 0,
+        "writes failed while the controller was away"
+    );
     let mut moved_after = 0.0;
     for w in workers(4) {
         moved_after += cluster.metric(&w, "kv_worker_rebalance_keys_total").await;
@@ -550,32 +574,19 @@ async fn a_worker_restarted_empty_with_the_same_id_receives_its_share() {
     signal(cluster.nodes[&victim].pid(), "-9");
     cluster.restart(&victim); // a new pod: same id, empty store, new generation
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (history, ops, failed) = load.stop().await;
     cluster.wait_all_up(4).await;
-    let history = history.lock().unwrap().drain_into();
-    let result = converge(&cluster, &history, &workers(4)).await;
-    report(
+    let settled = settle(
+        &cluster,
+        load,
+        &workers(4),
         &format!("{victim} restarted empty"),
         seed,
-        ops,
-        &history,
-        failed,
-        &result,
-    );
+    )
+    .await;
     assert!(
-        result.is_ok(),
+        settled.result.is_ok(),
         "the restarted worker did not get its share back (seed {seed})"
     );
-}
-
-trait DrainInto {
-    fn drain_into(&mut self) -> History;
-}
-
-impl DrainInto for History {
-    fn drain_into(&mut self) -> History {
-        std::mem::take(self)
-    }
 }
 
 /// Whether any worker but `except` is DOWN now.
@@ -628,26 +639,23 @@ async fn a_flapping_worker_loses_nothing_and_never_takes_the_others_down() {
         signal(pid, "-CONT");
     }
     cluster.wait_all_up(4).await;
-    let (history, ops, failed) = load.stop().await;
-    let history = history.lock().unwrap().drain_into();
-    let result = converge(&cluster, &history, &all).await;
-    report(
+    let settled = settle(
+        &cluster,
+        load,
+        &all,
         &format!("{victim} flapping 1 s / 1 s for 20 s"),
         seed,
-        ops,
-        &history,
-        failed,
-        &result,
-    );
+    )
+    .await;
     let moved = moved(&cluster, &all).await - before;
     let mut hints = 0.0;
     for w in &all {
         hints += cluster.metric(w, "kv_worker_hints_total").await;
     }
     println!("FAULTS |   {hints} hints queued for owners that flapped out of the topology");
-    println!("FAULTS |   rebalancing moved {moved} keys over 10 flaps of a worker holding about {} copies", 3 * history.acked.len() / 4);
+    println!("FAULTS |   rebalancing moved {moved} keys over 10 flaps of a worker holding about {} copies", 3 * settled.history.acked.len() / 4);
     assert!(
-        result.is_ok(),
+        settled.result.is_ok(),
         "data lost while a worker flapped (seed {seed})"
     );
 }
@@ -678,20 +686,11 @@ async fn a_saturated_cpu_causes_no_false_down() {
         let _ = b.kill();
         let _ = b.wait();
     }
-    let (history, ops, failed) = load.stop().await;
-    let history = history.lock().unwrap().drain_into();
-    let result = converge(&cluster, &history, &workers(4)).await;
-    report(
-        &format!(
-            "CPU saturated ({} busy loops on {cores} cores) for 10 s",
-            3 * cores
-        ),
-        seed,
-        ops,
-        &history,
-        failed,
-        &result,
+    let label = format!(
+        "CPU saturated ({} busy loops on {cores} cores) for 10 s",
+        3 * cores
     );
+    let settled = settle(&cluster, load, &workers(4), &label, seed).await;
     let url = format!("{}/metrics", cluster.controller_url());
     let (_, metrics) = cluster
         .http
@@ -707,5 +706,8 @@ async fn a_saturated_cpu_causes_no_false_down() {
         !metrics.contains("to=\"DOWN\""),
         "a DOWN transition happened:\n{metrics}"
     );
-    assert!(result.is_ok(), "data lost under CPU load (seed {seed})");
+    assert!(
+        settled.result.is_ok(),
+        "data lost under CPU load (seed {seed})"
+    );
 }
