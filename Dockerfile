@@ -28,14 +28,16 @@ USER 65534:65534
 EXPOSE 8001/tcp 8002/tcp
 ENTRYPOINT ["/kv-worker"]
 
-# Compiles static release binaries.
+# Compiles static release binaries for the platform being built (amd64 or
+# arm64: Minikube on an Apple-silicon laptop runs arm64 images).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile dist --locked \
-      --target x86_64-unknown-linux-gnu -p kv-controller -p kv-worker \
+RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
+ && RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile dist --locked \
+      --target "$target" -p kv-controller -p kv-worker \
  && mkdir /dist \
- && cp target/x86_64-unknown-linux-gnu/dist/kv-controller target/x86_64-unknown-linux-gnu/dist/kv-worker /dist/
+ && cp "target/$target/dist/kv-controller" "target/$target/dist/kv-worker" /dist/
 
 FROM scratch AS controller
 COPY --from=build /dist/kv-controller /kv-controller
