@@ -8,7 +8,7 @@
 # Without internet access (no base image can be pulled), build the static
 # binaries on the host and package them — `scripts/build-images` does both:
 #   RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile dist --locked \
-#     --target x86_64-unknown-linux-gnu -p kv-controller -p kv-worker
+#     --target x86_64-unknown-linux-gnu -p kv-controller -p kv-worker   # (your host's target)
 #   mkdir -p dist && cp target/x86_64-unknown-linux-gnu/dist/kv-{controller,worker} dist/
 #   docker build --target controller-from-host -t distributed-kv-controller:latest .
 #   docker build --target worker-from-host     -t distributed-kv-worker:latest .
