@@ -1,0 +1,654 @@
+//! The harness of the process-level fault tests: a controller and workers
+//! as OS processes (`kvctl node ...`) on loopback or in network namespaces,
+//! a seeded write load, and the acknowledged-write checker.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use kv_client::{Client, HttpClient};
+use kv_wire::{Ring, Version};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub const PATIENCE: Duration = Duration::from_secs(60);
+pub const WRITERS: usize = 8;
+pub const KEYS_PER_WRITER: usize = 200;
+/// Keys written once before the fault and never again: only replication
+/// and rebalancing can bring them to their owners after it.
+pub const STILL_KEYS: usize = 2000;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {sig} {pid}"
+    );
+}
+
+pub struct Node {
+    pub args: Vec<String>,
+    pub child: Child,
+    /// The address its HTTP port is reached at.
+    pub host: String,
+    pub http: u16,
+    /// The command it runs under (`ip netns exec NS`), if any.
+    pub prefix: Vec<String>,
+}
+
+impl Node {
+    pub fn spawn(
+        prefix: Vec<String>,
+        args: Vec<String>,
+        host: &str,
+        http: u16,
+        log: &std::path::Path,
+    ) -> Node {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let kvctl = env!("CARGO_BIN_EXE_kvctl").to_string();
+        let mut argv: Vec<String> = prefix
+            .iter()
+            .cloned()
+            .chain([kvctl, "node".to_string()])
+            .chain(args.iter().cloned())
+            .collect();
+        let program = argv.remove(0);
+        let child = Command::new(program)
+            .args(&argv)
+            .env("TOKIO_WORKER_THREADS", "1")
+            .stdin(Stdio::piped()) // the node exits when the test does
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Node {
+            args,
+            child,
+            host: host.to_string(),
+            http,
+            prefix,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Cluster {
+    pub controller_host: String,
+    pub controller_port: u16,
+    pub nodes: HashMap<String, Node>,
+    pub logs: std::path::PathBuf,
+    pub http: HttpClient,
+    /// The network namespaces the workers run in, if any (removed on drop,
+    /// after the nodes).
+    pub net: Option<Net>,
+}
+
+impl Cluster {
+    /// A controller and `workers` workers on loopback.
+    pub async fn start(workers: usize) -> Cluster {
+        Cluster::start_on(None, workers).await
+    }
+
+    /// A controller on the host side of `net` and each worker in a network
+    /// namespace of its own.
+    pub async fn start_in(net: Net, workers: usize) -> Cluster {
+        Cluster::start_on(Some(net), workers).await
+    }
+
+    async fn start_on(net: Option<Net>, workers: usize) -> Cluster {
+        let logs = std::env::temp_dir().join(format!(
+            "kv-faults-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&logs).unwrap();
+        let controller_host = net.as_ref().map_or("127.0.0.1".to_string(), Net::gateway);
+        let mut cluster = Cluster {
+            controller_host,
+            controller_port: free_port(),
+            nodes: HashMap::new(),
+            logs,
+            http: HttpClient::new(),
+            net,
+        };
+        cluster.spawn_controller();
+        for i in 1..=workers {
+            let (host, http, wire, prefix) = match &cluster.net {
+                Some(net) => (
+                    net.ip(i),
+                    8001,
+                    8002,
+                    vec!["ip".into(), "netns".into(), "exec".into(), net.ns(i)],
+                ),
+                None => (
+                    "127.0.0.1".to_string(),
+                    free_port(),
+                    free_port(),
+                    Vec::new(),
+                ),
+            };
+            let args = [
+                "worker",
+                "--id",
+                &format!("worker{i}"),
+                "--listen",
+                &format!("{host}:{http}"),
+                "--wire-listen",
+                &format!("{host}:{wire}"),
+                "--advertise-host",
+                &host,
+                "--controller",
+                &cluster.controller_url(),
+            ];
+            let node = Node::spawn(
+                prefix,
+                args.iter().map(|s| s.to_string()).collect(),
+                &host,
+                http,
+                &cluster.logs.join(format!("worker{i}.log")),
+            );
+            cluster.nodes.insert(format!("worker{i}"), node);
+        }
+        cluster.wait_all_up(workers).await;
+        cluster
+    }
+
+    pub fn controller_url(&self) -> String {
+        format!("http://{}:{}", self.controller_host, self.controller_port)
+    }
+
+    pub fn spawn_controller(&mut self) {
+        let args = vec![
+            "controller".to_string(),
+            "--listen".into(),
+            format!("{}:{}", self.controller_host, self.controller_port),
+        ];
+        let log = self.logs.join("controller.log");
+        let node = Node::spawn(
+            Vec::new(),
+            args,
+            &self.controller_host.clone(),
+            self.controller_port,
+            &log,
+        );
+        self.nodes.insert("controller".into(), node);
+    }
+
+    /// Starts `name` again with the same flags (same id, a new process).
+    pub fn restart(&mut self, name: &str) {
+        let old = self.nodes.remove(name).unwrap();
+        let (prefix, args, host, http) = (
+            old.prefix.clone(),
+            old.args.clone(),
+            old.host.clone(),
+            old.http,
+        );
+        drop(old);
+        let node = Node::spawn(
+            prefix,
+            args,
+            &host,
+            http,
+            &self.logs.join(format!("{name}.log")),
+        );
+        self.nodes.insert(name.to_string(), node);
+    }
+
+    pub async fn json(&self, url: &str) -> Option<Value> {
+        let (status, body) = self
+            .http
+            .request("GET".parse().unwrap(), url, Bytes::new())
+            .await
+            .ok()?;
+        (status == 200 || status == 404)
+            .then(|| serde_json::from_slice(&body).ok())
+            .flatten()
+    }
+
+    pub async fn nodes(&self) -> Vec<(String, String)> {
+        let Some(nodes) = self.json(&format!("{}/nodes", self.controller_url())).await else {
+            return Vec::new();
+        };
+        nodes["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_string(),
+                    n["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub async fn wait_all_up(&self, workers: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let up = self.nodes().await.iter().filter(|(_, s)| s == "UP").count();
+            let mut in_ring = 0;
+            for (name, node) in &self.nodes {
+                if name != "controller" {
+                    let health = self
+                        .json(&format!("http://{}:{}/healthz", node.host, node.http))
+                        .await;
+                    in_ring += usize::from(health.is_some_and(|h| h["in_ring"] == true));
+                }
+            }
+            if up == workers && in_ring == workers {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not come up; logs in {}",
+                self.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A worker's own copy of `key`: (version, value).
+    pub async fn local(&self, worker: &str, key: &str) -> Option<(Version, String)> {
+        let node = self.nodes.get(worker)?;
+        let body = self
+            .json(&format!("http://{}:{}/kv?key={key}", node.host, node.http))
+            .await?;
+        Some((
+            body["version"].as_str()?.parse().ok()?,
+            body["value"].as_str()?.to_string(),
+        ))
+    }
+
+    pub async fn metric(&self, worker: &str, name: &str) -> f64 {
+        let node = &self.nodes[worker];
+        let url = format!("http://{}:{}/metrics", node.host, node.http);
+        let Ok((_, body)) = self
+            .http
+            .request("GET".parse().unwrap(), &url, Bytes::new())
+            .await
+        else {
+            return 0.0;
+        };
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// What the writers saw, per key.
+#[derive(Default)]
+pub struct History {
+    /// The last acknowledged (version, value).
+    pub acked: HashMap<String, (Version, String)>,
+    /// Values tried since the last acknowledgement whose outcome is unknown.
+    pub unknown: HashMap<String, Vec<String>>,
+}
+
+pub struct Load {
+    pub history: Arc<Mutex<History>>,
+    pub ops: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    pub stop: Arc<AtomicBool>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub async fn start(cluster: &Cluster, seed: u64) -> Load {
+        let history = Arc::new(Mutex::new(History::default()));
+        let (ops, failed, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let client = Client::connect(&cluster.controller_url(), "kv", "faults")
+            .await
+            .unwrap();
+        let still: Vec<(String, Bytes)> = (0..STILL_KEYS)
+            .map(|i| {
+                (
+                    format!("still:{i}"),
+                    Bytes::from(format!("still-{seed}-{i}")),
+                )
+            })
+            .collect();
+        for ((key, value), result) in still.clone().into_iter().zip(client.put_many(still).await) {
+            let version = result.unwrap();
+            history
+                .lock()
+                .unwrap()
+                .acked
+                .insert(key, (version, String::from_utf8(value.to_vec()).unwrap()));
+        }
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let client = Client::connect(&cluster.controller_url(), "kv", "faults")
+                .await
+                .unwrap();
+            let (history, ops, failed, stop) =
+                (history.clone(), ops.clone(), failed.clone(), stop.clone());
+            let mut rng = fastrand::Rng::with_seed(seed ^ w as u64);
+            tasks.push(tokio::spawn(async move {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Each writer owns its keys: "the last acknowledged write" is well defined.
+                    let key = format!("w{w}:k{}", rng.usize(..KEYS_PER_WRITER));
+                    seq += 1;
+                    let value = format!("{w}-{seq}");
+                    ops.fetch_add(1, Ordering::Relaxed);
+                    match client.put(&key, Bytes::from(value.clone())).await {
+                        Ok(version) => {
+                            let mut h = history.lock().unwrap();
+                            h.unknown.remove(&key);
+                            h.acked.insert(key, (version, value));
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            history
+                                .lock()
+                                .unwrap()
+                                .unknown
+                                .entry(key)
+                                .or_default()
+                                .push(value);
+                        }
+                    }
+                }
+            }));
+        }
+        Load {
+            history,
+            ops,
+            failed,
+            stop,
+            tasks,
+        }
+    }
+
+    pub async fn stop(self) -> (History, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let history = std::mem::take(&mut *self.history.lock().unwrap());
+        (
+            history,
+            self.ops.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Every acknowledged key's copy on every live owner that is older than its
+/// last acknowledged write: (key, owner, expected, found).
+pub async fn violations(cluster: &Cluster, history: &History, live: &[String]) -> Vec<String> {
+    let ring = Ring::new(live.iter().cloned());
+    let mut found = Vec::new();
+    for (key, (version, value)) in &history.acked {
+        for owner in ring.owners(key.as_bytes(), 3) {
+            let copy = cluster.local(owner, key).await;
+            let ok = match &copy {
+                Some((v, val)) if v == version => val == value,
+                Some((v, val)) if v > version => history
+                    .unknown
+                    .get(key)
+                    .is_some_and(|tried| tried.contains(val)),
+                _ => false,
+            };
+            if !ok {
+                found.push(format!(
+                    "{key} on {owner}: expected {version} {value:?}, found {copy:?}"
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Waits for convergence; returns the time it took, or the violations left.
+pub async fn converge(
+    cluster: &Cluster,
+    history: &History,
+    live: &[String],
+) -> Result<Duration, Vec<String>> {
+    let start = Instant::now();
+    loop {
+        let left = violations(cluster, history, live).await;
+        if left.is_empty() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(left);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn seed() -> u64 {
+    std::env::var("KV_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..))
+}
+
+pub fn report(
+    scenario: &str,
+    seed: u64,
+    ops: u64,
+    history: &History,
+    failed: u64,
+    result: &Result<Duration, Vec<String>>,
+) {
+    let lost = result.as_ref().err().map_or(0, Vec::len);
+    let converged = result
+        .as_ref()
+        .map_or("never".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+    println!("FAULTS | {scenario} | seed {seed} | {ops} ops | {} acknowledged keys | {failed} unacknowledged | lost {lost} | converged in {converged}", history.acked.len());
+    if let Err(left) = result {
+        for v in left.iter().take(20) {
+            println!("  violation: {v}");
+        }
+    }
+}
+
+/// What a scenario ends with.
+pub struct Settled {
+    pub history: History,
+    pub failed: u64,
+    pub result: Result<Duration, Vec<String>>,
+}
+
+/// Stops the load, waits for the copies on the `live` workers to converge,
+/// and prints the scenario's line.
+pub async fn settle(
+    cluster: &Cluster,
+    load: Load,
+    live: &[String],
+    scenario: &str,
+    seed: u64,
+) -> Settled {
+    let (history, ops, failed) = load.stop().await;
+    let result = converge(cluster, &history, live).await;
+    report(scenario, seed, ops, &history, failed, &result);
+    Settled {
+        history,
+        failed,
+        result,
+    }
+}
+
+pub fn workers(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("worker{i}")).collect()
+}
+
+/// Whether any worker but `except` is DOWN now.
+pub async fn others_down(cluster: &Cluster, except: &str) -> Vec<String> {
+    cluster
+        .nodes()
+        .await
+        .into_iter()
+        .filter(|(id, s)| id != except && s == "DOWN")
+        .map(|(id, _)| id)
+        .collect()
+}
+
+pub async fn moved(cluster: &Cluster, among: &[String]) -> f64 {
+    let mut sum = 0.0;
+    for w in among {
+        sum += cluster.metric(w, "kv_worker_rebalance_keys_total").await;
+    }
+    sum
+}
+
+/// Network namespaces for partition tests: a bridge in a namespace of its
+/// own (so the host's firewall never sees the traffic), the host attached
+/// to it as the controller's side, and one namespace per worker. Cuts are
+/// blackhole routes. Everything is removed on drop.
+pub struct Net {
+    name: String,
+    subnet: u8,
+    workers: usize,
+}
+
+fn ip_cmd(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Net {
+    /// Sets up namespaces for `workers` workers, or says why it cannot
+    /// (not root, no `ip`, no namespaces in this sandbox).
+    pub fn create(workers: usize) -> Result<Net, String> {
+        let net = Net {
+            name: format!(
+                "kv{}x{}",
+                std::process::id() % 100_000,
+                fastrand::u16(..1000)
+            ),
+            subnet: fastrand::u8(100..200),
+            workers,
+        };
+        let (s, host) = (net.switch(), format!("{}h", net.name));
+        let gateway = format!("{}/24", net.gateway());
+        ip_cmd(&["netns", "add", &s])?;
+        ip_cmd(&["-n", &s, "link", "add", "br0", "type", "bridge"])?;
+        ip_cmd(&["-n", &s, "link", "set", "br0", "up"])?;
+        ip_cmd(&[
+            "link", "add", &host, "type", "veth", "peer", "name", "up0", "netns", &s,
+        ])?;
+        ip_cmd(&["addr", "add", &gateway, "dev", &host])?;
+        ip_cmd(&["link", "set", &host, "up"])?;
+        ip_cmd(&["-n", &s, "link", "set", "up0", "master", "br0", "up"])?;
+        for i in 1..=workers {
+            let (ns, port) = (net.ns(i), format!("{}p{i}", net.name));
+            let addr = format!("{}/24", net.ip(i));
+            ip_cmd(&["netns", "add", &ns])?;
+            ip_cmd(&[
+                "-n", &s, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
+            ip_cmd(&["-n", &s, "link", "set", &port, "master", "br0", "up"])?;
+            ip_cmd(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
+            ip_cmd(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip_cmd(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    fn switch(&self) -> String {
+        format!("{}s", self.name)
+    }
+
+    /// The host's (the controller's) address.
+    pub fn gateway(&self) -> String {
+        format!("10.213.{}.1", self.subnet)
+    }
+
+    /// Worker `i`'s address.
+    pub fn ip(&self, i: usize) -> String {
+        format!("10.213.{}.{}", self.subnet, 10 + i)
+    }
+
+    /// Worker `i`'s namespace.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}w{i}", self.name)
+    }
+
+    /// Drops traffic between worker `i` and every other worker, both ways.
+    pub fn cut_from_peers(&self, i: usize, cut: bool) {
+        for j in (1..=self.workers).filter(|&j| j != i) {
+            self.blackhole(Some(i), &self.ip(j), cut);
+            self.blackhole(Some(j), &self.ip(i), cut);
+        }
+    }
+
+    /// Drops traffic between worker `i` and the controller, both ways.
+    pub fn cut_from_controller(&self, i: usize, cut: bool) {
+        self.blackhole(Some(i), &self.gateway(), cut);
+        self.blackhole(None, &self.ip(i), cut);
+    }
+
+    fn blackhole(&self, worker: Option<usize>, to: &str, add: bool) {
+        let route = format!("{to}/32");
+        let verb = if add { "add" } else { "del" };
+        let ns = worker.map(|i| self.ns(i));
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(ns) = &ns {
+            args.extend(["-n", ns.as_str()]);
+        }
+        args.extend(["route", verb, "blackhole", &route]);
+        ip_cmd(&args).unwrap();
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for i in 1..=self.workers {
+            let _ = ip_cmd(&["netns", "del", &self.ns(i)]);
+        }
+        let _ = ip_cmd(&["netns", "del", &self.switch()]);
+        let _ = ip_cmd(&["link", "del", &format!("{}h", self.name)]);
+        for i in 1..=self.workers {
+            let _ = ip_cmd(&["route", "del", "blackhole", &format!("{}/32", self.ip(i))]);
+        }
+    }
+}
