@@ -262,3 +262,78 @@ async fn a_saturated_cpu_causes_no_false_down() {
         "data lost under CPU load (seed {seed})"
     );
 }
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_silent_connections_cost_bounded_memory_and_keep_no_client_out() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Cluster::start(3).await;
+    let target = &cluster.nodes["worker1"];
+    let wire_port: u16 = target
+        .args
+        .iter()
+        .skip_while(|a| *a != "--wire-listen")
+        .nth(1)
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let before = rss(target.pid());
+    let mut flood = Vec::new();
+    for _ in 0..10_000 {
+        flood.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", wire_port))
+                .await
+                .unwrap(),
+        );
+    }
+    let during = rss(target.pid());
+    // A new client is served while the flood is connected.
+    let client = kv_client::Client::connect(&cluster.controller_url(), "kv", "faults")
+        .await
+        .unwrap();
+    for i in 0..100 {
+        client
+            .put(&format!("flooded:{i}"), Bytes::from("v"))
+            .await
+            .unwrap();
+    }
+    let (status, _) = cluster
+        .http
+        .request(
+            "GET".parse().unwrap(),
+            &format!("http://127.0.0.1:{}/healthz", target.http),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    println!("FAULTS | 10,000 silent wire connections: worker RSS {} MB -> {} MB; a new client served throughout", before / 1_000_000, during / 1_000_000);
+    assert!(
+        during - before < 256 * 1024 * 1024,
+        "10,000 idle connections cost {} MB",
+        (during - before) / 1_000_000
+    );
+    // Silent connections are closed after the hello timeout.
+    for mut s in flood {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(30), async {
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection was kept open");
+    }
+}

@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 /// Time a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open connections at most; more are refused.
-pub const MAX_CONNECTIONS: usize = 4096;
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// Waiting requests per connection at most.
 pub const MAX_IN_FLIGHT: usize = 1024;
 
