@@ -149,6 +149,60 @@ def failure_and_rebalance():
     print(f"     docker stop -> DOWN in {detected:.2f} s; value on every new owner {rebalanced:.2f} s after the stop")
 
 
+def container(worker_id):
+    return f"{PROJECT}_{worker_id}_1"
+
+
+def write_keys(prefix, count, via):
+    """Writes keys through `via`; returns {key: value} of the acknowledged ones."""
+    acked = {}
+    for i in range(count):
+        key, value = f"{prefix}{i}", f"{prefix}value{i}"
+        status, _ = http("PUT", f"{worker_url(via)}/kv", {"key": key, "value": value})
+        if status == 200:
+            acked[key] = value
+    return acked
+
+
+def every_owner_holds(acked):
+    """The acknowledged-write check: each key's value on each of its current owners."""
+    for key, value in acked.items():
+        for owner in mapping(key):
+            if local_value(owner, key) != value:
+                return False
+    return True
+
+
+def live_workers():
+    return sorted(n["id"] for n in nodes() if n["status"] == "UP" and n["id"].startswith("worker"))
+
+
+def gray_failure(fault, heal, what):
+    """`fault(container)` hurts a live worker, `heal(container)` undoes it;
+    writes go through another worker before and during."""
+    victim, via = live_workers()[:2]
+    slug = what.replace(" ", "-")
+    acked = write_keys(f"{slug}-before:", 100, via)
+    start = time.monotonic()
+    subprocess.run(["docker", *fault(container(victim))], check=True, capture_output=True)
+    eventually(f"{victim} DOWN", lambda: status_of(victim) == "DOWN")
+    detected = time.monotonic() - start
+    acked.update(write_keys(f"{slug}-during:", 100, via))
+    subprocess.run(["docker", *heal(container(victim))], check=True, capture_output=True)
+    eventually(f"{victim} UP again", lambda: status_of(victim) == "UP")
+    eventually("every acknowledged write on every owner", lambda: every_owner_holds(acked))
+    print(f"     {what}: DOWN after {detected:.2f} s; {len(acked)} acknowledged writes on all their owners {time.monotonic() - start:.2f} s after the fault")
+
+
+def paused_worker_converges():
+    gray_failure(lambda c: ["pause", c], lambda c: ["unpause", c], "docker pause")
+
+
+def disconnected_worker_converges():
+    network = f"{PROJECT}_default"
+    gray_failure(lambda c: ["network", "disconnect", network, c], lambda c: ["network", "connect", network, c], "network disconnect")
+
+
 def scaled_workers_register():
     compose("--profile", "scale", "up", "-d", "--scale", "worker=2", "worker")
     eventually("two more workers UP", lambda: len([n for n in nodes() if n["status"] == "UP"]) == 5)
@@ -166,6 +220,8 @@ def main():
             check("the compose cluster comes up with 4 workers UP", cluster_comes_up)
             check("the demo story: mapping, PUT to the primary, values on the owners", demo_story)
             check("docker stop of the primary: DOWN, smaller mapping, value on every new owner", failure_and_rebalance)
+            check("docker pause of a worker, writes meanwhile, unpause: every acknowledged write on every owner", paused_worker_converges)
+            check("network disconnect of a worker, writes meanwhile, reconnect: every acknowledged write on every owner", disconnected_worker_converges)
             check("a worker service scaled to two: both register", scaled_workers_register)
     finally:
         if any(e for _, e in results):
