@@ -58,6 +58,20 @@ async fn every_bad_input_gets_a_json_error_with_the_right_status() {
         ),
         ("PUT", kv.clone(), vec![0xff, 0xfe], 400, "invalid body"),
         (
+            "PUT",
+            kv.clone(),
+            format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            400,
+            "invalid body",
+        ),
+        (
+            "PUT",
+            kv.clone(),
+            br#"{"key":"a","value":"\ud800"}"#.to_vec(),
+            400,
+            "invalid body",
+        ),
+        (
             "GET",
             kv.clone(),
             vec![],
