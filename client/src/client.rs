@@ -209,7 +209,7 @@ impl Client {
             let primary = view
                 .owners(key)
                 .first()
-                .map(|m| m.wire_addr())
+                .map(|m| (*m).clone())
                 .ok_or(ClientError::NoWorkers)?;
             let reason = match self.pool.call(&primary, request()).await {
                 Ok(Response::Written { version, .. }) => return Ok(version),
@@ -241,7 +241,7 @@ impl Client {
                     key: key.to_string(),
                     consistency: Consistency::Quorum,
                 };
-                match self.pool.call(&owner.wire_addr(), request).await {
+                match self.pool.call(owner, request).await {
                     Ok(Response::Value(entry)) => {
                         return Ok(entry.and_then(|e| e.value.map(|v| (v, e.version))))
                     }
@@ -266,26 +266,29 @@ impl Client {
         let deadline = Instant::now() + RETRY_WINDOW;
         while !todo.is_empty() {
             let view = self.view();
-            let mut by_primary: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut by_primary: HashMap<&str, (&Member, Vec<usize>)> = HashMap::new();
             for i in todo.drain(..) {
                 match view.owners(&items[i].0).first() {
-                    Some(primary) => by_primary.entry(primary.wire_addr()).or_default().push(i),
+                    Some(primary) => by_primary
+                        .entry(&primary.id)
+                        .or_insert_with(|| (primary, Vec::new()))
+                        .1
+                        .push(i),
                     None => results[i] = Some(Err(ClientError::NoWorkers)),
                 }
             }
-            let calls = by_primary.into_iter().flat_map(|(addr, indices)| {
+            let calls = by_primary.into_values().flat_map(|(member, indices)| {
                 indices
                     .chunks(PUT_MANY_CHUNK)
                     .map(|chunk| {
                         let chunk = chunk.to_vec();
                         let batch: Vec<(String, Bytes)> =
                             chunk.iter().map(|&i| items[i].clone()).collect();
-                        let addr = addr.clone();
                         async move {
                             (
                                 chunk,
                                 self.pool
-                                    .call(&addr, Request::PutMany { items: batch })
+                                    .call(member, Request::PutMany { items: batch })
                                     .await,
                             )
                         }

@@ -9,7 +9,7 @@
 
 use futures::{SinkExt, StreamExt};
 use kv_wire::message::{Hello, Welcome};
-use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame, WireError};
+use kv_wire::{ClientFrame, FrameCodec, Member, Request, Response, ServerFrame, WireError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +49,16 @@ pub enum ConnectionError {
         addr: String,
         /// The time allowed.
         after: Duration,
+    },
+    /// The address answered as another worker than the one expected.
+    #[error("{addr} is {found} now, not {expected}")]
+    WrongNode {
+        /// The address.
+        addr: String,
+        /// The worker meant.
+        expected: String,
+        /// The worker that answered.
+        found: String,
     },
     /// The connection broke before the answer came.
     #[error("connection to {addr} lost: {reason}")]
@@ -335,29 +345,44 @@ impl Pool {
         }
     }
 
-    /// A live connection to `addr`, connecting if needed.
-    pub async fn get(&self, addr: &str) -> Result<Arc<Connection>, ConnectionError> {
-        if let Some(conn) = self.lock().get(addr) {
-            if !conn.is_closed() {
-                return Ok(conn.clone());
-            }
-        }
-        let fresh = Arc::new(Connection::connect(addr, self.hello.clone(), self.timeout).await?);
-        let mut connections = self.lock();
-        // Another caller may have connected meanwhile: keep one.
-        let conn = match connections.get(addr) {
-            Some(existing) if !existing.is_closed() => existing.clone(),
-            _ => {
-                connections.insert(addr.to_string(), fresh.clone());
-                fresh
+    /// A live connection to `member`, connecting if needed. The node that
+    /// answers must be that member: an address can pass to another worker
+    /// (a pod IP reused, a container reattached), and a copy it acknowledged
+    /// would be counted for the wrong owner.
+    pub async fn get(&self, member: &Member) -> Result<Arc<Connection>, ConnectionError> {
+        let addr = member.wire_addr();
+        let cached = self.lock().get(&addr).filter(|c| !c.is_closed()).cloned();
+        let conn = match cached {
+            Some(conn) => conn,
+            None => {
+                let fresh =
+                    Arc::new(Connection::connect(&addr, self.hello.clone(), self.timeout).await?);
+                let mut connections = self.lock();
+                // Another caller may have connected meanwhile: keep one.
+                match connections.get(&addr) {
+                    Some(existing) if !existing.is_closed() => existing.clone(),
+                    _ => {
+                        connections.insert(addr.clone(), fresh.clone());
+                        fresh
+                    }
+                }
             }
         };
+        if conn.welcome().node != member.id {
+            let found = conn.welcome().node.clone();
+            self.forget(&addr);
+            return Err(ConnectionError::WrongNode {
+                addr,
+                expected: member.id.clone(),
+                found,
+            });
+        }
         Ok(conn)
     }
 
-    /// Sends `body` to `addr` on a pooled connection.
-    pub async fn call(&self, addr: &str, body: Request) -> Result<Response, ConnectionError> {
-        let conn = self.get(addr).await?;
+    /// Sends `body` to `member` on a pooled connection.
+    pub async fn call(&self, member: &Member, body: Request) -> Result<Response, ConnectionError> {
+        let conn = self.get(member).await?;
         let result = conn.call(body).await;
         if let Err(ConnectionError::Timeout { .. }) = result {
             // A peer that does not answer in time may be wedged: start afresh

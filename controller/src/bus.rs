@@ -177,6 +177,15 @@ async fn push(
             let conn = Connection::connect(&member.wire_addr(), hello, PUSH_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
+            // The address may belong to another worker by now (a reused IP):
+            // never hand it this worker's topology as if it were this worker.
+            if conn.welcome().node != member.id {
+                return Err(format!(
+                    "{} answers as {}",
+                    member.wire_addr(),
+                    conn.welcome().node
+                ));
+            }
             connection.insert(conn)
         }
     };

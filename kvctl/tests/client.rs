@@ -78,3 +78,35 @@ async fn a_write_is_retried_on_the_new_primary_when_the_old_one_dies() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_now_belongs_to_another_worker_is_refused() {
+    let cluster = Cluster::start(2).await;
+    let pool = kv_client::Pool::new(
+        kv_wire::message::Hello::new("kv", "test"),
+        std::time::Duration::from_secs(5),
+    );
+    let w = &cluster.workers[0];
+    let member = |id: &str| kv_wire::Member {
+        id: id.into(),
+        host: w.wire.ip().to_string(),
+        port: w.http.port(),
+        wire_port: w.wire.port(),
+        generation: 1,
+    };
+    let request = || kv_wire::Request::Get {
+        key: "k".into(),
+        consistency: kv_wire::message::Consistency::Local,
+    };
+    assert!(pool.call(&member(&w.id), request()).await.is_ok());
+    match pool.call(&member("someone-else"), request()).await {
+        Err(kv_client::ConnectionError::WrongNode {
+            expected, found, ..
+        }) => assert_eq!(
+            (expected.as_str(), found.as_str()),
+            ("someone-else", w.id.as_str())
+        ),
+        other => panic!("expected WrongNode, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}

@@ -91,8 +91,17 @@ impl ControllerAddr {
 
 pub use kv_wire::register::{RegisterReply as Registered, RegisterRequest as Registration};
 
+/// The current registration and the host it advertised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    /// The controller's answer.
+    pub reply: Registered,
+    /// The host this worker registered as.
+    pub host: String,
+}
+
 /// The current registration, shared with the heartbeat thread.
-pub type Shared = Arc<Mutex<Option<Registered>>>;
+pub type Shared = Arc<Mutex<Option<Current>>>;
 
 /// Registers now and again whenever `reregister` is notified, until
 /// `shutdown`. The host to advertise is worked out on the first attempt
@@ -122,11 +131,15 @@ pub async fn keep_registered(
             let held = registered.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let epoch = topologies.current().epoch();
             me.epoch = (epoch > 0).then_some(epoch);
-            me.generation = held.as_ref().map(|r| r.generation);
+            me.generation = held.as_ref().map(|c| c.reply.generation);
             match client.post_json::<_, Registered>(&url, &me).await {
                 Ok(reply) => {
                     info!(controller = %url, member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
-                    *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply);
+                    let current = Current {
+                        reply,
+                        host: me.host.clone(),
+                    };
+                    *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(current);
                     break;
                 }
                 Err(e) => {
@@ -140,7 +153,7 @@ pub async fn keep_registered(
             retry = (retry * 2).min(RETRY_MAX);
         }
         tokio::select! {
-            () = reregister.notified() => info!("the controller restarted; registering again"),
+            () = reregister.notified() => info!("registering again (the controller restarted, or this worker's address changed)"),
             () = shutdown.cancelled() => return,
         }
     }

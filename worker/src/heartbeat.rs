@@ -7,7 +7,7 @@
 //! a few intervals means the controller's address may have moved (resolve
 //! it again and open a fresh socket, leaving stale conntrack state behind).
 
-use crate::controller::{ControllerAddr, Registered, Shared};
+use crate::controller::{ControllerAddr, Current, Shared};
 use crate::topology::Topologies;
 use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
 use std::net::UdpSocket;
@@ -20,9 +20,13 @@ use tracing::{info, warn};
 /// Intervals without an ack before the controller is looked up afresh.
 const SILENT_INTERVALS: u32 = 3;
 
-/// Sends heartbeats until `shutdown`.
+/// Sends heartbeats until `shutdown`. With `host_from_route`, the worker
+/// advertises the local address of its route to the controller; when a
+/// fresh socket shows that address changed (a container reattached to its
+/// network, say), it registers again so peers dial the new one.
 pub fn run(
     controller: ControllerAddr,
+    host_from_route: bool,
     registered: Shared,
     topologies: Arc<Topologies>,
     reregister: Arc<Notify>,
@@ -34,14 +38,26 @@ pub fn run(
     let mut asked_to_reregister = false;
     let mut buf = [0u8; 128];
     while !shutdown.is_cancelled() {
-        let Some(reg) = registered.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        let Some(current) = registered.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         };
+        let reg = &current.reply;
         let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(10));
         if socket.is_none() {
             match controller.udp_socket(reg.heartbeat_port) {
-                Ok(s) => socket = Some(s),
+                Ok(s) => {
+                    let local = s.local_addr().map(|a| a.ip().to_string());
+                    if host_from_route
+                        && local.as_ref().is_ok_and(|ip| *ip != current.host)
+                        && !asked_to_reregister
+                    {
+                        info!(registered = %current.host, now = ?local, "this worker's address changed");
+                        asked_to_reregister = true;
+                        reregister.notify_one();
+                    }
+                    socket = Some(s);
+                }
                 Err(e) => {
                     warn!(controller = %controller.host, error = %e, "cannot open the heartbeat socket; retrying")
                 }
@@ -82,7 +98,7 @@ pub fn run(
         } else {
             std::thread::sleep(interval);
         }
-        if asked_to_reregister && registered_changed(&registered, &reg) {
+        if asked_to_reregister && registered_changed(&registered, &current) {
             asked_to_reregister = false;
         }
         if last_ack.elapsed() > interval * SILENT_INTERVALS && socket.is_some() {
@@ -105,7 +121,7 @@ fn sleep_until(next: Instant) {
     }
 }
 
-fn registered_changed(shared: &Shared, before: &Registered) -> bool {
+fn registered_changed(shared: &Shared, before: &Current) -> bool {
     shared
         .lock()
         .unwrap_or_else(|p| p.into_inner())

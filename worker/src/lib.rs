@@ -236,9 +236,19 @@ pub async fn run(
     ));
     let heartbeats = {
         let (controller, shutdown) = (config.controller.clone(), shutdown.clone());
+        let host_from_route = config.advertise_host.is_none();
         std::thread::Builder::new()
             .name("heartbeats".into())
-            .spawn(move || heartbeat::run(controller, registered, topologies, reregister, shutdown))
+            .spawn(move || {
+                heartbeat::run(
+                    controller,
+                    host_from_route,
+                    registered,
+                    topologies,
+                    reregister,
+                    shutdown,
+                )
+            })
             .map_err(io_error("cannot start the heartbeat thread"))?
     };
 

@@ -226,7 +226,7 @@ impl Node {
         };
         let conn = self
             .pool
-            .get(&primary.wire_addr())
+            .get(primary)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         match conn
@@ -463,7 +463,7 @@ impl Node {
         };
         let conn = self
             .pool
-            .get(&member.wire_addr())
+            .get(member)
             .await
             .map_err(|e| fail(e.to_string()))?;
         match conn.call_within(request, self.limits.read_timeout).await {

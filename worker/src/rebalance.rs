@@ -428,7 +428,7 @@ async fn call<T>(
 ) -> Option<T> {
     let mut pause = Duration::from_millis(50);
     for attempt in 1..=CALL_ATTEMPTS {
-        let answer = node.pool.call(&member.wire_addr(), request()).await;
+        let answer = node.pool.call(member, request()).await;
         let failure = match answer {
             Ok(response) => match accept(response) {
                 Some(value) => return Some(value),

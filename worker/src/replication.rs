@@ -175,7 +175,6 @@ async fn run_link(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let addr = peer.wire_addr();
     let mut backlog: VecDeque<Item> = VecDeque::new();
     let mut retry = RETRY_MIN;
     loop {
@@ -202,7 +201,7 @@ async fn run_link(
         }
         let entries: Vec<Entry> = batch.iter().map(|i| i.entry.clone()).collect();
         let count = entries.len();
-        match pool.call(&addr, Request::Replicate { entries }).await {
+        match pool.call(&peer, Request::Replicate { entries }).await {
             Ok(Response::Replicated { stale, .. }) => {
                 metrics.replicated(count, bytes);
                 let mut stale: HashMap<u32, Version> = stale.into_iter().collect();
