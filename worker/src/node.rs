@@ -220,24 +220,29 @@ impl Node {
                 key: key.to_string(),
             },
         };
-        let unreachable = |reason: String| OpError::Unreachable {
-            primary: primary.id.clone(),
-            reason,
-        };
-        let conn = self
-            .pool
-            .get(primary)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        match conn
-            .call_within(request, self.limits.write_timeout + Duration::from_secs(1))
-            .await
-        {
-            Ok(Response::Written { version, acks }) => Ok(Written { version, acks }),
-            Ok(Response::Failed(f)) => Err(OpError::from_failure(f)),
-            Ok(other) => Err(unreachable(format!("unexpected answer {other:?}"))),
-            Err(e) => Err(unreachable(e.to_string())),
+        let timeout = self.limits.write_timeout + Duration::from_secs(1);
+        match self.ask(primary, request, timeout).await? {
+            Response::Written { version, acks } => Ok(Written { version, acks }),
+            Response::Failed(f) => Err(OpError::from_failure(f)),
+            other => Err(unexpected(primary, &other)),
         }
+    }
+
+    /// One request to a peer, its failures as [`OpError::Unreachable`].
+    async fn ask(
+        &self,
+        peer: &Member,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, OpError> {
+        let unreachable = |e: kv_client::ConnectionError| OpError::Unreachable {
+            primary: peer.id.clone(),
+            reason: e.to_string(),
+        };
+        let conn = self.pool.get(peer).await.map_err(unreachable)?;
+        conn.call_within(request, timeout)
+            .await
+            .map_err(unreachable)
     }
 
     /// The primary's write path: version, store locally, replicate to both
@@ -457,22 +462,12 @@ impl Node {
             key: key.to_string(),
             consistency: Consistency::Local,
         };
-        let fail = |reason: String| OpError::Unreachable {
-            primary: member.id.clone(),
-            reason,
-        };
-        let conn = self
-            .pool
-            .get(member)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        match conn.call_within(request, self.limits.read_timeout).await {
-            Ok(Response::Value(entry)) => Ok(entry.map(|e| Stored {
+        match self.ask(member, request, self.limits.read_timeout).await? {
+            Response::Value(entry) => Ok(entry.map(|e| Stored {
                 version: e.version,
                 value: e.value,
             })),
-            Ok(other) => Err(fail(format!("unexpected answer {other:?}"))),
-            Err(e) => Err(fail(e.to_string())),
+            other => Err(unexpected(member, &other)),
         }
     }
 
@@ -512,6 +507,13 @@ impl Node {
             })
             .map(|(i, _)| i as u32)
             .collect()
+    }
+}
+
+fn unexpected(peer: &Member, answer: &Response) -> OpError {
+    OpError::Unreachable {
+        primary: peer.id.clone(),
+        reason: format!("unexpected answer {answer:?}"),
     }
 }
 
