@@ -81,13 +81,7 @@ async fn a_restarted_controller_marks_nobody_down_and_moves_no_data_while_writes
     let _serial = SERIAL.lock().await;
     let seed = seed();
     let mut cluster = Cluster::start(4).await;
-    let moved_before: f64 = {
-        let mut sum = 0.0;
-        for w in workers(4) {
-            sum += cluster.metric(&w, "kv_worker_rebalance_keys_total").await;
-        }
-        sum
-    };
+    let moved_before = moved(&cluster, &workers(4)).await;
     let load = Load::start(&cluster, seed).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     signal(cluster.nodes["controller"].pid(), "-9");
@@ -96,12 +90,7 @@ async fn a_restarted_controller_marks_nobody_down_and_moves_no_data_while_writes
     // Through the restart and the new controller's grace period.
     let watch_until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < watch_until {
-        let down: Vec<_> = cluster
-            .nodes()
-            .await
-            .into_iter()
-            .filter(|(_, s)| s == "DOWN")
-            .collect();
+        let down = others_down(&cluster, "").await;
         assert!(
             down.is_empty(),
             "{down:?} marked DOWN by a restarted controller"
@@ -125,10 +114,7 @@ async fn a_restarted_controller_marks_nobody_down_and_moves_no_data_while_writes
         settled.failed, 0,
         "writes failed while the controller was away"
     );
-    let mut moved_after = 0.0;
-    for w in workers(4) {
-        moved_after += cluster.metric(&w, "kv_worker_rebalance_keys_total").await;
-    }
+    let moved_after = moved(&cluster, &workers(4)).await;
     assert_eq!(moved_after, moved_before, "a controller restart moved data");
 }
 
@@ -199,10 +185,7 @@ async fn a_flapping_worker_loses_nothing_and_never_takes_the_others_down() {
     )
     .await;
     let moved = moved(&cluster, &all).await - before;
-    let mut hints = 0.0;
-    for w in &all {
-        hints += cluster.metric(w, "kv_worker_hints_total").await;
-    }
+    let hints = metric_sum(&cluster, &all, "kv_worker_hints_total").await;
     println!("FAULTS |   {hints} hints queued for owners that flapped out of the topology");
     println!("FAULTS |   rebalancing moved {moved} keys over 10 flaps of a worker holding about {} copies", 3 * settled.history.acked.len() / 4);
     assert!(

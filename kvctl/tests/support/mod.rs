@@ -520,12 +520,18 @@ pub async fn others_down(cluster: &Cluster, except: &str) -> Vec<String> {
         .collect()
 }
 
-pub async fn moved(cluster: &Cluster, among: &[String]) -> f64 {
+/// A worker metric summed over `among`.
+pub async fn metric_sum(cluster: &Cluster, among: &[String], name: &str) -> f64 {
     let mut sum = 0.0;
     for w in among {
-        sum += cluster.metric(w, "kv_worker_rebalance_keys_total").await;
+        sum += cluster.metric(w, name).await;
     }
     sum
+}
+
+/// Keys sent by rebalancing, summed over `among`.
+pub async fn moved(cluster: &Cluster, among: &[String]) -> f64 {
+    metric_sum(cluster, among, "kv_worker_rebalance_keys_total").await
 }
 
 /// Network namespaces for partition tests: a bridge in a namespace of its
