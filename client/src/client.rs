@@ -7,11 +7,11 @@
 //! retries, for up to [`RETRY_WINDOW`] — long enough for the controller to
 //! notice a dead worker and publish the topology without it.
 
-use crate::connection::Pool;
+use crate::connection::{Credentials, Pool};
 use crate::http::{HttpClient, HttpError};
 use bytes::Bytes;
 use futures::future::join_all;
-use kv_wire::message::{Consistency, Failure, FailureKind, Hello};
+use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::{Member, Request, Response, Ring, Version, REPLICATION_FACTOR};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -127,17 +127,16 @@ pub struct Client {
 
 impl Client {
     /// A client of the cluster whose controller is at `controller`
-    /// (`http://host:port`), greeting workers as `from` in cluster
-    /// `cluster`. Fetches the topology once.
+    /// (`http://host:port`), connecting to workers with `credentials`.
+    /// Fetches the topology once.
     pub async fn connect(
         controller: &str,
-        cluster: &str,
-        from: &str,
+        credentials: Credentials,
     ) -> Result<Client, ClientError> {
         let client = Client {
             controller: controller.trim_end_matches('/').to_string(),
             http: HttpClient::new(),
-            pool: Pool::new(Hello::new(cluster, from), CALL_TIMEOUT),
+            pool: Pool::new(credentials, CALL_TIMEOUT),
             view: RwLock::default(),
         };
         client.refresh().await?;

@@ -9,7 +9,9 @@
 
 use futures::{SinkExt, StreamExt};
 use kv_wire::message::{Hello, Welcome};
-use kv_wire::{ClientFrame, FrameCodec, Member, Request, Response, ServerFrame, WireError};
+use kv_wire::{
+    ClientFrame, ClusterSecret, FrameCodec, Member, Request, Response, ServerFrame, WireError,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,34 @@ use tokio_util::sync::CancellationToken;
 
 /// Requests in flight per connection before callers wait.
 pub const MAX_IN_FLIGHT: usize = 4096;
+
+/// Who the connecting side is: the cluster and name its hello carries, and
+/// the cluster secret it proves, if the cluster has one.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Who is connecting, for the server's logs.
+    pub from: String,
+    /// The cluster secret, if any.
+    pub secret: Option<ClusterSecret>,
+}
+
+impl Credentials {
+    /// Credentials without a secret.
+    pub fn new(cluster: impl Into<String>, from: impl Into<String>) -> Credentials {
+        Credentials {
+            cluster: cluster.into(),
+            from: from.into(),
+            secret: None,
+        }
+    }
+
+    /// The same, proving `secret` (if some).
+    pub fn with_secret(self, secret: Option<ClusterSecret>) -> Credentials {
+        Credentials { secret, ..self }
+    }
+}
 
 /// Why a call failed.
 #[derive(Debug, Error, Clone)]
@@ -40,6 +70,15 @@ pub enum ConnectionError {
         /// The address.
         addr: String,
         /// The server's words.
+        reason: String,
+    },
+    /// The server could not prove the cluster secret: this client will not
+    /// trust it with requests.
+    #[error("{addr} is not trusted: {reason}")]
+    Unauthenticated {
+        /// The address.
+        addr: String,
+        /// What was wrong.
         reason: String,
     },
     /// No answer in time.
@@ -106,11 +145,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `addr`, says `hello`, and waits for the welcome; each
-    /// step and each later call may take at most `timeout`.
+    /// Connects to `addr`, answers the server's challenge with a hello
+    /// (proving the secret, if the credentials have one) and waits for the
+    /// welcome (which must prove it back); the handshake and each later
+    /// call may take at most `timeout`.
     pub async fn connect(
         addr: &str,
-        hello: Hello,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> Result<Connection, ConnectionError> {
         let lost = |reason: String| ConnectionError::Lost {
@@ -130,20 +171,28 @@ impl Connection {
                 FramedRead::new(read, FrameCodec::<ServerFrame, ClientFrame>::default());
             let mut writer =
                 FramedWrite::new(write, FrameCodec::<ServerFrame, ClientFrame>::default());
+            let challenge = match handshake_frame(&mut reader, addr).await? {
+                ServerFrame::Challenge(challenge) => challenge,
+                other => return Err(lost(format!("expected a challenge, got {other:?}"))),
+            };
+            let secret = credentials.secret.as_ref();
+            let hello =
+                Hello::new(&credentials.cluster, &credentials.from).answering(&challenge, secret);
             writer
-                .send(ClientFrame::Hello(hello))
+                .send(ClientFrame::Hello(hello.clone()))
                 .await
                 .map_err(|e| lost(e.to_string()))?;
-            match reader.next().await {
-                Some(Ok(ServerFrame::Welcome(welcome))) => Ok((reader, writer, welcome)),
-                Some(Ok(ServerFrame::Refused(r))) => Err(ConnectionError::Refused {
+            let welcome = match handshake_frame(&mut reader, addr).await? {
+                ServerFrame::Welcome(welcome) => welcome,
+                other => return Err(lost(format!("expected a welcome, got {other:?}"))),
+            };
+            hello
+                .check_welcome(&welcome, &challenge, secret)
+                .map_err(|e| ConnectionError::Unauthenticated {
                     addr: addr.to_string(),
-                    reason: r.reason,
-                }),
-                Some(Ok(other)) => Err(lost(format!("expected a welcome, got {other:?}"))),
-                Some(Err(e)) => Err(lost(e.to_string())),
-                None => Err(lost("closed during the hello".into())),
-            }
+                    reason: e.to_string(),
+                })?;
+            Ok((reader, writer, welcome))
         };
         let (reader, writer, welcome) =
             tokio::time::timeout(timeout, handshake)
@@ -254,6 +303,23 @@ impl Drop for Connection {
     }
 }
 
+/// The next frame of a handshake; a refusal or a close is an error.
+async fn handshake_frame(reader: &mut Reader, addr: &str) -> Result<ServerFrame, ConnectionError> {
+    let lost = |reason: String| ConnectionError::Lost {
+        addr: addr.to_string(),
+        reason,
+    };
+    match reader.next().await {
+        Some(Ok(ServerFrame::Refused(r))) => Err(ConnectionError::Refused {
+            addr: addr.to_string(),
+            reason: r.reason,
+        }),
+        Some(Ok(frame)) => Ok(frame),
+        Some(Err(e)) => Err(lost(e.to_string())),
+        None => Err(lost("closed during the handshake".into())),
+    }
+}
+
 type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec<ServerFrame, ClientFrame>>;
 type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec<ServerFrame, ClientFrame>>;
 
@@ -330,16 +396,16 @@ fn fail_all(pending: &Pending, addr: &str, reason: String) {
 /// Connections by address, opened on first use and replaced when broken.
 #[derive(Debug)]
 pub struct Pool {
-    hello: Hello,
+    credentials: Credentials,
     timeout: Duration,
     connections: Mutex<HashMap<String, Arc<Connection>>>,
 }
 
 impl Pool {
-    /// A pool that greets with `hello` and waits at most `timeout`.
-    pub fn new(hello: Hello, timeout: Duration) -> Pool {
+    /// A pool that connects with `credentials` and waits at most `timeout`.
+    pub fn new(credentials: Credentials, timeout: Duration) -> Pool {
         Pool {
-            hello,
+            credentials,
             timeout,
             connections: Mutex::default(),
         }
@@ -356,7 +422,7 @@ impl Pool {
             Some(conn) => conn,
             None => {
                 let fresh =
-                    Arc::new(Connection::connect(&addr, self.hello.clone(), self.timeout).await?);
+                    Arc::new(Connection::connect(&addr, &self.credentials, self.timeout).await?);
                 let mut connections = self.lock();
                 // Another caller may have connected meanwhile: keep one.
                 match connections.get(&addr) {

@@ -72,14 +72,28 @@ impl HttpClient {
         url: &str,
         body: Bytes,
     ) -> Result<(u16, Bytes), HttpError> {
+        self.send(method, url, body, None).await
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Bytes,
+        authorization: Option<&str>,
+    ) -> Result<(u16, Bytes), HttpError> {
         let unreachable = |reason: String| HttpError::Unreachable {
             url: url.to_string(),
             reason,
         };
-        let request = hyper::Request::builder()
+        let mut request = hyper::Request::builder()
             .method(method)
             .uri(url)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|e| unreachable(e.to_string()))?;
         let exchange = async {
@@ -119,6 +133,20 @@ impl HttpClient {
             reason: e.to_string(),
         })?;
         let (status, reply) = self.request(Method::POST, url, Bytes::from(body)).await?;
+        decode(url, status, &reply)
+    }
+
+    /// POST `body`, JSON already encoded, with an `Authorization` header
+    /// (made from those exact bytes, say), expecting a 2xx with JSON.
+    pub async fn post_authorized<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        authorization: Option<&str>,
+    ) -> Result<T, HttpError> {
+        let (status, reply) = self
+            .send(Method::POST, url, Bytes::from(body), authorization)
+            .await?;
         decode(url, status, &reply)
     }
 }

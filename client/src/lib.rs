@@ -13,5 +13,5 @@ pub mod connection;
 pub mod http;
 
 pub use client::{Client, ClientError, NodeInfo, Nodes};
-pub use connection::{Connection, ConnectionError, Pool};
+pub use connection::{Connection, ConnectionError, Credentials, Pool};
 pub use http::{HttpClient, HttpError, Method};

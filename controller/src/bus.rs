@@ -9,8 +9,7 @@
 
 use crate::metrics::Outcome;
 use crate::state::{Published, Shared};
-use kv_client::Connection;
-use kv_wire::message::Hello;
+use kv_client::{Connection, Credentials};
 use kv_wire::{Member, Request, Response, Topology};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,7 +34,7 @@ struct Link {
 /// Runs the bus until `shutdown`: keeps one link per live worker.
 pub async fn run(
     shared: Arc<Shared>,
-    cluster: String,
+    credentials: Credentials,
     mut lagging: mpsc::Receiver<String>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -48,7 +47,7 @@ pub async fn run(
             &mut links,
             &current.topology,
             &shared,
-            &cluster,
+            &credentials,
             &published,
             &shutdown,
             &tracker,
@@ -73,7 +72,7 @@ fn reconcile(
     links: &mut HashMap<String, Link>,
     topology: &Topology,
     shared: &Arc<Shared>,
-    cluster: &str,
+    credentials: &Credentials,
     published: &watch::Receiver<Arc<Published>>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
@@ -96,7 +95,7 @@ fn reconcile(
         };
         tracker.spawn(push_loop(
             member.clone(),
-            cluster.to_string(),
+            credentials.clone(),
             published.clone(),
             link.nudge.clone(),
             link.stop.clone(),
@@ -109,7 +108,7 @@ fn reconcile(
 /// Keeps one worker up to date until stopped.
 async fn push_loop(
     member: Member,
-    cluster: String,
+    credentials: Credentials,
     mut published: watch::Receiver<Arc<Published>>,
     nudge: Arc<Notify>,
     stop: CancellationToken,
@@ -122,7 +121,7 @@ async fn push_loop(
         let latest = published.borrow_and_update().clone();
         let epoch = latest.topology.epoch;
         if epoch > acked {
-            match push(&mut connection, &member, &cluster, &latest.topology).await {
+            match push(&mut connection, &member, &credentials, &latest.topology).await {
                 Ok(now_at) => {
                     acked = now_at;
                     retry = RETRY_MIN;
@@ -167,14 +166,13 @@ async fn push_loop(
 async fn push(
     connection: &mut Option<Connection>,
     member: &Member,
-    cluster: &str,
+    credentials: &Credentials,
     topology: &Topology,
 ) -> Result<u64, String> {
     let conn = match connection {
         Some(conn) if !conn.is_closed() => conn,
         _ => {
-            let hello = Hello::new(cluster, "controller");
-            let conn = Connection::connect(&member.wire_addr(), hello, PUSH_TIMEOUT)
+            let conn = Connection::connect(&member.wire_addr(), credentials, PUSH_TIMEOUT)
                 .await
                 .map_err(|e| e.to_string())?;
             // The address may belong to another worker by now (a reused IP):

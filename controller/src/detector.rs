@@ -92,11 +92,17 @@ pub enum Observation {
     StaleGeneration,
     /// From a member number nobody registered: ignored.
     UnknownMember,
+    /// A sequence number at or below one already counted: a replay (or a
+    /// datagram overtaken by a later one). Ignored, so a recorded heartbeat
+    /// cannot keep a dead worker alive.
+    Replayed,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Track {
     generation: u64,
+    /// The highest sequence number counted for this generation.
+    seq: u64,
     last_heard: Instant,
     status: Status,
 }
@@ -129,6 +135,7 @@ impl Detector {
             member,
             Track {
                 generation,
+                seq: 0,
                 last_heard: now,
                 status: Status::Up,
             },
@@ -150,8 +157,8 @@ impl Detector {
         self.members.get(&member).map(|t| t.last_heard)
     }
 
-    /// Feeds a heartbeat of `member` at `generation`, received at `now`.
-    pub fn observe(&mut self, member: u32, generation: u64, now: Instant) -> Observation {
+    /// Feeds heartbeat `seq` of `member` at `generation`, received at `now`.
+    pub fn observe(&mut self, member: u32, generation: u64, seq: u64, now: Instant) -> Observation {
         let Some(track) = self.members.get_mut(&member) else {
             return Observation::UnknownMember;
         };
@@ -160,6 +167,10 @@ impl Detector {
             // worker that registered with us; ignore it too.
             return Observation::StaleGeneration;
         }
+        if seq <= track.seq {
+            return Observation::Replayed;
+        }
+        track.seq = seq;
         track.last_heard = track.last_heard.max(now);
         if track.status == Status::Up {
             return Observation::Alive;
@@ -255,7 +266,7 @@ mod tests {
                 assert_ne!(change.1.to, Status::Down, "round {round}: {change:?}");
             }
             now += gap;
-            d.observe(1, 1, now);
+            d.observe(1, 1, round as u64 + 1, now);
         }
     }
 
@@ -265,7 +276,7 @@ mod tests {
         let mut d = detector(t0);
         d.evaluate(t0 + 600 * MS);
         assert_eq!(d.status(1), Some(Status::Suspect));
-        let back = d.observe(1, 1, t0 + 700 * MS);
+        let back = d.observe(1, 1, 1, t0 + 700 * MS);
         assert!(matches!(
             back,
             Observation::Recovered(Transition {
@@ -276,7 +287,7 @@ mod tests {
         ));
         d.evaluate(t0 + 2000 * MS);
         assert_eq!(d.status(1), Some(Status::Down));
-        let back = d.observe(1, 1, t0 + 2100 * MS);
+        let back = d.observe(1, 1, 2, t0 + 2100 * MS);
         assert!(matches!(
             back,
             Observation::Recovered(Transition {
@@ -286,7 +297,7 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(d.observe(1, 1, t0 + 2200 * MS), Observation::Alive);
+        assert_eq!(d.observe(1, 1, 3, t0 + 2200 * MS), Observation::Alive);
     }
 
     #[test]
@@ -296,13 +307,13 @@ mod tests {
         d.track(1, 2, t0); // the pod was replaced: generation 2 registered
         for i in 1..=20 {
             assert_eq!(
-                d.observe(1, 1, t0 + i * 100 * MS),
+                d.observe(1, 1, u64::from(i), t0 + i * 100 * MS),
                 Observation::StaleGeneration
             );
         }
         d.evaluate(t0 + DOWN_AFTER);
         assert_eq!(d.status(1), Some(Status::Down));
-        assert_eq!(d.observe(9, 1, t0), Observation::UnknownMember);
+        assert_eq!(d.observe(9, 1, 1, t0), Observation::UnknownMember);
     }
 
     #[test]
@@ -320,8 +331,27 @@ mod tests {
     fn a_late_heartbeat_does_not_move_last_heard_backwards() {
         let t0 = Instant::now();
         let mut d = detector(t0);
-        d.observe(1, 1, t0 + 500 * MS);
-        d.observe(1, 1, t0 + 100 * MS); // delivered out of order
+        d.observe(1, 1, 1, t0 + 500 * MS);
+        d.observe(1, 1, 2, t0 + 100 * MS); // an earlier reading of the clock
         assert_eq!(d.last_heard(1), Some(t0 + 500 * MS));
+    }
+
+    #[test]
+    fn a_replayed_heartbeat_keeps_nobody_alive() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        assert_eq!(d.observe(1, 1, 7, t0 + 100 * MS), Observation::Alive);
+        // The worker dies; a recording of its heartbeats is played back.
+        for i in 2..=20u32 {
+            assert_eq!(
+                d.observe(1, 1, 7 - u64::from(i % 8), t0 + i * 100 * MS),
+                Observation::Replayed
+            );
+        }
+        d.evaluate(t0 + 100 * MS + DOWN_AFTER);
+        assert_eq!(d.status(1), Some(Status::Down));
+        // A new registration (generation) starts its own sequence.
+        d.track(1, 2, t0 + 2000 * MS);
+        assert_eq!(d.observe(1, 2, 1, t0 + 2100 * MS), Observation::Alive);
     }
 }

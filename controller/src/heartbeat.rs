@@ -4,13 +4,18 @@
 //! It runs on an OS thread of its own with blocking sockets, so no amount of
 //! HTTP or bus work on the async runtime can delay a heartbeat or the
 //! detector's clock: a busy controller must not declare healthy workers DOWN.
+//!
+//! With a cluster secret, a heartbeat counts only if its MAC is right and
+//! its sequence number is above the last one counted for that worker; a
+//! refused heartbeat gets no ack, and the acks that are sent are sealed and
+//! bound to the heartbeat they answer.
 
-use crate::metrics::Reason;
+use crate::detector::Observation;
 use crate::state::Shared;
 use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
 use kv_wire::DatagramError;
 use std::io::ErrorKind;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -60,42 +65,28 @@ pub fn serve(
                 continue;
             }
         };
-        let hb = match Heartbeat::decode(&buf[..len]) {
-            Ok(hb) => hb,
-            Err(e) => {
-                shared
-                    .metrics
-                    .dropped
-                    .get_or_create(&Reason {
-                        reason: drop_reason(&e),
-                    })
-                    .inc();
-                continue;
-            }
+        let Some(hb) = open(&shared, &buf[..len], from) else {
+            continue;
         };
         let (outcome, epoch) = shared.heartbeat(&hb);
+        let authenticated = shared.guard.secret().is_some();
         match outcome.observation {
-            crate::detector::Observation::Alive | crate::detector::Observation::Recovered(_) => {
+            Observation::Alive | Observation::Recovered(_) => {
                 shared.metrics.heartbeats.inc();
             }
-            crate::detector::Observation::StaleGeneration => {
-                shared
-                    .metrics
-                    .dropped
-                    .get_or_create(&Reason {
-                        reason: "stale_generation",
-                    })
-                    .inc();
+            Observation::StaleGeneration => shared.metrics.drop("stale_generation"),
+            Observation::UnknownMember => shared.metrics.drop("unknown_member"),
+            Observation::Replayed if authenticated => {
+                shared.refused(
+                    from.ip(),
+                    "heartbeat",
+                    "replayed",
+                    "a heartbeat whose sequence number was seen before (a replay)",
+                );
+                // A replay learns nothing, not even an ack.
+                continue;
             }
-            crate::detector::Observation::UnknownMember => {
-                shared
-                    .metrics
-                    .dropped
-                    .get_or_create(&Reason {
-                        reason: "unknown_member",
-                    })
-                    .inc();
-            }
+            Observation::Replayed => shared.metrics.drop("old_seq"),
         }
         if outcome.lagging {
             if let Some(id) = shared.membership().id_of(hb.member) {
@@ -103,22 +94,50 @@ pub fn serve(
                 let _ = lagging.try_send(id.to_string());
             }
         }
-        // Every heartbeat is answered, even from strangers: the ack carries
-        // our incarnation, which is how a worker of a previous controller
-        // learns it must register again.
+        // Every heartbeat is answered, even from members we do not know (if
+        // it proves the secret, when there is one): the ack carries our
+        // incarnation, which is how a worker of a previous controller learns
+        // it must register again.
         let ack = HeartbeatAck {
             epoch,
             incarnation: shared.incarnation,
         };
-        if let Err(e) = socket.send_to(&ack.encode(), from) {
-            shared
-                .metrics
-                .dropped
-                .get_or_create(&Reason {
-                    reason: "ack_send_failed",
-                })
-                .inc();
+        if let Err(e) = socket.send_to(&ack.seal(&hb, shared.guard.secret()), from) {
+            shared.metrics.drop("ack_send_failed");
             tracing::debug!(error = %e, %from, "cannot send heartbeat ack");
+        }
+    }
+}
+
+/// The heartbeat in a datagram, if it is one and, with a cluster secret,
+/// proves it; anything else is counted (and refusals logged).
+fn open(shared: &Shared, datagram: &[u8], from: SocketAddr) -> Option<Heartbeat> {
+    let secret = shared.guard.secret();
+    match Heartbeat::open(datagram, secret) {
+        Ok(hb) => Some(hb),
+        // A plain heartbeat where a sealed one is due: a worker without the
+        // secret, which should hear so in the log.
+        Err(_) if secret.is_some() && Heartbeat::decode(datagram).is_ok() => {
+            shared.refused(
+                from.ip(),
+                "heartbeat",
+                "missing",
+                "a heartbeat without a MAC: the worker has no cluster secret",
+            );
+            None
+        }
+        Err(DatagramError::Unauthenticated) => {
+            shared.refused(
+                from.ip(),
+                "heartbeat",
+                "wrong",
+                "a heartbeat with a wrong MAC: forged, or the worker's cluster secret differs",
+            );
+            None
+        }
+        Err(e) => {
+            shared.metrics.drop(drop_reason(&e));
+            None
         }
     }
 }
@@ -129,5 +148,6 @@ fn drop_reason(e: &DatagramError) -> &'static str {
         DatagramError::Magic => "magic",
         DatagramError::Version(_) => "version",
         DatagramError::Malformed => "malformed",
+        DatagramError::Unauthenticated => "unauthenticated",
     }
 }

@@ -7,14 +7,15 @@ use crate::membership::{NodeView, RegisterError, Registration};
 use crate::state::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kv_wire::register::RegisterReply;
 use serde::Deserialize;
 use serde_json::json;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -71,9 +72,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn register(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RegisterReply>, ApiError> {
-    let body: Registration = serde_json::from_slice(&body?).map_err(|e| {
+    let body = body?;
+    // The proof first: a stranger learns nothing, not even whether its
+    // registration would have been valid.
+    let authorization = headers.get(header::AUTHORIZATION).map(|h| h.as_bytes());
+    if let Err(e) =
+        shared
+            .guard
+            .check_registration(authorization, &body, unix_ms(SystemTime::now()))
+    {
+        shared.refused(peer.ip(), "register", e.kind(), &e.to_string());
+        return Err(ApiError(StatusCode::UNAUTHORIZED, e.to_string()));
+    }
+    let body: Registration = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "invalid registration ({e}); send {{\"id\",\"host\",\"port\",\"wire_port\"}}"
         ))
@@ -107,6 +122,11 @@ fn node_json(node: &NodeView<'_>) -> serde_json::Value {
         "last_heartbeat": rfc3339(node.worker.last_heartbeat),
         "last_heartbeat_ms_ago": node.silent_for.as_millis() as u64,
     })
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn rfc3339(t: SystemTime) -> String {

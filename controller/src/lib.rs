@@ -6,6 +6,7 @@
 //! `main.rs` only parses flags and calls it; tests bind `127.0.0.1:0` with
 //! [`Listeners::bind`] and pass the listeners in.
 
+pub mod auth;
 pub mod bus;
 pub mod detector;
 pub mod heartbeat;
@@ -15,6 +16,8 @@ pub mod metrics;
 pub mod state;
 
 use clap::Parser;
+use kv_client::Credentials;
+use kv_wire::ClusterSecret;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -24,7 +27,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Receive buffer asked for the heartbeat socket, so a burst of heartbeats
 /// from thousands of workers waits in the kernel rather than being dropped.
@@ -55,6 +58,11 @@ pub struct Config {
     /// The cluster's name, checked in every wire hello.
     #[arg(long, env = "KV_CLUSTER", default_value = "kv")]
     pub cluster: String,
+    /// A file holding the cluster secret (at least 16 bytes; surrounding
+    /// whitespace is trimmed). With it, registrations, heartbeats and the
+    /// topology pushes to workers prove the secret, and strangers are refused.
+    #[arg(long = "cluster-secret-file", env = "KV_CLUSTER_SECRET_FILE", value_name = "FILE", value_parser = ClusterSecret::from_flag)]
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl Config {
@@ -176,7 +184,8 @@ pub async fn run(
 
     tracker.spawn(bus::run(
         shared.clone(),
-        config.cluster.clone(),
+        Credentials::new(config.cluster.clone(), "controller")
+            .with_secret(config.cluster_secret.clone()),
         lagging_rx,
         shutdown.clone(),
         tracker.clone(),
@@ -188,8 +197,13 @@ pub async fn run(
         .map_err(ControllerError::io("cannot configure the http listener"))?;
     let http = tokio::net::TcpListener::from_std(listeners.http)
         .map_err(ControllerError::io("cannot adopt the http listener"))?;
-    info!(port, cluster = %config.cluster, heartbeat_interval = ?config.heartbeat_interval, down_after = ?config.down_after, grace = ?config.grace, "controller listening (http on tcp, heartbeats on udp)");
-    let served = axum::serve(http, http::router(shared))
+    if config.cluster_secret.is_none() {
+        warn!("no cluster secret (--cluster-secret-file): registrations, heartbeats and topology pushes are unauthenticated; anyone who can reach this port can join the cluster");
+    }
+    info!(port, cluster = %config.cluster, authenticated = config.cluster_secret.is_some(), heartbeat_interval = ?config.heartbeat_interval, down_after = ?config.down_after, grace = ?config.grace, "controller listening (http on tcp, heartbeats on udp)");
+    // Peer addresses reach the handlers, for the refusal log.
+    let app = http::router(shared).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(http, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .map_err(ControllerError::io("http server failed"));

@@ -181,7 +181,7 @@ impl Membership {
         now: Instant,
         wall: SystemTime,
     ) -> HeartbeatOutcome {
-        let observation = self.detector.observe(hb.member, hb.generation, now);
+        let observation = self.detector.observe(hb.member, hb.generation, hb.seq, now);
         match observation {
             Observation::Alive | Observation::Recovered(_) => {
                 if let Some(worker) = self
@@ -192,7 +192,7 @@ impl Membership {
                     worker.last_heartbeat = wall;
                 }
             }
-            Observation::StaleGeneration | Observation::UnknownMember => {}
+            Observation::StaleGeneration | Observation::UnknownMember | Observation::Replayed => {}
         }
         if let Observation::Recovered(t) = observation {
             self.dirty |= t.from == Status::Down;
@@ -450,9 +450,12 @@ mod tests {
         assert!(m.heartbeat(&hb(regs[0]), t0, SystemTime::now()).lagging);
         let current = Heartbeat {
             epoch_seen: 1,
+            seq: 2,
             ..hb(regs[0])
         };
-        assert!(!m.heartbeat(&current, t0, SystemTime::now()).lagging);
+        let outcome = m.heartbeat(&current, t0, SystemTime::now());
+        assert_eq!(outcome.observation, Observation::Alive);
+        assert!(!outcome.lagging);
     }
 
     #[test]

@@ -32,6 +32,15 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// A refusal for want of the cluster secret (or with a wrong one).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refused {
+    /// What was refused: heartbeat or register.
+    pub what: &'static str,
+    /// Why: missing, wrong, unexpected, stale, replayed...
+    pub reason: &'static str,
+}
+
 /// Everything `/metrics` shows.
 pub struct Metrics {
     registry: Registry,
@@ -47,6 +56,8 @@ pub struct Metrics {
     pub workers: Family<StatusLabel, Gauge>,
     /// Topology pushes to workers, by outcome.
     pub pushes: Family<Outcome, Counter>,
+    /// Heartbeats and registrations refused for the cluster secret.
+    pub auth_refusals: Family<Refused, Counter>,
 }
 
 impl Metrics {
@@ -59,6 +70,7 @@ impl Metrics {
         let epoch = Gauge::default();
         let workers = Family::default();
         let pushes = Family::default();
+        let auth_refusals = Family::default();
         registry.register("heartbeats", "Heartbeats counted", heartbeats.clone());
         registry.register(
             "dropped_datagrams",
@@ -77,6 +89,11 @@ impl Metrics {
             "Topology pushes to workers, by outcome",
             pushes.clone(),
         );
+        registry.register(
+            "auth_refusals",
+            "Heartbeats and registrations refused for the cluster secret, by what and why",
+            auth_refusals.clone(),
+        );
         Metrics {
             registry,
             heartbeats,
@@ -85,7 +102,20 @@ impl Metrics {
             epoch,
             workers,
             pushes,
+            auth_refusals,
         }
+    }
+
+    /// Counts a dropped datagram.
+    pub fn drop(&self, reason: &'static str) {
+        self.dropped.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a refusal for the cluster secret.
+    pub fn refused(&self, what: &'static str, reason: &'static str) {
+        self.auth_refusals
+            .get_or_create(&Refused { what, reason })
+            .inc();
     }
 
     /// The OpenMetrics text of every metric.

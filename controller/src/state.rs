@@ -1,15 +1,17 @@
 //! The controller's shared state: the membership behind a lock, and the
 //! published topology that the bus and `/mapping` read.
 
+use crate::auth::Guard;
 use crate::membership::{HeartbeatOutcome, Membership, RegisterError, Registered, Registration};
 use crate::metrics::{Metrics, StatusLabel, To};
 use crate::Config;
 use kv_wire::heartbeat::Heartbeat;
 use kv_wire::{Ring, Topology};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 /// A published topology, and its ring built on first use: the bus never
 /// needs the ring, and building it for thousands of workers is not free.
@@ -39,6 +41,8 @@ pub struct Shared {
     pub heartbeat_interval: Duration,
     /// Where they send them.
     pub heartbeat_port: u16,
+    /// The cluster secret, if any, and the checks made with it.
+    pub guard: Guard,
 }
 
 impl Shared {
@@ -59,6 +63,16 @@ impl Shared {
             incarnation: now.as_nanos() as u64,
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_port,
+            guard: Guard::new(config.cluster_secret.clone()),
+        }
+    }
+
+    /// Counts a refusal of `peer` for the cluster secret, and logs it
+    /// unless that peer was logged in the last minute.
+    pub fn refused(&self, peer: IpAddr, what: &'static str, reason: &'static str, detail: &str) {
+        self.metrics.refused(what, reason);
+        if self.guard.should_log(peer) {
+            warn!(%peer, what, reason = detail, "refused: no valid proof of the cluster secret (this peer's next refusals are not logged for a minute)");
         }
     }
 

@@ -8,7 +8,7 @@ use crate::resp::{Reply, Resp};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use kv_client::{Client, HttpClient};
+use kv_client::{Client, Credentials, HttpClient};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -164,11 +164,11 @@ struct Measured {
 }
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(controller: &str, cluster: &str, args: Args) -> Result<()> {
+pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Result<()> {
     let args = Arc::new(args);
     let routes = match args.protocol {
         Protocol::Http => Some(Arc::new(
-            Client::connect(controller, cluster, "kvctl-bench")
+            Client::connect(controller, credentials.clone())
                 .await
                 .with_context(|| format!("cannot reach the cluster at {controller}"))?,
         )),
@@ -178,7 +178,7 @@ pub async fn run(controller: &str, cluster: &str, args: Args) -> Result<()> {
     for _ in 0..args.connections.max(1) {
         conns.push(match args.protocol {
             Protocol::Wire => Conn::Wire(
-                Client::connect(controller, cluster, "kvctl-bench")
+                Client::connect(controller, credentials.clone())
                     .await
                     .with_context(|| format!("cannot reach the cluster at {controller}"))?,
             ),

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kv_client::HttpClient;
 use serde_json::Value;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -50,8 +50,9 @@ fn worker_ports(base: u16, i: u8) -> (u16, u16) {
     (base + 1, base + 2)
 }
 
-/// Runs the cluster until Ctrl-C or SIGTERM.
-pub async fn run(args: Args) -> Result<()> {
+/// Runs the cluster of `cluster` until Ctrl-C or SIGTERM; with a secret
+/// file, every node proves that secret.
+pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Result<()> {
     let exe =
         std::env::current_exe().context("cannot find the kvctl executable to start nodes with")?;
     let logs = match args.logs {
@@ -63,12 +64,22 @@ pub async fn run(args: Args) -> Result<()> {
     let controller_port = args.base_port;
     let controller_url = format!("http://127.0.0.1:{controller_port}");
 
+    // Flags every node shares.
+    let mut common = vec!["--cluster".to_string(), cluster.to_string()];
+    if let Some(file) = secret_file {
+        // Absolute, so the nodes find it whatever their working folder.
+        let file = std::path::absolute(file)
+            .with_context(|| format!("cannot resolve {}", file.display()))?;
+        common.extend(["--cluster-secret-file".into(), file.display().to_string()]);
+    }
+    let common: Vec<&str> = common.iter().map(String::as_str).collect();
+
     let mut nodes = Vec::new();
     let listen = format!("127.0.0.1:{controller_port}");
     nodes.push(spawn(
         &exe,
         "controller",
-        &["controller", "--listen", &listen],
+        &[&["controller", "--listen", &listen], &common[..]].concat(),
         controller_port,
         None,
         &logs,
@@ -90,6 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
             "--controller",
             &controller_url,
         ];
+        let flags = [&flags[..], &common[..]].concat();
         nodes.push(spawn(&exe, &name, &flags, http, Some(wire), &logs)?);
     }
 

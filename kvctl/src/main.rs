@@ -14,8 +14,10 @@ mod resp;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use kv_client::Client;
+use kv_client::{Client, Credentials};
+use kv_wire::ClusterSecret;
 use serde_json::json;
+use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,8 +38,40 @@ struct Cli {
     /// The cluster's name, checked by every worker in the wire hello.
     #[arg(long, env = "KV_CLUSTER", default_value = "kv", global = true)]
     cluster: String,
+    /// A file holding the cluster secret, if the cluster has one: wire
+    /// connections prove it (`kvctl local` gives it to every node).
+    #[arg(
+        long,
+        env = "KV_CLUSTER_SECRET_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    cluster_secret_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The cluster the command talks to.
+struct Target {
+    controller: String,
+    cluster: String,
+    secret_file: Option<PathBuf>,
+}
+
+impl Target {
+    /// The secret, read from its file, if one was named.
+    fn secret(&self) -> Result<Option<ClusterSecret>> {
+        self.secret_file
+            .as_deref()
+            .map(ClusterSecret::read)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// What kvctl proves when it connects to workers, as `from`.
+    fn credentials(&self, from: &str) -> Result<Credentials> {
+        Ok(Credentials::new(&self.cluster, from).with_secret(self.secret()?))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,18 +150,24 @@ fn main() -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let target = Target {
+        controller: cli.controller,
+        cluster: cli.cluster,
+        secret_file: cli.cluster_secret_file,
+    };
     match cli.command {
-        Command::Local(args) => local::run(args).await,
-        Command::Node { role, args } => local::node(role == Role::Controller, args).await,
-        Command::Load(args) => {
-            load::run(&connect(&cli.controller, &cli.cluster).await?, args).await
+        Command::Local(args) => {
+            // Checked here, so a bad secret stops kvctl before any node starts.
+            target.secret()?;
+            local::run(args, &target.cluster, target.secret_file.as_deref()).await
         }
-        Command::Bench(args) => bench::run(&cli.controller, &cli.cluster, args).await,
+        Command::Node { role, args } => local::node(role == Role::Controller, args).await,
+        Command::Load(args) => load::run(&connect(&target).await?, args).await,
+        Command::Bench(args) => {
+            bench::run(&target.controller, target.credentials("kvctl-bench")?, args).await
+        }
         Command::Nodes { json } => {
-            let nodes = connect(&cli.controller, &cli.cluster)
-                .await?
-                .nodes()
-                .await?;
+            let nodes = connect(&target).await?.nodes().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
@@ -152,10 +192,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Mapping { key, json } => {
-            let mapping = connect(&cli.controller, &cli.cluster)
-                .await?
-                .mapping(&key)
-                .await?;
+            let mapping = connect(&target).await?.mapping(&key).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&mapping)?);
             } else {
@@ -183,7 +220,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Put { key, value, json } => {
-            let version = connect(&cli.controller, &cli.cluster)
+            let version = connect(&target)
                 .await?
                 .put(&key, Bytes::from(value))
                 .await?;
@@ -191,18 +228,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Del { key, json } => {
-            let version = connect(&cli.controller, &cli.cluster)
-                .await?
-                .delete(&key)
-                .await?;
+            let version = connect(&target).await?.delete(&key).await?;
             print_written(&key, version, json, "deleted");
             Ok(())
         }
-        Command::Get { key, json } => match connect(&cli.controller, &cli.cluster)
-            .await?
-            .get(&key)
-            .await?
-        {
+        Command::Get { key, json } => match connect(&target).await?.get(&key).await? {
             Some((value, version)) => {
                 if json {
                     let text = String::from_utf8_lossy(&value);
@@ -234,8 +264,9 @@ fn print_written(key: &str, version: kv_wire::Version, json: bool, what: &str) {
     }
 }
 
-async fn connect(controller: &str, cluster: &str) -> Result<Client> {
-    Client::connect(controller, cluster, "kvctl")
+async fn connect(target: &Target) -> Result<Client> {
+    let controller = &target.controller;
+    Client::connect(controller, target.credentials("kvctl")?)
         .await
         .with_context(|| {
             format!("cannot reach the cluster at {controller} (is it running? try `kvctl local`)")

@@ -6,12 +6,15 @@
 mod common;
 use bytes::Bytes;
 use common::*;
-use kv_client::Client;
+use kv_client::{Client, Credentials};
 
 async fn client(cluster: &Cluster) -> Client {
-    Client::connect(&format!("http://{}", cluster.controller.http), "kv", "test")
-        .await
-        .unwrap()
+    Client::connect(
+        &format!("http://{}", cluster.controller.http),
+        Credentials::new("kv", "test"),
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +86,7 @@ async fn a_write_is_retried_on_the_new_primary_when_the_old_one_dies() {
 async fn an_address_that_now_belongs_to_another_worker_is_refused() {
     let cluster = Cluster::start(2).await;
     let pool = kv_client::Pool::new(
-        kv_wire::message::Hello::new("kv", "test"),
+        kv_client::Credentials::new("kv", "test"),
         std::time::Duration::from_secs(5),
     );
     let w = &cluster.workers[0];

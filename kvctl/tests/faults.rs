@@ -284,9 +284,12 @@ async fn ten_thousand_silent_connections_cost_bounded_memory_and_keep_no_client_
     }
     let during = rss(target.pid());
     // A new client is served while the flood is connected.
-    let client = kv_client::Client::connect(&cluster.controller_url(), "kv", "faults")
-        .await
-        .unwrap();
+    let client = kv_client::Client::connect(
+        &cluster.controller_url(),
+        kv_client::Credentials::new("kv", "faults"),
+    )
+    .await
+    .unwrap();
     for i in 0..100 {
         client
             .put(&format!("flooded:{i}"), Bytes::from("v"))

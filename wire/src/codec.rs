@@ -131,6 +131,13 @@ mod tests {
         let request = |id, body| ClientFrame::Request { id, body };
         vec![
             ClientFrame::Hello(Hello::new("kv", "worker1")),
+            ClientFrame::Hello(Hello {
+                proof: Some(HelloProof {
+                    nonce: [1; 16],
+                    tag: [2; 32],
+                }),
+                ..Hello::new("kv", "worker1")
+            }),
             request(
                 1,
                 Request::Get {
@@ -191,9 +198,16 @@ mod tests {
     fn server_frames() -> Vec<ServerFrame> {
         let response = |id, body| ServerFrame::Response { id, body };
         vec![
+            ServerFrame::Challenge(Challenge { nonce: [7; 16] }),
             ServerFrame::Welcome(Welcome {
                 node: "worker1".into(),
                 epoch: 3,
+                proof: None,
+            }),
+            ServerFrame::Welcome(Welcome {
+                node: "worker1".into(),
+                epoch: 3,
+                proof: Some([9; 32]),
             }),
             ServerFrame::Refused(Refusal::new("wrong cluster")),
             response(1, Response::Value(Some(entry("a", Some(b"v"))))),

@@ -43,6 +43,76 @@ pub enum DatagramError {
     /// The right header with a body that does not decode.
     #[error("malformed body")]
     Malformed,
+    /// With a cluster secret: the tag is missing or wrong (a forgery, or a
+    /// sender with another secret or none).
+    #[error("missing or wrong MAC")]
+    Unauthenticated,
+}
+
+/// Why one side of a wire connection refuses the other's hello or welcome.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum HelloError {
+    /// Not our magic number.
+    #[error("not a kv wire connection (wrong magic)")]
+    Magic,
+    /// A protocol version we do not speak.
+    #[error(
+        "protocol version {0} is not supported; this node speaks {ours}",
+        ours = crate::message::PROTOCOL_VERSION
+    )]
+    Version(u16),
+    /// Another cluster's name.
+    #[error("cluster {theirs:?} does not match this node's cluster {ours:?}")]
+    Cluster {
+        /// The hello's cluster.
+        theirs: String,
+        /// Ours.
+        ours: String,
+    },
+    /// The server has a cluster secret and the client proved none.
+    #[error("this cluster requires its cluster secret: give the client --cluster-secret-file")]
+    SecretMissing,
+    /// The client proved a secret and the server has none.
+    #[error("this node has no cluster secret, but the client has one: give every program the same --cluster-secret-file, or none")]
+    SecretUnexpected,
+    /// The client's proof does not match: another secret.
+    #[error("wrong proof of the cluster secret: the client's secret differs from this node's")]
+    SecretWrong,
+    /// The server's welcome proves no secret although the client proved one.
+    #[error("the server did not prove the cluster secret")]
+    ServerUnproven,
+    /// The server's proof does not match.
+    #[error("the server's proof of the cluster secret is wrong: its secret differs, or it is not a member of this cluster")]
+    ServerWrong,
+}
+
+impl HelloError {
+    /// Whether this is about the cluster secret (as opposed to names and
+    /// versions), for metrics and logs.
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            HelloError::SecretMissing
+                | HelloError::SecretUnexpected
+                | HelloError::SecretWrong
+                | HelloError::ServerUnproven
+                | HelloError::ServerWrong
+        )
+    }
+
+    /// A short word for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HelloError::Magic => "magic",
+            HelloError::Version(_) => "version",
+            HelloError::Cluster { .. } => "cluster",
+            HelloError::SecretMissing => "missing",
+            HelloError::SecretUnexpected => "unexpected",
+            HelloError::SecretWrong => "wrong",
+            HelloError::ServerUnproven => "server_unproven",
+            HelloError::ServerWrong => "server_wrong",
+        }
+    }
 }
 
 /// A key that breaks the contract.

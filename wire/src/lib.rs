@@ -1,5 +1,6 @@
 //! The language every kv process speaks.
 //!
+//! - [`auth`]: the optional cluster secret and the proofs made with it;
 //! - [`message`]: the wire messages exchanged over TCP, with ids so requests
 //!   pipeline, and the topology the controller publishes;
 //! - [`codec`]: length-framed MessagePack for those messages;
@@ -8,8 +9,11 @@
 //! - [`ring`]: the consistent-hash ring every process computes identically;
 //! - [`version`]: hybrid-logical-clock versions, compared last-writer-wins.
 //!
-//! No sockets, tasks or clocks live here: callers bring the I/O and the time.
+//! No sockets, tasks or clocks live here: callers bring the I/O and the time
+//! (the exceptions: reading a secret's file at start-up, and the OS random
+//! source for nonces).
 
+pub mod auth;
 pub mod codec;
 pub mod error;
 pub mod heartbeat;
@@ -18,8 +22,9 @@ pub mod register;
 pub mod ring;
 pub mod version;
 
+pub use auth::ClusterSecret;
 pub use codec::FrameCodec;
-pub use error::{DatagramError, KeyError, WireError};
+pub use error::{DatagramError, HelloError, KeyError, WireError};
 pub use message::{ClientFrame, Entry, Member, Request, Response, ServerFrame, Topology};
 pub use ring::Ring;
 pub use version::{Clock, Version};

@@ -6,7 +6,17 @@
 //! [`Refusal`] and a close); after that every request carries an id chosen by
 //! the client and its response echoes it, so many requests can be in flight
 //! on one connection and be answered in any order.
+//!
+//! The listening side speaks first: a [`Challenge`] with a fresh nonce, sent
+//! as soon as it accepts. With a cluster secret, the hello proves the
+//! secret over that nonce and one of the client's own, and the welcome
+//! proves it back over both: each side knows the other holds the secret,
+//! neither sends it, and no proof is good for another connection. The
+//! server proves itself only to a client that proved itself first, so a
+//! stranger never gets a tag to guess the secret against.
 
+use crate::auth::{ClusterSecret, Nonce, Purpose, Tag};
+use crate::error::HelloError;
 use crate::{Ring, Version};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -33,6 +43,8 @@ pub enum ClientFrame {
 /// Frames sent by the listening side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerFrame {
+    /// The first frame, sent on accepting a connection.
+    Challenge(Challenge),
     /// The hello was accepted.
     Welcome(Welcome),
     /// The answer to the request with this `id`.
@@ -47,7 +59,30 @@ pub enum ServerFrame {
     Refused(Refusal),
 }
 
-/// Opens a connection.
+/// The server's first frame: a nonce for the client to prove the cluster
+/// secret over. Fresh for every connection, so no proof can be replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// Random.
+    pub nonce: Nonce,
+}
+
+impl Challenge {
+    /// A challenge with a fresh random nonce.
+    pub fn new() -> Challenge {
+        Challenge {
+            nonce: crate::auth::random_nonce(),
+        }
+    }
+}
+
+impl Default for Challenge {
+    fn default() -> Self {
+        Challenge::new()
+    }
+}
+
+/// Opens a connection, answering the server's [`Challenge`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Must be [`HELLO_MAGIC`].
@@ -58,35 +93,143 @@ pub struct Hello {
     pub cluster: String,
     /// Who is connecting, for logs (a worker id, "controller", "kvctl").
     pub from: String,
+    /// With a cluster secret: the client's proof of it.
+    pub proof: Option<HelloProof>,
+}
+
+/// A client's proof of the cluster secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloProof {
+    /// The client's nonce: the server's proof covers it, so the client
+    /// knows that proof is fresh.
+    pub nonce: Nonce,
+    /// The tag over cluster, sender and both nonces.
+    pub tag: Tag,
 }
 
 impl Hello {
-    /// A hello from `from` for `cluster`, with this build's magic and version.
+    /// A hello from `from` for `cluster`, with this build's magic and
+    /// version, proving nothing yet.
     pub fn new(cluster: impl Into<String>, from: impl Into<String>) -> Hello {
         Hello {
             magic: HELLO_MAGIC,
             version: PROTOCOL_VERSION,
             cluster: cluster.into(),
             from: from.into(),
+            proof: None,
         }
     }
 
-    /// Why a server speaking `cluster` must refuse this hello, if it must.
-    pub fn check(&self, cluster: &str) -> Result<(), Refusal> {
+    /// This hello as the answer to `challenge`: with a secret, it proves it.
+    pub fn answering(mut self, challenge: &Challenge, secret: Option<&ClusterSecret>) -> Hello {
+        self.proof = secret.map(|secret| {
+            let nonce = crate::auth::random_nonce();
+            HelloProof {
+                nonce,
+                tag: secret.tag(Purpose::Client, &self.transcript(challenge, &nonce)),
+            }
+        });
+        self
+    }
+
+    /// What both proofs cover: cluster, sender, both nonces.
+    fn transcript<'a>(
+        &'a self,
+        challenge: &'a Challenge,
+        client_nonce: &'a Nonce,
+    ) -> [&'a [u8]; 4] {
+        [
+            self.cluster.as_bytes(),
+            self.from.as_bytes(),
+            &challenge.nonce,
+            client_nonce,
+        ]
+    }
+
+    /// Why a server of `cluster`, holding `secret` (or none), that sent
+    /// `challenge` must refuse this hello, if it must.
+    pub fn check(
+        &self,
+        cluster: &str,
+        challenge: &Challenge,
+        secret: Option<&ClusterSecret>,
+    ) -> Result<(), HelloError> {
         if self.magic != HELLO_MAGIC {
-            Err(Refusal::new("not a kv wire connection (wrong magic)"))
-        } else if self.version != PROTOCOL_VERSION {
-            Err(Refusal::new(format!(
-                "protocol version {} is not supported; this node speaks {PROTOCOL_VERSION}",
-                self.version
-            )))
-        } else if self.cluster != cluster {
-            Err(Refusal::new(format!(
-                "cluster {:?} does not match this node's cluster {cluster:?}",
-                self.cluster
-            )))
-        } else {
+            return Err(HelloError::Magic);
+        }
+        if self.version != PROTOCOL_VERSION {
+            return Err(HelloError::Version(self.version));
+        }
+        if self.cluster != cluster {
+            return Err(HelloError::Cluster {
+                theirs: self.cluster.clone(),
+                ours: cluster.to_string(),
+            });
+        }
+        match (secret, &self.proof) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(HelloError::SecretMissing),
+            (None, Some(_)) => Err(HelloError::SecretUnexpected),
+            (Some(secret), Some(proof)) => {
+                let transcript = self.transcript(challenge, &proof.nonce);
+                if secret.verify(Purpose::Client, &transcript, &proof.tag) {
+                    Ok(())
+                } else {
+                    Err(HelloError::SecretWrong)
+                }
+            }
+        }
+    }
+
+    /// The welcome a server named `node` answers this (checked) hello with:
+    /// with a secret, it proves it back.
+    pub fn welcome(
+        &self,
+        node: impl Into<String>,
+        epoch: u64,
+        challenge: &Challenge,
+        secret: Option<&ClusterSecret>,
+    ) -> Welcome {
+        let node = node.into();
+        let proof = match (secret, &self.proof) {
+            (Some(secret), Some(proof)) => Some(secret.tag(
+                Purpose::Server,
+                &self.server_transcript(&node, challenge, &proof.nonce),
+            )),
+            _ => None,
+        };
+        Welcome { node, epoch, proof }
+    }
+
+    fn server_transcript<'a>(
+        &'a self,
+        node: &'a str,
+        challenge: &'a Challenge,
+        client_nonce: &'a Nonce,
+    ) -> [&'a [u8]; 5] {
+        let [cluster, from, server_nonce, client_nonce] = self.transcript(challenge, client_nonce);
+        [cluster, from, node.as_bytes(), server_nonce, client_nonce]
+    }
+
+    /// Whether the client that sent this hello (after `challenge`) must
+    /// refuse `welcome`: with a secret, the server must have proved it.
+    pub fn check_welcome(
+        &self,
+        welcome: &Welcome,
+        challenge: &Challenge,
+        secret: Option<&ClusterSecret>,
+    ) -> Result<(), HelloError> {
+        let (Some(secret), Some(mine)) = (secret, &self.proof) else {
+            return Ok(());
+        };
+        let Some(theirs) = &welcome.proof else {
+            return Err(HelloError::ServerUnproven);
+        };
+        let transcript = self.server_transcript(&welcome.node, challenge, &mine.nonce);
+        if secret.verify(Purpose::Server, &transcript, theirs) {
             Ok(())
+        } else {
+            Err(HelloError::ServerWrong)
         }
     }
 }
@@ -98,6 +241,8 @@ pub struct Welcome {
     pub node: String,
     /// The topology epoch the server knows.
     pub epoch: u64,
+    /// With a cluster secret: the server's proof of it.
+    pub proof: Option<Tag>,
 }
 
 /// Why a connection is closed.
@@ -332,16 +477,121 @@ mod tests {
 
     #[test]
     fn a_hello_from_another_cluster_version_or_protocol_is_refused() {
-        let ok = Hello::new("kv", "kvctl");
-        assert!(ok.check("kv").is_ok());
-        assert!(ok.check("other").unwrap_err().reason.contains("\"kv\""));
+        let challenge = Challenge::new();
+        let ok = Hello::new("kv", "kvctl").answering(&challenge, None);
+        assert_eq!(ok.check("kv", &challenge, None), Ok(()));
+        let other = ok.check("other", &challenge, None).unwrap_err();
+        assert!(other.to_string().contains("\"kv\""), "{other}");
         let old = Hello {
             version: 0,
             ..ok.clone()
         };
-        assert!(old.check("kv").unwrap_err().reason.contains("version 0"));
+        assert_eq!(
+            old.check("kv", &challenge, None),
+            Err(HelloError::Version(0))
+        );
         let alien = Hello { magic: 1, ..ok };
-        assert!(alien.check("kv").unwrap_err().reason.contains("magic"));
+        assert_eq!(alien.check("kv", &challenge, None), Err(HelloError::Magic));
+    }
+
+    fn secret(s: &str) -> ClusterSecret {
+        ClusterSecret::new(s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn with_the_same_secret_both_sides_prove_it() {
+        let s = secret("0123456789abcdef");
+        let challenge = Challenge::new();
+        let hello = Hello::new("kv", "w1").answering(&challenge, Some(&s));
+        assert_eq!(hello.check("kv", &challenge, Some(&s)), Ok(()));
+        let welcome = hello.welcome("w2", 7, &challenge, Some(&s));
+        assert_eq!(hello.check_welcome(&welcome, &challenge, Some(&s)), Ok(()));
+        // Without secrets, nothing is proved and nothing is asked.
+        let plain = Hello::new("kv", "w1").answering(&challenge, None);
+        let welcome = plain.welcome("w2", 7, &challenge, None);
+        assert_eq!(welcome.proof, None);
+        assert_eq!(plain.check_welcome(&welcome, &challenge, None), Ok(()));
+    }
+
+    #[test]
+    fn a_missing_wrong_replayed_or_unexpected_proof_is_refused() {
+        let s = secret("0123456789abcdef");
+        let other = secret("fedcba9876543210");
+        let challenge = Challenge::new();
+        let plain = Hello::new("kv", "w1").answering(&challenge, None);
+        assert_eq!(
+            plain.check("kv", &challenge, Some(&s)),
+            Err(HelloError::SecretMissing)
+        );
+        let wrong = Hello::new("kv", "w1").answering(&challenge, Some(&other));
+        assert_eq!(
+            wrong.check("kv", &challenge, Some(&s)),
+            Err(HelloError::SecretWrong)
+        );
+        assert_eq!(
+            wrong.check("kv", &challenge, None),
+            Err(HelloError::SecretUnexpected)
+        );
+        // A proof made for one connection's challenge fails on another.
+        let good = Hello::new("kv", "w1").answering(&challenge, Some(&s));
+        assert_eq!(
+            good.check("kv", &Challenge::new(), Some(&s)),
+            Err(HelloError::SecretWrong)
+        );
+        // A hello that claims another sender keeps a tag that no longer fits.
+        let renamed = Hello {
+            from: "w9".into(),
+            ..good.clone()
+        };
+        assert_eq!(
+            renamed.check("kv", &challenge, Some(&s)),
+            Err(HelloError::SecretWrong)
+        );
+        // Every refusal message is about configuration, never the secret.
+        for e in [
+            HelloError::SecretMissing,
+            HelloError::SecretWrong,
+            HelloError::SecretUnexpected,
+        ] {
+            assert!(e.to_string().contains("secret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_client_refuses_a_server_that_cannot_prove_the_secret() {
+        let s = secret("0123456789abcdef");
+        let challenge = Challenge::new();
+        let hello = Hello::new("kv", "w1").answering(&challenge, Some(&s));
+        let unproven = Welcome {
+            node: "w2".into(),
+            epoch: 1,
+            proof: None,
+        };
+        assert_eq!(
+            hello.check_welcome(&unproven, &challenge, Some(&s)),
+            Err(HelloError::ServerUnproven)
+        );
+        let impostor = hello.welcome("w2", 1, &challenge, Some(&secret("fedcba9876543210")));
+        assert_eq!(
+            hello.check_welcome(&impostor, &challenge, Some(&s)),
+            Err(HelloError::ServerWrong)
+        );
+        // A welcome proved for one node is not a proof for another.
+        let mut renamed = hello.welcome("w2", 1, &challenge, Some(&s));
+        renamed.node = "w3".into();
+        assert_eq!(
+            hello.check_welcome(&renamed, &challenge, Some(&s)),
+            Err(HelloError::ServerWrong)
+        );
+        // A client's tag is not a server's, even for the same connection.
+        let reflected = Welcome {
+            proof: hello.proof.map(|p| p.tag),
+            ..unproven
+        };
+        assert_eq!(
+            hello.check_welcome(&reflected, &challenge, Some(&s)),
+            Err(HelloError::ServerWrong)
+        );
     }
 
     #[test]

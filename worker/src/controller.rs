@@ -4,6 +4,7 @@
 
 use crate::topology::Topologies;
 use kv_client::HttpClient;
+use kv_wire::ClusterSecret;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,6 +90,16 @@ impl ControllerAddr {
     }
 }
 
+/// The controller as a worker knows it: where it is, and the cluster
+/// secret to prove to it (if the cluster has one).
+#[derive(Debug, Clone)]
+pub struct Controller {
+    /// Its address.
+    pub addr: ControllerAddr,
+    /// The cluster secret, if any.
+    pub secret: Option<ClusterSecret>,
+}
+
 pub use kv_wire::register::{RegisterReply as Registered, RegisterRequest as Registration};
 
 /// The current registration and the host it advertised.
@@ -105,9 +116,12 @@ pub type Shared = Arc<Mutex<Option<Current>>>;
 
 /// Registers now and again whenever `reregister` is notified, until
 /// `shutdown`. The host to advertise is worked out on the first attempt
-/// when not given.
+/// when not given. With a cluster secret, each attempt proves it.
 pub async fn keep_registered(
-    controller: ControllerAddr,
+    Controller {
+        addr: controller,
+        secret,
+    }: Controller,
     mut me: Registration,
     advertise_given: bool,
     registered: Shared,
@@ -132,7 +146,16 @@ pub async fn keep_registered(
             let epoch = topologies.current().epoch();
             me.epoch = (epoch > 0).then_some(epoch);
             me.generation = held.as_ref().map(|c| c.reply.generation);
-            match client.post_json::<_, Registered>(&url, &me).await {
+            // The proof covers these exact bytes.
+            let body = serde_json::to_vec(&me).unwrap_or_default();
+            let proof = secret.as_ref().map(|s| {
+                s.prove_registration(&body, crate::node::now_ms())
+                    .header_value()
+            });
+            match client
+                .post_authorized::<Registered>(&url, body, proof.as_deref())
+                .await
+            {
                 Ok(reply) => {
                     info!(controller = %url, member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
                     let current = Current {

@@ -6,10 +6,16 @@
 //! the controller restarted and forgot us (register again), and silence for
 //! a few intervals means the controller's address may have moved (resolve
 //! it again and open a fresh socket, leaving stale conntrack state behind).
+//!
+//! With a cluster secret, heartbeats are sealed, and an ack counts only if
+//! its tag is right and it answers a heartbeat sent since the last ack
+//! counted: a forged or replayed ack cannot make the worker register again.
 
-use crate::controller::{ControllerAddr, Current, Shared};
+use crate::controller::{Controller, Current, Shared};
+use crate::metrics::Metrics;
 use crate::topology::Topologies;
-use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
+use kv_wire::auth::RefusalLog;
+use kv_wire::heartbeat::{Heartbeat, HeartbeatAck, MAX_SEALED_LEN};
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,18 +31,25 @@ const SILENT_INTERVALS: u32 = 3;
 /// fresh socket shows that address changed (a container reattached to its
 /// network, say), it registers again so peers dial the new one.
 pub fn run(
-    controller: ControllerAddr,
+    Controller {
+        addr: controller,
+        secret,
+    }: Controller,
     host_from_route: bool,
     registered: Shared,
     topologies: Arc<Topologies>,
     reregister: Arc<Notify>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut socket: Option<UdpSocket> = None;
     let mut seq = 0u64;
+    // The highest heartbeat an authenticated ack answered.
+    let mut acked_seq = 0u64;
     let mut last_ack = Instant::now();
     let mut asked_to_reregister = false;
-    let mut buf = [0u8; 128];
+    let mut refusals = RefusalLog::default();
+    let mut buf = [0u8; MAX_SEALED_LEN + 1];
     while !shutdown.is_cancelled() {
         let Some(current) = registered.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             std::thread::sleep(Duration::from_millis(20));
@@ -73,7 +86,7 @@ pub fn run(
                 epoch_seen: topologies.current().epoch(),
             };
             // A send error (no route yet, ICMP refusal) is just a missed beat.
-            let _ = s.send(&hb.encode());
+            let _ = s.send(&hb.seal(secret.as_ref()));
             // Read acks until the next beat is due.
             while let Some(wait) = next
                 .checked_duration_since(Instant::now())
@@ -86,8 +99,27 @@ pub fn run(
                     sleep_until(next);
                     break;
                 };
-                let Ok(ack) = HeartbeatAck::decode(&buf[..len]) else {
-                    continue;
+                let ack = match HeartbeatAck::open(
+                    &buf[..len],
+                    secret.as_ref(),
+                    reg.member,
+                    reg.generation,
+                ) {
+                    Ok((ack, None)) => ack,
+                    Ok((ack, Some(answered))) if answered > acked_seq && answered <= seq => {
+                        acked_seq = answered;
+                        ack
+                    }
+                    outcome => {
+                        if secret.is_some() {
+                            let reason = if outcome.is_ok() { "replayed" } else { "wrong" };
+                            metrics.refused("ack", reason);
+                            if refusals.should_log(controller_ip(s), Instant::now()) {
+                                warn!(controller = %controller.host, reason, "heartbeat ack refused: it does not prove the cluster secret for this worker's heartbeats (not logged again for a minute)");
+                            }
+                        }
+                        continue;
+                    }
                 };
                 last_ack = Instant::now();
                 if ack.incarnation != reg.incarnation && !asked_to_reregister {
@@ -110,6 +142,12 @@ pub fn run(
             last_ack = Instant::now();
         }
     }
+}
+
+fn controller_ip(socket: &UdpSocket) -> std::net::IpAddr {
+    socket
+        .peer_addr()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip())
 }
 
 /// A recv error is a timeout (the next beat is due) or an ICMP refusal

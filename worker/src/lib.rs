@@ -20,18 +20,17 @@ use crate::node::{Limits, Node};
 use crate::store::{MemStore, Store};
 use crate::topology::Topologies;
 use clap::Parser;
-use kv_client::Pool;
-use kv_wire::message::Hello;
-use kv_wire::{Clock, Version};
+use kv_client::{Credentials, Pool};
+use kv_wire::{Clock, ClusterSecret, Version};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 /// How often expired tombstones are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -65,6 +64,11 @@ pub struct Config {
     /// The cluster's name, checked in every wire hello.
     #[arg(long, env = "KV_CLUSTER", default_value = "kv")]
     pub cluster: String,
+    /// A file holding the cluster secret (at least 16 bytes; surrounding
+    /// whitespace is trimmed). With it, registration, heartbeats and every
+    /// wire connection prove the secret, and strangers are refused.
+    #[arg(long = "cluster-secret-file", env = "KV_CLUSTER_SECRET_FILE", value_name = "FILE", value_parser = ClusterSecret::from_flag)]
+    pub cluster_secret: Option<ClusterSecret>,
     /// Largest value accepted, in bytes.
     #[arg(long, env = "KV_MAX_VALUE_SIZE", default_value_t = kv_wire::DEFAULT_MAX_VALUE_LEN)]
     pub max_value_size: usize,
@@ -166,7 +170,8 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new());
     let topologies = Arc::new(Topologies::new());
     let pool = Arc::new(Pool::new(
-        Hello::new(config.cluster.clone(), id.clone()),
+        Credentials::new(config.cluster.clone(), id.clone())
+            .with_secret(config.cluster_secret.clone()),
         PEER_TIMEOUT,
     ));
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
@@ -197,9 +202,8 @@ pub async fn run(
     let wire =
         tokio::net::TcpListener::from_std(listeners.wire).map_err(io_error("wire listener"))?;
     let wire_settings = wire_server::Settings {
-        cluster: config.cluster.clone(),
-        max_frame: kv_wire::DEFAULT_MAX_FRAME_LEN,
         idle_timeout: config.wire_idle_timeout,
+        ..wire_server::Settings::new(config.cluster.clone(), config.cluster_secret.clone())
     };
     tracker.spawn(wire_server::serve(
         wire,
@@ -225,8 +229,12 @@ pub async fn run(
         epoch: None,
         generation: None,
     };
+    let controller = controller::Controller {
+        addr: config.controller.clone(),
+        secret: config.cluster_secret.clone(),
+    };
     tracker.spawn(controller::keep_registered(
-        config.controller.clone(),
+        controller.clone(),
         me,
         config.advertise_host.is_some(),
         registered.clone(),
@@ -235,7 +243,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let heartbeats = {
-        let (controller, shutdown) = (config.controller.clone(), shutdown.clone());
+        let (metrics, shutdown) = (node.metrics.clone(), shutdown.clone());
         let host_from_route = config.advertise_host.is_none();
         std::thread::Builder::new()
             .name("heartbeats".into())
@@ -246,6 +254,7 @@ pub async fn run(
                     registered,
                     topologies,
                     reregister,
+                    metrics,
                     shutdown,
                 )
             })
@@ -258,7 +267,10 @@ pub async fn run(
         .map_err(io_error("http listener"))?;
     let http =
         tokio::net::TcpListener::from_std(listeners.http).map_err(io_error("http listener"))?;
-    info!(%id, http_port, wire_port, controller = %config.controller.host, "worker listening");
+    if config.cluster_secret.is_none() {
+        warn!("no cluster secret (--cluster-secret-file): registration, heartbeats and wire connections are unauthenticated; anyone who can reach this worker can write to it");
+    }
+    info!(%id, http_port, wire_port, controller = %config.controller.host, authenticated = config.cluster_secret.is_some(), "worker listening");
     let served = axum::serve(http, http::router(node))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
@@ -277,11 +289,8 @@ async fn purge_tombstones(store: Arc<dyn Store>, grace: Duration, shutdown: Canc
             () = tokio::time::sleep(PURGE_EVERY) => {}
             () = shutdown.cancelled() => return,
         }
-        let now_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let cutoff = Version {
-            hlc: now_ms.saturating_sub(grace.as_millis() as u64) << 16,
+            hlc: node::now_ms().saturating_sub(grace.as_millis() as u64) << 16,
             node: 0,
         };
         let purged = store.purge_tombstones(cutoff);

@@ -13,6 +13,15 @@ pub struct Op {
     pub outcome: &'static str,
 }
 
+/// A refusal for want of the cluster secret (or with a wrong one).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Refused {
+    /// What was refused: hello (a wire connection) or ack (a heartbeat ack).
+    pub what: &'static str,
+    /// Why: missing, wrong, unexpected, replayed...
+    pub reason: &'static str,
+}
+
 /// Everything `/metrics` shows.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +55,8 @@ pub struct Metrics {
     pub bytes: Gauge,
     /// The topology epoch held.
     pub epoch: Gauge,
+    /// Wire hellos and heartbeat acks refused for the cluster secret.
+    pub auth_refusals: Family<Refused, Counter>,
 }
 
 impl Metrics {
@@ -68,6 +79,7 @@ impl Metrics {
             keys: Gauge::default(),
             bytes: Gauge::default(),
             epoch: Gauge::default(),
+            auth_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -129,6 +141,11 @@ impl Metrics {
         registry.register("keys", "Keys held, tombstones included", m.keys.clone());
         registry.register("bytes", "Bytes of keys and values held", m.bytes.clone());
         registry.register("epoch", "Topology epoch held", m.epoch.clone());
+        registry.register(
+            "auth_refusals",
+            "Wire hellos and heartbeat acks refused for the cluster secret, by what and why",
+            m.auth_refusals.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -141,6 +158,13 @@ impl Metrics {
     pub fn replicated(&self, entries: usize, bytes: usize) {
         self.replicated_entries.inc_by(entries as u64);
         self.replicated_bytes.inc_by(bytes as u64);
+    }
+
+    /// Counts a refusal for the cluster secret.
+    pub fn refused(&self, what: &'static str, reason: &'static str) {
+        self.auth_refusals
+            .get_or_create(&Refused { what, reason })
+            .inc();
     }
 
     /// The OpenMetrics text of every metric.

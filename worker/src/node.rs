@@ -153,7 +153,8 @@ pub struct Node {
     pub limits: Limits,
 }
 
-fn now_ms() -> u64 {
+/// The wall clock, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

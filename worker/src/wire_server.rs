@@ -10,10 +10,13 @@
 
 use crate::node::Node;
 use futures::{SinkExt, StreamExt};
-use kv_wire::message::{Consistency, Refusal, Welcome};
-use kv_wire::{ClientFrame, Entry, FrameCodec, Request, Response, ServerFrame};
-use std::sync::Arc;
+use kv_wire::auth::RefusalLog;
+use kv_wire::message::{Challenge, Consistency, Refusal};
+use kv_wire::{ClientFrame, ClusterSecret, Entry, FrameCodec, Request, Response, ServerFrame};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -29,10 +32,12 @@ pub const MAX_CONNECTIONS: usize = 16_384;
 pub const MAX_IN_FLIGHT: usize = 1024;
 
 /// How the wire server treats its connections.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Settings {
     /// The cluster name every hello must carry.
     pub cluster: String,
+    /// The cluster secret every hello must prove, if the cluster has one.
+    pub secret: Option<ClusterSecret>,
     /// Largest frame accepted.
     pub max_frame: usize,
     /// A connection that completes no frame for this long is closed: it
@@ -40,6 +45,28 @@ pub struct Settings {
     /// and its buffer. Pooled peer connections that idle this long simply
     /// reconnect on next use.
     pub idle_timeout: Duration,
+    /// Which refused hellos get a log line (one per peer per minute).
+    pub refusals: Mutex<RefusalLog>,
+}
+
+impl Settings {
+    /// Settings for `cluster` with the defaults, and `secret` if any.
+    pub fn new(cluster: impl Into<String>, secret: Option<ClusterSecret>) -> Settings {
+        Settings {
+            cluster: cluster.into(),
+            secret,
+            max_frame: kv_wire::DEFAULT_MAX_FRAME_LEN,
+            idle_timeout: Duration::from_secs(60),
+            refusals: Mutex::default(),
+        }
+    }
+
+    fn should_log(&self, peer: SocketAddr) -> bool {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .should_log(peer.ip(), Instant::now())
+    }
 }
 
 /// Accepts connections until `shutdown`.
@@ -80,7 +107,7 @@ pub async fn serve(
         };
         let (node, settings, shutdown) = (node.clone(), settings.clone(), shutdown.clone());
         tracker.spawn(async move {
-            if let Err(reason) = connection(stream, node, &settings, shutdown).await {
+            if let Err(reason) = connection(stream, peer, node, &settings, shutdown).await {
                 debug!(%peer, %reason, "wire connection closed");
             }
             drop(slot);
@@ -90,6 +117,7 @@ pub async fn serve(
 
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     node: Arc<Node>,
     settings: &Settings,
     shutdown: CancellationToken,
@@ -103,6 +131,12 @@ async fn connection(
         FrameCodec::<ClientFrame, ServerFrame>::new(max_frame),
     );
 
+    // Speak first: the challenge a hello proves the cluster secret over.
+    let challenge = Challenge::new();
+    writer
+        .send(ServerFrame::Challenge(challenge))
+        .await
+        .map_err(|e| e.to_string())?;
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Ok(Some(Ok(ClientFrame::Hello(hello)))) => hello,
         Ok(Some(Ok(_))) => return refuse(&mut writer, "the first frame must be a hello").await,
@@ -110,14 +144,22 @@ async fn connection(
         Ok(None) => return Err("closed before the hello".into()),
         Err(_) => return refuse(&mut writer, "no hello within 5 s").await,
     };
-    if let Err(refusal) = hello.check(&settings.cluster) {
-        warn!(from = %hello.from, reason = %refusal.reason, "wire hello refused");
-        return refuse(&mut writer, &refusal.reason).await;
+    let secret = settings.secret.as_ref();
+    if let Err(e) = hello.check(&settings.cluster, &challenge, secret) {
+        if e.is_auth() {
+            node.metrics.refused("hello", e.kind());
+        }
+        if settings.should_log(peer) {
+            warn!(%peer, from = %hello.from, reason = %e, "wire hello refused (further refusals of this peer are not logged for a minute)");
+        }
+        return refuse(&mut writer, &e.to_string()).await;
     }
-    let welcome = Welcome {
-        node: node.id.clone(),
-        epoch: node.topologies.current().epoch(),
-    };
+    let welcome = hello.welcome(
+        node.id.clone(),
+        node.topologies.current().epoch(),
+        &challenge,
+        secret,
+    );
     writer
         .send(ServerFrame::Welcome(welcome))
         .await

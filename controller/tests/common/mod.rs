@@ -8,9 +8,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use kv_controller::{run, Config, Listeners};
-use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
-use kv_wire::message::Welcome;
-use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame, Topology};
+use kv_wire::heartbeat::{Heartbeat, HeartbeatAck};
+use kv_wire::message::Challenge;
+use kv_wire::{ClientFrame, ClusterSecret, FrameCodec, Request, Response, ServerFrame, Topology};
 use serde_json::Value;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,16 +43,23 @@ where
 
 pub struct Controller {
     pub addr: SocketAddr,
+    /// The cluster secret it runs with, which its fake workers then use.
+    pub secret: Option<ClusterSecret>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 impl Controller {
     pub async fn start(grace: Duration) -> Controller {
+        Controller::start_with(grace, None).await
+    }
+
+    pub async fn start_with(grace: Duration, secret: Option<ClusterSecret>) -> Controller {
         let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listeners.http.local_addr().unwrap();
         let mut config = Config::with_listen(addr);
         config.grace = grace;
+        config.cluster_secret = secret.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
@@ -60,6 +67,7 @@ impl Controller {
         });
         Controller {
             addr,
+            secret,
             shutdown,
             task,
         }
@@ -99,13 +107,25 @@ pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Valu
 }
 
 pub async fn http_raw(method: &str, url: &str, body: Bytes) -> (u16, Bytes) {
+    http_authorized(method, url, body, None).await
+}
+
+/// A request with an `Authorization` header, if given.
+pub async fn http_authorized(
+    method: &str,
+    url: &str,
+    body: Bytes,
+    authorization: Option<&str>,
+) -> (u16, Bytes) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let request = hyper::Request::builder()
+    let mut request = hyper::Request::builder()
         .method(method)
         .uri(url)
-        .header("content-type", "application/json")
-        .body(Full::new(body))
-        .unwrap();
+        .header("content-type", "application/json");
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let request = request.body(Full::new(body)).unwrap();
     let response = client.request(request).await.unwrap();
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -126,6 +146,8 @@ pub struct FakeWorker {
     pub pushes: Arc<AtomicU64>,
     pub acks: Arc<Mutex<Vec<HeartbeatAck>>>,
     pub controller: Arc<Mutex<SocketAddr>>,
+    /// Every sealed heartbeat sent, for replaying.
+    pub sent: Arc<Mutex<Vec<Vec<u8>>>>,
     pub stop: CancellationToken,
 }
 
@@ -136,14 +158,19 @@ impl FakeWorker {
         let (tx, topologies) = watch::channel(Topology::default());
         let pushes = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
+        let secret = controller.secret.clone();
         tokio::spawn(serve_wire(
             wire,
             id.to_string(),
             tx,
             pushes.clone(),
+            secret.clone(),
             stop.clone(),
         ));
-        let reply = register(controller.addr, id, wire_port, None, None).await;
+        let reply =
+            register_with(controller.addr, id, wire_port, None, None, secret.as_ref()).await;
+        assert_eq!(reply.0, 200, "{}", reply.1);
+        let reply = reply.1;
         let worker = FakeWorker {
             id: id.to_string(),
             wire_port,
@@ -155,18 +182,10 @@ impl FakeWorker {
             pushes,
             acks: Arc::default(),
             controller: Arc::new(Mutex::new(controller.addr)),
+            sent: Arc::default(),
             stop,
         };
-        tokio::spawn(beat(
-            worker.member,
-            worker.generation.clone(),
-            worker.beating.clone(),
-            worker.report_epoch.clone(),
-            worker.topologies.clone(),
-            worker.acks.clone(),
-            worker.controller.clone(),
-            worker.stop.clone(),
-        ));
+        tokio::spawn(beat(worker.beat_state(), secret));
         worker
     }
 
@@ -192,19 +211,39 @@ pub async fn register(
     epoch: Option<u64>,
     generation: Option<u64>,
 ) -> Value {
-    let body = serde_json::json!({"id": id, "host": "127.0.0.1", "port": 1, "wire_port": wire_port, "epoch": epoch, "generation": generation});
-    let (status, reply) = http(
-        "POST",
-        &format!("http://{controller}/register"),
-        body.to_string(),
-    )
-    .await;
+    let (status, reply) = register_with(controller, id, wire_port, epoch, generation, None).await;
     assert_eq!(status, 200, "{reply}");
     reply
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn beat(
+/// A registration, proving `secret` if given: the status and the reply.
+pub async fn register_with(
+    controller: SocketAddr,
+    id: &str,
+    wire_port: u16,
+    epoch: Option<u64>,
+    generation: Option<u64>,
+    secret: Option<&ClusterSecret>,
+) -> (u16, Value) {
+    let body = serde_json::json!({"id": id, "host": "127.0.0.1", "port": 1, "wire_port": wire_port, "epoch": epoch, "generation": generation}).to_string();
+    let proof = secret.map(|s| {
+        s.prove_registration(body.as_bytes(), now_ms())
+            .header_value()
+    });
+    let url = format!("http://{controller}/register");
+    let (status, bytes) = http_authorized("POST", &url, body.into(), proof.as_deref()).await;
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// What the heartbeat task of a fake worker shares with the test.
+struct BeatState {
     member: u32,
     generation: Arc<AtomicU64>,
     beating: Arc<AtomicBool>,
@@ -212,8 +251,38 @@ async fn beat(
     topologies: watch::Receiver<Topology>,
     acks: Arc<Mutex<Vec<HeartbeatAck>>>,
     controller: Arc<Mutex<SocketAddr>>,
+    sent: Arc<Mutex<Vec<Vec<u8>>>>,
     stop: CancellationToken,
-) {
+}
+
+impl FakeWorker {
+    fn beat_state(&self) -> BeatState {
+        BeatState {
+            member: self.member,
+            generation: self.generation.clone(),
+            beating: self.beating.clone(),
+            report_epoch: self.report_epoch.clone(),
+            topologies: self.topologies.clone(),
+            acks: self.acks.clone(),
+            controller: self.controller.clone(),
+            sent: self.sent.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+async fn beat(state: BeatState, secret: Option<ClusterSecret>) {
+    let BeatState {
+        member,
+        generation,
+        beating,
+        report_epoch,
+        topologies,
+        acks,
+        controller,
+        sent,
+        stop,
+    } = state;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut seq = 0;
     let mut buf = [0u8; 128];
@@ -229,7 +298,9 @@ async fn beat(
                 epoch_seen: reported,
             };
             let to = *controller.lock().unwrap();
-            let _ = socket.send_to(&hb.encode(), to).await;
+            let datagram = hb.seal(secret.as_ref());
+            let _ = socket.send_to(&datagram, to).await;
+            sent.lock().unwrap().push(datagram);
         }
         let tick = tokio::time::sleep(Duration::from_millis(200));
         tokio::pin!(tick);
@@ -239,7 +310,8 @@ async fn beat(
                 () = stop.cancelled() => return,
                 received = socket.recv_from(&mut buf) => {
                     if let Ok((len, _)) = received {
-                        if let Ok(ack) = HeartbeatAck::decode(&buf[..len]) {
+                        let generation = generation.load(Ordering::SeqCst);
+                        if let Ok((ack, _)) = HeartbeatAck::open(&buf[..len], secret.as_ref(), member, generation) {
                             acks.lock().unwrap().push(ack);
                         }
                     }
@@ -254,6 +326,7 @@ async fn serve_wire(
     id: String,
     topologies: watch::Sender<Topology>,
     pushes: Arc<AtomicU64>,
+    secret: Option<ClusterSecret>,
     stop: CancellationToken,
 ) {
     loop {
@@ -261,10 +334,19 @@ async fn serve_wire(
             accepted = listener.accept() => accepted.unwrap().0,
             () = stop.cancelled() => return,
         };
-        let (id, topologies, pushes, stop) =
-            (id.clone(), topologies.clone(), pushes.clone(), stop.clone());
+        let (id, topologies, pushes, secret, stop) = (
+            id.clone(),
+            topologies.clone(),
+            pushes.clone(),
+            secret.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             let mut conn = Framed::new(stream, FrameCodec::<ClientFrame, ServerFrame>::default());
+            let challenge = Challenge::new();
+            if conn.send(ServerFrame::Challenge(challenge)).await.is_err() {
+                return;
+            }
             loop {
                 let frame = tokio::select! {
                     frame = conn.next() => frame,
@@ -272,10 +354,11 @@ async fn serve_wire(
                 };
                 let Some(Ok(frame)) = frame else { return };
                 let reply = match frame {
-                    ClientFrame::Hello(_) => ServerFrame::Welcome(Welcome {
-                        node: id.clone(),
-                        epoch: topologies.borrow().epoch,
-                    }),
+                    ClientFrame::Hello(hello) => {
+                        hello.check("kv", &challenge, secret.as_ref()).unwrap();
+                        let epoch = topologies.borrow().epoch;
+                        ServerFrame::Welcome(hello.welcome(&id, epoch, &challenge, secret.as_ref()))
+                    }
                     ClientFrame::Request {
                         id: rid,
                         body: Request::Topology(t),

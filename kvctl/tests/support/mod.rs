@@ -329,9 +329,12 @@ impl Load {
             Arc::new(AtomicU64::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
-        let client = Client::connect(&cluster.controller_url(), "kv", "faults")
-            .await
-            .unwrap();
+        let client = Client::connect(
+            &cluster.controller_url(),
+            kv_client::Credentials::new("kv", "faults"),
+        )
+        .await
+        .unwrap();
         let still: Vec<(String, Bytes)> = (0..STILL_KEYS)
             .map(|i| {
                 (
@@ -350,9 +353,12 @@ impl Load {
         }
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
-            let client = Client::connect(&cluster.controller_url(), "kv", "faults")
-                .await
-                .unwrap();
+            let client = Client::connect(
+                &cluster.controller_url(),
+                kv_client::Credentials::new("kv", "faults"),
+            )
+            .await
+            .unwrap();
             let (history, ops, failed, stop) =
                 (history.clone(), ops.clone(), failed.clone(), stop.clone());
             let mut rng = fastrand::Rng::with_seed(seed ^ w as u64);
