@@ -2,109 +2,19 @@
 //! through the seed demo's story, then killed without leaving a node behind.
 #![allow(clippy::unwrap_used)]
 
+mod local_cluster;
 use kv_client::HttpClient;
-use serde_json::Value;
-use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A base port whose controller and worker ports are all free now.
-fn free_base() -> u16 {
-    loop {
-        let base = 20_000 + 1000 * fastrand::u16(0..40);
-        let ports = std::iter::once(base)
-            .chain((1..=4).flat_map(|i| [base + 100 * i + 1, base + 100 * i + 2]));
-        let free = ports
-            .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)))
-            .all(|b| b.is_ok());
-        if free {
-            return base;
-        }
-    }
-}
-
-/// Whether a process is gone (or a zombie awaiting its reaper).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
-}
-
-async fn json(http: &HttpClient, url: &str) -> (u16, Value) {
-    let (status, body) = http
-        .request("GET".parse().unwrap(), url, Default::default())
-        .await
-        .unwrap();
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use local_cluster::*;
+use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvctl_local_runs_the_demo_and_leaves_no_orphans() {
-    let base = free_base();
-    let logs = std::env::temp_dir().join(format!("kvctl-local-test-{}", std::process::id()));
-    let mut kvctl = Command::new(env!("CARGO_BIN_EXE_kvctl"))
-        .args([
-            "local",
-            "--base-port",
-            &base.to_string(),
-            "--logs",
-            logs.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = kvctl.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    // The table, then "Ready.".
-    let mut pids = std::collections::HashMap::new();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("kvctl local did not get ready");
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() >= 2 && (fields[0] == "controller" || fields[0].starts_with("worker")) {
-            if let Ok(pid) = fields[1].parse::<u32>() {
-                pids.insert(fields[0].to_string(), pid);
-            }
-        }
-        if line.starts_with("Ready.") {
-            break;
-        }
-    }
+    let local = Local::start(&[]);
+    let pids = local.pids.clone();
     assert_eq!(pids.len(), 5, "{pids:?}");
 
     let http = HttpClient::new();
-    let controller = format!("http://127.0.0.1:{base}");
+    let controller = local.controller();
     let (_, nodes) = json(&http, &format!("{controller}/nodes")).await;
     let statuses: Vec<&str> = nodes["nodes"]
         .as_array()
@@ -121,8 +31,7 @@ async fn kvctl_local_runs_the_demo_and_leaves_no_orphans() {
         .iter()
         .map(|w| w.as_str().unwrap().to_string())
         .collect();
-    let port_of =
-        |id: &str| base + 100 * id.trim_start_matches("worker").parse::<u16>().unwrap() + 1;
+    let port_of = |id: &str| local.http_port(id);
     let body = r#"{"key":"user123","value":"hello-k8s"}"#;
     let (status, _) = http
         .request(
@@ -176,17 +85,5 @@ async fn kvctl_local_runs_the_demo_and_leaves_no_orphans() {
     }
 
     // kvctl itself dies hard: its nodes follow, none left behind.
-    assert!(Command::new("kill")
-        .args(["-9", &kvctl.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let _ = kvctl.wait();
-    for (name, pid) in &pids {
-        eventually(&format!("{name} to exit"), || async {
-            gone(*pid).then_some(())
-        })
-        .await;
-    }
-    let _ = std::fs::remove_dir_all(logs);
+    local.kill().await;
 }

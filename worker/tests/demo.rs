@@ -6,8 +6,18 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_demo_story_holds_from_put_to_failover() {
-    let mut cluster = Cluster::start(4).await;
+    demo_story(Cluster::start(4).await).await;
+}
 
+/// With a cluster secret every registration, heartbeat, push and peer
+/// connection proves it; the story is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_demo_story_holds_with_a_cluster_secret() {
+    let secret = test_secret("demo-secret-0123456789");
+    demo_story(Cluster::start_with_secret(4, Some(secret)).await).await;
+}
+
+async fn demo_story(mut cluster: Cluster) {
     // Step 2: the mapping for user123 names a primary and two replicas.
     let owners = cluster.mapping("user123").await;
     assert_eq!(owners.len(), 3);

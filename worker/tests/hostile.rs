@@ -20,6 +20,7 @@ async fn cluster() -> Cluster {
     let mut cluster = Cluster {
         controller,
         workers: Vec::new(),
+        secret: None,
     };
     let w = start_worker_with("worker1", &cluster.controller, |c| {
         c.wire_idle_timeout = Duration::from_secs(1)

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use kv_client::HttpClient;
+use kv_wire::ClusterSecret;
 use serde_json::Value;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -74,16 +75,29 @@ impl Service {
 pub struct Cluster {
     pub controller: Service,
     pub workers: Vec<Service>,
+    /// The cluster secret every node has, if any.
+    pub secret: Option<ClusterSecret>,
+}
+
+/// A secret for tests.
+pub fn test_secret(text: &str) -> ClusterSecret {
+    ClusterSecret::new(text.as_bytes()).unwrap()
 }
 
 impl Cluster {
     /// A controller (no grace period) and `n` workers named worker1..n,
     /// waiting until every worker holds the topology with all of them.
     pub async fn start(n: usize) -> Cluster {
-        let controller = start_controller().await;
+        Cluster::start_with_secret(n, None).await
+    }
+
+    /// The same, every node with `secret`.
+    pub async fn start_with_secret(n: usize, secret: Option<ClusterSecret>) -> Cluster {
+        let controller = start_controller_with(|c| c.cluster_secret = secret.clone()).await;
         let mut cluster = Cluster {
             controller,
             workers: Vec::new(),
+            secret,
         };
         for i in 1..=n {
             cluster.add(&format!("worker{i}")).await;
@@ -93,7 +107,8 @@ impl Cluster {
     }
 
     pub async fn add(&mut self, id: &str) {
-        let worker = start_worker(id, &self.controller).await;
+        let secret = self.secret.clone();
+        let worker = start_worker_with(id, &self.controller, |c| c.cluster_secret = secret).await;
         self.workers.push(worker);
     }
 
@@ -157,10 +172,16 @@ impl Cluster {
 }
 
 pub async fn start_controller() -> Service {
+    start_controller_with(|_| {}).await
+}
+
+/// A controller whose configuration `adjust` changes first.
+pub async fn start_controller_with(adjust: impl FnOnce(&mut kv_controller::Config)) -> Service {
     let listeners = kv_controller::Listeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let http = listeners.http.local_addr().unwrap();
     let mut config = kv_controller::Config::with_listen(http);
     config.grace = Duration::ZERO;
+    adjust(&mut config);
     let stop = CancellationToken::new();
     let task = tokio::spawn({
         let stop = stop.clone();
