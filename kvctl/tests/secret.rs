@@ -118,8 +118,10 @@ async fn a_cluster_with_a_secret_serves_its_own_and_keeps_strangers_out() {
     // sides log why.
     let stranger_log = dir.join("stranger.log");
     let impostor_log = dir.join("impostor.log");
-    let _stranger = worker("stranger", &controller, None, &stranger_log);
-    let _impostor = worker("impostor", &controller, Some(&other), &impostor_log);
+    let mut outsiders = [
+        worker("stranger", &controller, None, &stranger_log),
+        worker("impostor", &controller, Some(&other), &impostor_log),
+    ];
     let log_of = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
     eventually("the stranger to log its refusal", || async {
         let log = log_of(&stranger_log);
@@ -170,6 +172,10 @@ async fn a_cluster_with_a_secret_serves_its_own_and_keeps_strangers_out() {
     // The cluster still serves its own.
     let get = with(&["get", "user123"]);
     assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "hello-k8s");
+    for outsider in &mut outsiders {
+        outsider.kill().unwrap();
+        outsider.wait().unwrap();
+    }
     local.kill().await;
     let _ = std::fs::remove_dir_all(dir);
 }
