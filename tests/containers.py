@@ -7,11 +7,13 @@ service. Every container and network is removed, pass or fail.
 Prints the image sizes, the time from `up` to 4 workers UP, and detection
 and rebalance times; ends with "N passed, M failed".
 """
+import base64
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +34,14 @@ PORTS = {"KV_CONTROLLER_PORT": free_port()}
 for i in range(1, 5):
     PORTS[f"KV_WORKER{i}_PORT"] = free_port()
     PORTS[f"KV_WORKER{i}_WIRE_PORT"] = free_port()
-ENV = {**os.environ, **{k: str(v) for k, v in PORTS.items()}}
+# The cluster secret the compose file mounts into every node, made the way
+# DEMO.md makes it; readable by the images' uid 65534.
+SECRET_DIR = tempfile.mkdtemp(prefix="kv-containers-")
+SECRET_FILE = os.path.join(SECRET_DIR, "cluster-secret")
+with open(SECRET_FILE, "w") as f:
+    f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+os.chmod(SECRET_FILE, 0o644)
+ENV = {**os.environ, **{k: str(v) for k, v in PORTS.items()}, "KV_CLUSTER_SECRET": SECRET_FILE}
 CONTROLLER = f"http://127.0.0.1:{PORTS['KV_CONTROLLER_PORT']}"
 
 
@@ -203,6 +212,22 @@ def disconnected_worker_converges():
     gray_failure(lambda c: ["network", "disconnect", network, c], lambda c: ["network", "connect", network, c], "network disconnect")
 
 
+def a_worker_without_the_secret_is_kept_out():
+    """A worker container on the cluster's network, with no secret: the
+    controller refuses it, and both logs say why."""
+    name = f"{PROJECT}_stranger"
+    subprocess.run(["docker", "run", "-d", "--name", name, "--network", f"{PROJECT}_default",
+                    "-e", "KV_NODE_ID=stranger", "-e", "KV_CONTROLLER=http://controller:8000",
+                    "distributed-kv-worker:latest"], check=True, capture_output=True)
+    try:
+        logs = lambda c: subprocess.run(["docker", "logs", c], capture_output=True, text=True).stdout
+        eventually("the stranger to log its refusal", lambda: "requires proof of its cluster secret" in logs(name))
+        eventually("the controller to log the refusal", lambda: 'what="register"' in logs(f"{PROJECT}_controller_1"))
+        assert "stranger" not in [n["id"] for n in nodes()], nodes()
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
 def scaled_workers_register():
     compose("--profile", "scale", "up", "-d", "--scale", "worker=2", "worker")
     eventually("two more workers UP", lambda: len([n for n in nodes() if n["status"] == "UP"]) == 5)
@@ -222,11 +247,14 @@ def main():
             check("docker stop of the primary: DOWN, smaller mapping, value on every new owner", failure_and_rebalance)
             check("docker pause of a worker, writes meanwhile, unpause: every acknowledged write on every owner", paused_worker_converges)
             check("network disconnect of a worker, writes meanwhile, reconnect: every acknowledged write on every owner", disconnected_worker_converges)
+            check("a worker without the cluster secret is kept out, and both logs say why", a_worker_without_the_secret_is_kept_out)
             check("a worker service scaled to two: both register", scaled_workers_register)
     finally:
         if any(e for _, e in results):
             print(compose("logs", "--tail", "20", check=False).stdout[-4000:])
         compose("--profile", "scale", "down", "-v", "--remove-orphans", "-t", "1", check=False)
+        os.remove(SECRET_FILE)
+        os.rmdir(SECRET_DIR)
     if "sizes" in state:
         print("     images: " + ", ".join(state["sizes"]))
     failed = len([1 for _, e in results if e])

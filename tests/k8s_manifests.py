@@ -122,6 +122,27 @@ def _():
         assert env["KV_LISTEN"]["value"].endswith(":8001") and env["KV_WIRE_LISTEN"]["value"].endswith(":8002")
 
 
+@check("every pod reads the cluster secret from the kv-cluster-secret Secret, mounted read-only")
+def _():
+    for f in ["controller-deployment.yaml"] + [f"worker{i}-deployment.yaml" for i in range(1, 5)]:
+        pod = load(f)["spec"]["template"]["spec"]
+        c = container(load(f))
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        path = env.get("KV_CLUSTER_SECRET_FILE")
+        assert path, f"{f}: no KV_CLUSTER_SECRET_FILE"
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mount = mounts["cluster-secret"]
+        assert mount.get("readOnly") is True, f
+        secret = volumes["cluster-secret"]["secret"]
+        assert secret["secretName"] == "kv-cluster-secret", f
+        files = {os.path.join(mount["mountPath"], i["path"]): i["key"] for i in secret["items"]}
+        assert files.get(path) == "secret", f"{f}: {path} is not the Secret's key 'secret' ({files})"
+        # Readable by the pod's user: its group owns the file.
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], f
+        assert secret["defaultMode"] & 0o040, f
+
+
 @check("the HPA example scales a worker Deployment on CPU")
 def _():
     hpa = load("hpa.yaml")
