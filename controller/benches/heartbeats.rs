@@ -4,7 +4,9 @@
 //!    over 20 trials (median and max);
 //! 2. heartbeat absorption: 10,000 registered workers at 5 Hz (50,000
 //!    heartbeats/s) for 10 s, with the controller's CPU use read from
-//!    /proc — and no worker may turn SUSPECT or DOWN meanwhile.
+//!    /proc — and no worker may turn SUSPECT or DOWN meanwhile; run twice,
+//!    side by side: without a cluster secret, then with one (every
+//!    heartbeat and ack sealed with a MAC), with the ratio of CPU used.
 //!
 //! Run: `cargo bench -p kv-controller --bench heartbeats`
 //! (`-- --workers N --rate HZ --seconds S` to change the load).
@@ -14,9 +16,11 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use kv_wire::heartbeat::{Datagram, Heartbeat};
+use kv_wire::heartbeat::{Heartbeat, MAX_SEALED_LEN};
+use kv_wire::ClusterSecret;
 use serde_json::Value;
 use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,11 +44,27 @@ fn free_port() -> u16 {
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 async fn call(client: &HttpClient, method: &str, url: &str, body: String) -> (u16, Value) {
-    let request = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
+    call_proving(client, method, url, body, None).await
+}
+
+/// A request whose body is proved with `secret`, if given.
+async fn call_proving(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    body: String,
+    secret: Option<&ClusterSecret>,
+) -> (u16, Value) {
+    let mut request = hyper::Request::builder().method(method).uri(url);
+    if let Some(secret) = secret {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let proof = secret.prove_registration(body.as_bytes(), now);
+        request = request.header("authorization", proof.header_value());
+    }
+    let request = request.body(Full::new(Bytes::from(body))).unwrap();
     let response = client.request(request).await.unwrap();
     let status = response.status().as_u16();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -73,59 +93,96 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-#[tokio::main]
-async fn main() {
-    let workers = arg("--workers", 10_000);
-    let rate = arg("--rate", 5);
-    let seconds = arg("--seconds", 10);
-    let trials = arg("--trials", 20);
+/// A controller process on a free port, ready.
+struct Controller {
+    process: Process,
+    addr: SocketAddr,
+    base: String,
+}
 
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let controller = Process(
-        Command::new(env!("CARGO_BIN_EXE_kv-controller"))
-            .args(["--listen", &addr.to_string(), "--grace", "0s"])
-            .env("RUST_LOG", "warn")
+async fn start_controller(client: &HttpClient, secret_file: Option<&Path>) -> Controller {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kv-controller"));
+    command.args(["--listen", &addr.to_string(), "--grace", "0s"]);
+    if let Some(file) = secret_file {
+        command.arg("--cluster-secret-file").arg(file);
+    }
+    let process = Process(
+        command
+            .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let base = format!("http://{addr}");
     let started = Instant::now();
-    while call_ok(&client, &format!("{base}/healthz")).await.is_none() {
+    while call_ok(client, &format!("{base}/healthz")).await.is_none() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "controller did not start"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Controller {
+        process,
+        addr,
+        base,
+    }
+}
+
+/// Registers worker `id`; its first heartbeat, to count up from.
+async fn register(
+    client: &HttpClient,
+    c: &Controller,
+    id: &str,
+    secret: Option<&ClusterSecret>,
+) -> Heartbeat {
+    let body = format!(r#"{{"id":"{id}","host":"127.0.0.1","port":1,"wire_port":1}}"#);
+    let (status, reg) = call_proving(
+        client,
+        "POST",
+        &format!("{}/register", c.base),
+        body,
+        secret,
+    )
+    .await;
+    assert_eq!(status, 200, "{reg}");
+    Heartbeat {
+        member: reg["member"].as_u64().unwrap() as u32,
+        generation: reg["generation"].as_u64().unwrap(),
+        seq: 0,
+        epoch_seen: u64::MAX,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let workers = arg("--workers", 10_000);
+    let rate = arg("--rate", 5);
+    let seconds = arg("--seconds", 10);
+    let trials = arg("--trials", 20);
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
     // 1. Detection time.
+    let c = start_controller(&client, None).await;
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut detections = Vec::new();
     for trial in 0..trials {
         let id = format!("probe{trial}");
-        let body = format!(r#"{{"id":"{id}","host":"127.0.0.1","port":1,"wire_port":1}}"#);
-        let (_, reg) = call(&client, "POST", &format!("{base}/register"), body).await;
-        let hb = Heartbeat {
-            member: reg["member"].as_u64().unwrap() as u32,
-            generation: reg["generation"].as_u64().unwrap(),
-            seq: 0,
-            epoch_seen: 0,
-        };
-        for seq in 0..5 {
+        let hb = register(&client, &c, &id, None).await;
+        for seq in 1..=5 {
             socket
-                .send_to(&Heartbeat { seq, ..hb }.encode(), addr)
+                .send_to(&Heartbeat { seq, ..hb }.seal(None), c.addr)
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         socket
-            .send_to(&Heartbeat { seq: 5, ..hb }.encode(), addr)
+            .send_to(&Heartbeat { seq: 6, ..hb }.seal(None), c.addr)
             .unwrap();
         let last = Instant::now();
         loop {
-            let (_, nodes) = call(&client, "GET", &format!("{base}/nodes"), String::new()).await;
+            let (_, nodes) =
+                call(&client, "GET", &format!("{}/nodes", c.base), String::new()).await;
             let down = nodes["nodes"]
                 .as_array()
                 .unwrap()
@@ -138,6 +195,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+    drop(c);
     detections.sort();
     if !detections.is_empty() {
         println!(
@@ -148,34 +206,85 @@ async fn main() {
         );
     }
 
-    // 2. Absorption: register the fleet, then send its heartbeats.
-    let mut fleet = Vec::with_capacity(workers as usize);
-    for i in 0..workers {
-        let body = format!(r#"{{"id":"load{i}","host":"127.0.0.1","port":1,"wire_port":1}}"#);
-        let (_, reg) = call(&client, "POST", &format!("{base}/register"), body).await;
-        fleet.push(Heartbeat {
-            member: reg["member"].as_u64().unwrap() as u32,
-            generation: reg["generation"].as_u64().unwrap(),
-            seq: 0,
-            epoch_seen: u64::MAX,
-        });
+    // 2. Absorption, without and with a cluster secret, side by side.
+    let dir = std::env::temp_dir().join(format!("kv-bench-heartbeats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secret");
+    std::fs::write(&file, "bench-secret-0123456789abcdef").unwrap();
+    let secret = ClusterSecret::read(&file).unwrap();
+    let load = Load {
+        workers,
+        rate,
+        seconds,
+    };
+    let plain = absorb(&client, &load, None).await;
+    let sealed = absorb(&client, &load, Some((&file, &secret))).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "absorption with the secret vs without: controller CPU {:.2}x ({:.0}% vs {:.0}% of one core), acked {:.1}% vs {:.1}%",
+        sealed.cpu_share / plain.cpu_share,
+        sealed.cpu_share * 100.0,
+        plain.cpu_share * 100.0,
+        sealed.acked_share * 100.0,
+        plain.acked_share * 100.0,
+    );
+}
+
+struct Load {
+    workers: u64,
+    rate: u64,
+    seconds: u64,
+}
+
+struct Absorbed {
+    /// Controller CPU over wall time.
+    cpu_share: f64,
+    /// Acks over heartbeats sent.
+    acked_share: f64,
+}
+
+/// Registers the fleet with a fresh controller, then sends its heartbeats
+/// (sealed, with a secret) at the rate for the time; prints and returns
+/// what the controller used.
+async fn absorb(
+    client: &HttpClient,
+    load: &Load,
+    secret: Option<(&Path, &ClusterSecret)>,
+) -> Absorbed {
+    let c = start_controller(client, secret.map(|(file, _)| file)).await;
+    let secret = secret.map(|(_, s)| s.clone());
+    let mut fleet = Vec::with_capacity(load.workers as usize);
+    for i in 0..load.workers {
+        fleet.push(register(client, &c, &format!("load{i}"), secret.as_ref()).await);
     }
+    let (rate, seconds, addr) = (load.rate, load.seconds, c.addr);
+    let sender_secret = secret.clone();
+    // The sender says when the first second (a full round of heartbeats)
+    // has passed and when it has sent everything: status changes between
+    // the two are the ones steady load caused.
+    let (marks, marked) = std::sync::mpsc::channel();
     let sender = std::thread::spawn(move || {
+        let secret = sender_secret.as_ref();
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
         let per_sec = fleet.len() as u64 * rate;
         let start = Instant::now();
         let (mut sent, mut acks) = (0u64, 0u64);
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; MAX_SEALED_LEN + 1];
         let total = per_sec * seconds;
+        let mut warm = false;
         while sent < total {
+            if !warm && start.elapsed() >= Duration::from_secs(1) {
+                warm = true;
+                let _ = marks.send(());
+            }
             // Pace: send what is due by now, in fleet order, round robin.
             let due = (start.elapsed().as_secs_f64() * per_sec as f64) as u64;
             while sent < due.min(total) {
                 let slot = (sent % fleet.len() as u64) as usize;
                 let hb = &mut fleet[slot];
                 hb.seq += 1;
-                let _ = socket.send_to(&hb.encode(), addr);
+                let _ = socket.send_to(&hb.seal(secret), addr);
                 sent += 1;
             }
             while socket.recv_from(&mut buf).is_ok() {
@@ -183,6 +292,7 @@ async fn main() {
             }
             std::thread::sleep(Duration::from_micros(500));
         }
+        let _ = marks.send(());
         let drain = Instant::now();
         while drain.elapsed() < Duration::from_millis(300) {
             if socket.recv_from(&mut buf).is_ok() {
@@ -191,29 +301,57 @@ async fn main() {
         }
         (sent, acks, start.elapsed())
     });
-    let cpu_before = cpu_seconds(controller.0.id());
+    let pid = c.process.0.id();
+    let cpu_before = cpu_seconds(pid);
     let wall = Instant::now();
+    let marked = std::sync::Arc::new(std::sync::Mutex::new(marked));
+    let next_mark = || {
+        let marked = marked.clone();
+        tokio::task::spawn_blocking(move || marked.lock().unwrap().recv().is_ok())
+    };
+    let mut changes = 0;
+    if next_mark().await.unwrap() {
+        changes = worsened(client, &c).await;
+    }
+    if next_mark().await.unwrap() {
+        changes = worsened(client, &c).await - changes;
+    }
     let (sent, acks, took) = tokio::task::spawn_blocking(move || sender.join().unwrap())
         .await
         .unwrap();
-    let cpu = cpu_seconds(controller.0.id()) - cpu_before;
+    let cpu = cpu_seconds(pid) - cpu_before;
     let wall = wall.elapsed().as_secs_f64();
-    let (_, nodes) = call(&client, "GET", &format!("{base}/nodes"), String::new()).await;
-    let unhealthy = nodes["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|n| n["id"].as_str().unwrap().starts_with("load") && n["status"] != "UP")
-        .count();
+    let (workers, rate) = (load.workers, load.rate);
     println!(
-        "absorption: {workers} workers x {rate} Hz for {:.1} s: sent {sent} ({:.0}/s), acked {acks} ({:.1}%), controller CPU {:.2} s = {:.0}% of one core; workers not UP at the end: {unhealthy}",
+        "absorption{}: {workers} workers x {rate} Hz for {:.1} s: sent {sent} ({:.0}/s), acked {acks} ({:.1}%), controller CPU {:.2} s = {:.0}% of one core; workers turned SUSPECT or DOWN under steady load: {changes}",
+        if secret.is_some() { " with a cluster secret" } else { "" },
         took.as_secs_f64(),
         sent as f64 / took.as_secs_f64(),
         acks as f64 * 100.0 / sent as f64,
         cpu,
         cpu * 100.0 / wall
     );
-    drop(controller);
+    Absorbed {
+        cpu_share: cpu / wall,
+        acked_share: acks as f64 / sent as f64,
+    }
+}
+
+/// Status changes for the worse so far (to SUSPECT or DOWN), from /metrics.
+async fn worsened(client: &HttpClient, c: &Controller) -> u64 {
+    let request = hyper::Request::get(format!("{}/metrics", c.base))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let text = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| {
+            l.starts_with("kv_controller_transitions_total{to=\"SUSPECT\"}")
+                || l.starts_with("kv_controller_transitions_total{to=\"DOWN\"}")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 async fn call_ok(client: &HttpClient, url: &str) -> Option<()> {

@@ -79,14 +79,30 @@ impl Guard {
 #[derive(Debug, Default)]
 struct SeenNonces {
     until: HashMap<Nonce, u64>,
+    /// The size at which expired entries are next swept out.
+    sweep_at: usize,
 }
+
+/// The smallest map worth sweeping.
+const SWEEP_MIN: usize = 1024;
 
 impl SeenNonces {
     /// Notes `nonce` (its proof expires at `forget_at`); false if it was
     /// already noted.
     fn first_time(&mut self, nonce: Nonce, forget_at: u64, now_ms: u64) -> bool {
-        self.until.retain(|_, until| *until >= now_ms);
-        self.until.insert(nonce, forget_at).is_none()
+        // Expired entries go when the map has doubled since the last sweep:
+        // amortised constant time even for a storm of registrations.
+        if self.until.len() >= self.sweep_at {
+            self.until.retain(|_, until| *until >= now_ms);
+            self.sweep_at = (2 * self.until.len()).max(SWEEP_MIN);
+        }
+        match self.until.get(&nonce) {
+            Some(&until) if until >= now_ms => false,
+            _ => {
+                self.until.insert(nonce, forget_at);
+                true
+            }
+        }
     }
 }
 
@@ -153,7 +169,16 @@ mod tests {
         let mut seen = SeenNonces::default();
         assert!(seen.first_time([1; 16], NOW + 60_000, NOW));
         assert!(!seen.first_time([1; 16], NOW + 60_000, NOW + 10));
-        assert!(seen.first_time([2; 16], NOW + 120_000, NOW + 60_001));
-        assert_eq!(seen.until.len(), 1);
+        // Expired, the nonce is unseen again (its proof is stale by then).
+        assert!(seen.first_time([1; 16], NOW + 120_000, NOW + 60_001));
+        // A storm: the map is swept as it grows, never holding much more
+        // than the live entries.
+        for i in 0..10_000u32 {
+            let mut nonce = [0u8; 16];
+            nonce[..4].copy_from_slice(&i.to_be_bytes());
+            let now = NOW + u64::from(i) * 100;
+            assert!(seen.first_time(nonce, now + 60_000, now));
+        }
+        assert!(seen.until.len() <= 2 * 601 + SWEEP_MIN, "{}", seen.until.len());
     }
 }
