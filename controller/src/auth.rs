@@ -179,6 +179,10 @@ mod tests {
             let now = NOW + u64::from(i) * 100;
             assert!(seen.first_time(nonce, now + 60_000, now));
         }
-        assert!(seen.until.len() <= 2 * 601 + SWEEP_MIN, "{}", seen.until.len());
+        assert!(
+            seen.until.len() <= 2 * 601 + SWEEP_MIN,
+            "{}",
+            seen.until.len()
+        );
     }
 }

@@ -8,7 +8,7 @@ use crate::resp::{Reply, Resp};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use kv_client::{Client, Credentials, HttpClient};
+use kv_client::{Client, Connection, Credentials, HttpClient};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +23,10 @@ pub enum Protocol {
     Http,
     /// Redis: SET (then WAIT for replicas), or GET.
     Redis,
+    /// kv wire connections: each request opens one to the key's primary
+    /// (challenge, hello, welcome: where a cluster secret's proofs are
+    /// made and checked) and closes it.
+    Handshake,
 }
 
 /// `kvctl bench` flags.
@@ -71,11 +75,13 @@ enum Conn {
     Wire(Client),
     Http(Arc<Client>, HttpClient),
     Redis(Resp),
+    Handshake(Arc<Client>, Credentials),
 }
 
 impl Conn {
     async fn put(&mut self, key: &str, value: &Bytes, args: &Args) -> Result<()> {
         match self {
+            Conn::Handshake(routes, credentials) => handshake(routes, credentials, key).await?,
             Conn::Wire(client) => {
                 client.put(key, value.clone()).await?;
             }
@@ -114,6 +120,7 @@ impl Conn {
 
     async fn get(&mut self, key: &str) -> Result<()> {
         match self {
+            Conn::Handshake(routes, credentials) => handshake(routes, credentials, key).await?,
             Conn::Wire(client) => {
                 client.get(key).await?;
             }
@@ -135,6 +142,21 @@ impl Conn {
         Ok(())
     }
 }
+
+/// Opens a wire connection to `key`'s primary, and closes it.
+async fn handshake(routes: &Client, credentials: &Credentials, key: &str) -> Result<()> {
+    let primary = routes
+        .owners(key)
+        .into_iter()
+        .next()
+        .context("no live worker")?;
+    let conn = Connection::connect(&primary.wire_addr(), credentials, HANDSHAKE_TIMEOUT).await?;
+    conn.close();
+    Ok(())
+}
+
+/// How long one handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn hyper_method(name: &str) -> kv_client::Method {
     name.parse().unwrap_or_default()
@@ -167,7 +189,7 @@ struct Measured {
 pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Result<()> {
     let args = Arc::new(args);
     let routes = match args.protocol {
-        Protocol::Http => Some(Arc::new(
+        Protocol::Http | Protocol::Handshake => Some(Arc::new(
             Client::connect(controller, credentials.clone())
                 .await
                 .with_context(|| format!("cannot reach the cluster at {controller}"))?,
@@ -183,6 +205,9 @@ pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Resu
                     .with_context(|| format!("cannot reach the cluster at {controller}"))?,
             ),
             Protocol::Http => Conn::Http(routes.clone().context("no routes")?, HttpClient::new()),
+            Protocol::Handshake => {
+                Conn::Handshake(routes.clone().context("no routes")?, credentials.clone())
+            }
             Protocol::Redis => Conn::Redis(
                 Resp::connect(&args.redis)
                     .await
