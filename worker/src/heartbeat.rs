@@ -136,7 +136,8 @@ pub fn run(
         if last_ack.elapsed() > interval * SILENT_INTERVALS && socket.is_some() {
             info!(
                 silent_ms = last_ack.elapsed().as_millis() as u64,
-                "no heartbeat ack; looking the controller up again"
+                authenticated = secret.is_some(),
+                "no heartbeat ack; looking the controller up again (a controller answers only heartbeats that prove its cluster secret, if it has one)"
             );
             socket = None;
             last_ack = Instant::now();
