@@ -201,10 +201,11 @@ pub async fn run(
         .map_err(io_error("wire listener"))?;
     let wire =
         tokio::net::TcpListener::from_std(listeners.wire).map_err(io_error("wire listener"))?;
-    let wire_settings = wire_server::Settings {
-        idle_timeout: config.wire_idle_timeout,
-        ..wire_server::Settings::new(config.cluster.clone(), config.cluster_secret.clone())
-    };
+    let wire_settings = wire_server::Settings::new(
+        config.cluster.clone(),
+        config.cluster_secret.clone(),
+        config.wire_idle_timeout,
+    );
     tracker.spawn(wire_server::serve(
         wire,
         node.clone(),

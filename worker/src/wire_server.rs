@@ -15,8 +15,7 @@ use kv_wire::message::{Challenge, Consistency, Refusal};
 use kv_wire::{ClientFrame, ClusterSecret, Entry, FrameCodec, Request, Response, ServerFrame};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -50,13 +49,18 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Settings for `cluster` with the defaults, and `secret` if any.
-    pub fn new(cluster: impl Into<String>, secret: Option<ClusterSecret>) -> Settings {
+    /// Settings for `cluster` (and `secret`, if any), closing connections
+    /// idle for `idle_timeout`, with the default frame limit.
+    pub fn new(
+        cluster: impl Into<String>,
+        secret: Option<ClusterSecret>,
+        idle_timeout: Duration,
+    ) -> Settings {
         Settings {
             cluster: cluster.into(),
             secret,
             max_frame: kv_wire::DEFAULT_MAX_FRAME_LEN,
-            idle_timeout: Duration::from_secs(60),
+            idle_timeout,
             refusals: Mutex::default(),
         }
     }
