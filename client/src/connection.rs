@@ -145,10 +145,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to `addr`, answers the server's challenge with a hello
-    /// (proving the secret, if the credentials have one) and waits for the
-    /// welcome (which must prove it back); the handshake and each later
-    /// call may take at most `timeout`.
+    /// Connects to `addr`, says hello and waits for the welcome (with a
+    /// secret in the credentials: answers the server's challenge with proof
+    /// of it, and requires the welcome to prove it back); the handshake and
+    /// each later call may take at most `timeout`.
     pub async fn connect(
         addr: &str,
         credentials: &Credentials,
@@ -171,23 +171,34 @@ impl Connection {
                 FramedRead::new(read, FrameCodec::<ServerFrame, ClientFrame>::default());
             let mut writer =
                 FramedWrite::new(write, FrameCodec::<ServerFrame, ClientFrame>::default());
-            let challenge = match handshake_frame(&mut reader, addr).await? {
-                ServerFrame::Challenge(challenge) => challenge,
-                other => return Err(lost(format!("expected a challenge, got {other:?}"))),
-            };
             let secret = credentials.secret.as_ref();
-            let hello =
-                Hello::new(&credentials.cluster, &credentials.from).answering(&challenge, secret);
+            let hello = Hello::new(&credentials.cluster, &credentials.from).with_secret(secret);
             writer
                 .send(ClientFrame::Hello(hello.clone()))
                 .await
                 .map_err(|e| lost(e.to_string()))?;
-            let welcome = match handshake_frame(&mut reader, addr).await? {
-                ServerFrame::Welcome(welcome) => welcome,
-                other => return Err(lost(format!("expected a welcome, got {other:?}"))),
+            // With a secret, the server challenges before it welcomes.
+            let mut challenge = None;
+            let welcome = loop {
+                match handshake_frame(&mut reader, addr).await? {
+                    ServerFrame::Welcome(welcome) => break welcome,
+                    ServerFrame::Challenge(c) if challenge.is_none() => {
+                        let secret = secret.ok_or_else(|| ConnectionError::Unauthenticated {
+                            addr: addr.to_string(),
+                            reason: "challenged for a cluster secret this client was not given"
+                                .into(),
+                        })?;
+                        writer
+                            .send(ClientFrame::Proof(hello.proof(&c, secret)))
+                            .await
+                            .map_err(|e| lost(e.to_string()))?;
+                        challenge = Some(c);
+                    }
+                    other => return Err(lost(format!("unexpected in the handshake: {other:?}"))),
+                }
             };
             hello
-                .check_welcome(&welcome, &challenge, secret)
+                .check_welcome(&welcome, challenge.as_ref(), secret)
                 .map_err(|e| ConnectionError::Unauthenticated {
                     addr: addr.to_string(),
                     reason: e.to_string(),

@@ -132,12 +132,10 @@ mod tests {
         vec![
             ClientFrame::Hello(Hello::new("kv", "worker1")),
             ClientFrame::Hello(Hello {
-                proof: Some(HelloProof {
-                    nonce: [1; 16],
-                    tag: [2; 32],
-                }),
+                nonce: Some([1; 16]),
                 ..Hello::new("kv", "worker1")
             }),
+            ClientFrame::Proof([2; 32]),
             request(
                 1,
                 Request::Get {

@@ -75,6 +75,9 @@ pub enum HelloError {
     /// The client proved a secret and the server has none.
     #[error("this node has no cluster secret, but the client has one: give every program the same --cluster-secret-file, or none")]
     SecretUnexpected,
+    /// No proof followed the challenge (another frame, a close, silence).
+    #[error("no proof of the cluster secret followed the challenge")]
+    NoProof,
     /// The client's proof does not match: another secret.
     #[error("wrong proof of the cluster secret: the client's secret differs from this node's")]
     SecretWrong,
@@ -94,6 +97,7 @@ impl HelloError {
             self,
             HelloError::SecretMissing
                 | HelloError::SecretUnexpected
+                | HelloError::NoProof
                 | HelloError::SecretWrong
                 | HelloError::ServerUnproven
                 | HelloError::ServerWrong
@@ -108,6 +112,7 @@ impl HelloError {
             HelloError::Cluster { .. } => "cluster",
             HelloError::SecretMissing => "missing",
             HelloError::SecretUnexpected => "unexpected",
+            HelloError::NoProof => "no_proof",
             HelloError::SecretWrong => "wrong",
             HelloError::ServerUnproven => "server_unproven",
             HelloError::ServerWrong => "server_wrong",

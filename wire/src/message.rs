@@ -7,13 +7,14 @@
 //! the client and its response echoes it, so many requests can be in flight
 //! on one connection and be answered in any order.
 //!
-//! The listening side speaks first: a [`Challenge`] with a fresh nonce, sent
-//! as soon as it accepts. With a cluster secret, the hello proves the
-//! secret over that nonce and one of the client's own, and the welcome
-//! proves it back over both: each side knows the other holds the secret,
-//! neither sends it, and no proof is good for another connection. The
-//! server proves itself only to a client that proved itself first, so a
-//! stranger never gets a tag to guess the secret against.
+//! With a cluster secret the handshake has two more steps: the hello carries
+//! a nonce of the client's, the server answers with a [`Challenge`] (a
+//! nonce of its own), the client sends a [`ClientFrame::Proof`] over both,
+//! and the welcome proves the secret back. Each side learns that the other
+//! holds the secret, neither sends it, and no proof is good for another
+//! connection. The server proves itself only to a client that proved itself
+//! first, so a stranger never gets a tag to guess the secret against.
+//! Without a secret the handshake is just hello and welcome.
 
 use crate::auth::{ClusterSecret, Nonce, Purpose, Tag};
 use crate::error::HelloError;
@@ -31,6 +32,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub enum ClientFrame {
     /// Must be the first frame.
     Hello(Hello),
+    /// The answer to a [`Challenge`]: proof of the cluster secret.
+    Proof(Tag),
     /// A request; `id` is echoed in its response.
     Request {
         /// Chosen by the client, unique among its requests in flight.
@@ -43,7 +46,7 @@ pub enum ClientFrame {
 /// Frames sent by the listening side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerFrame {
-    /// The first frame, sent on accepting a connection.
+    /// With a cluster secret: the answer to a hello, asking for proof.
     Challenge(Challenge),
     /// The hello was accepted.
     Welcome(Welcome),
@@ -59,8 +62,8 @@ pub enum ServerFrame {
     Refused(Refusal),
 }
 
-/// The server's first frame: a nonce for the client to prove the cluster
-/// secret over. Fresh for every connection, so no proof can be replayed.
+/// The server's nonce for the client to prove the cluster secret over.
+/// Fresh for every connection, so no proof can be replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Challenge {
     /// Random.
@@ -82,7 +85,7 @@ impl Default for Challenge {
     }
 }
 
-/// Opens a connection, answering the server's [`Challenge`].
+/// Opens a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// Must be [`HELLO_MAGIC`].
@@ -93,67 +96,35 @@ pub struct Hello {
     pub cluster: String,
     /// Who is connecting, for logs (a worker id, "controller", "kvctl").
     pub from: String,
-    /// With a cluster secret: the client's proof of it.
-    pub proof: Option<HelloProof>,
-}
-
-/// A client's proof of the cluster secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HelloProof {
-    /// The client's nonce: the server's proof covers it, so the client
+    /// With a cluster secret: the client's nonce. It says the client will
+    /// prove the secret, and the server's proof covers it, so the client
     /// knows that proof is fresh.
-    pub nonce: Nonce,
-    /// The tag over cluster, sender and both nonces.
-    pub tag: Tag,
+    pub nonce: Option<Nonce>,
 }
 
 impl Hello {
     /// A hello from `from` for `cluster`, with this build's magic and
-    /// version, proving nothing yet.
+    /// version, without a secret.
     pub fn new(cluster: impl Into<String>, from: impl Into<String>) -> Hello {
         Hello {
             magic: HELLO_MAGIC,
             version: PROTOCOL_VERSION,
             cluster: cluster.into(),
             from: from.into(),
-            proof: None,
+            nonce: None,
         }
     }
 
-    /// This hello as the answer to `challenge`: with a secret, it proves it.
-    pub fn answering(mut self, challenge: &Challenge, secret: Option<&ClusterSecret>) -> Hello {
-        self.proof = secret.map(|secret| {
-            let nonce = crate::auth::random_nonce();
-            HelloProof {
-                nonce,
-                tag: secret.tag(Purpose::Client, &self.transcript(challenge, &nonce)),
-            }
-        });
+    /// This hello from a holder of `secret`, if some: it carries a fresh
+    /// nonce and will be followed by a proof.
+    pub fn with_secret(mut self, secret: Option<&ClusterSecret>) -> Hello {
+        self.nonce = secret.map(|_| crate::auth::random_nonce());
         self
     }
 
-    /// What both proofs cover: cluster, sender, both nonces.
-    fn transcript<'a>(
-        &'a self,
-        challenge: &'a Challenge,
-        client_nonce: &'a Nonce,
-    ) -> [&'a [u8]; 4] {
-        [
-            self.cluster.as_bytes(),
-            self.from.as_bytes(),
-            &challenge.nonce,
-            client_nonce,
-        ]
-    }
-
-    /// Why a server of `cluster`, holding `secret` (or none), that sent
-    /// `challenge` must refuse this hello, if it must.
-    pub fn check(
-        &self,
-        cluster: &str,
-        challenge: &Challenge,
-        secret: Option<&ClusterSecret>,
-    ) -> Result<(), HelloError> {
+    /// Why a server of `cluster`, holding `secret` (or none), must refuse
+    /// this hello, if it must (before any proof).
+    pub fn check(&self, cluster: &str, secret: Option<&ClusterSecret>) -> Result<(), HelloError> {
         if self.magic != HELLO_MAGIC {
             return Err(HelloError::Magic);
         }
@@ -166,67 +137,79 @@ impl Hello {
                 ours: cluster.to_string(),
             });
         }
-        match (secret, &self.proof) {
-            (None, None) => Ok(()),
+        match (secret, self.nonce) {
             (Some(_), None) => Err(HelloError::SecretMissing),
             (None, Some(_)) => Err(HelloError::SecretUnexpected),
-            (Some(secret), Some(proof)) => {
-                let transcript = self.transcript(challenge, &proof.nonce);
-                if secret.verify(Purpose::Client, &transcript, &proof.tag) {
-                    Ok(())
-                } else {
-                    Err(HelloError::SecretWrong)
-                }
-            }
+            _ => Ok(()),
         }
     }
 
-    /// The welcome a server named `node` answers this (checked) hello with:
-    /// with a secret, it proves it back.
+    /// What both proofs cover: cluster, sender, the server's node id (for
+    /// the server's proof; empty for the client's) and both nonces.
+    fn parts<'a>(&'a self, node: &'a str, challenge: &'a Challenge) -> [&'a [u8]; 5] {
+        let client_nonce: &[u8] = self.nonce.as_ref().map_or(&[], |n| n);
+        [
+            self.cluster.as_bytes(),
+            self.from.as_bytes(),
+            node.as_bytes(),
+            &challenge.nonce,
+            client_nonce,
+        ]
+    }
+
+    /// The client's proof, answering `challenge`.
+    pub fn proof(&self, challenge: &Challenge, secret: &ClusterSecret) -> Tag {
+        secret.tag(Purpose::Client, &self.parts("", challenge))
+    }
+
+    /// Whether `proof` is this hello's client's proof for `challenge`
+    /// (compared in constant time).
+    pub fn check_proof(
+        &self,
+        challenge: &Challenge,
+        proof: &Tag,
+        secret: &ClusterSecret,
+    ) -> Result<(), HelloError> {
+        if secret.verify(Purpose::Client, &self.parts("", challenge), proof) {
+            Ok(())
+        } else {
+            Err(HelloError::SecretWrong)
+        }
+    }
+
+    /// The welcome a server named `node` answers this (admitted) hello
+    /// with: after a challenge, it proves the secret back.
     pub fn welcome(
         &self,
         node: impl Into<String>,
         epoch: u64,
-        challenge: &Challenge,
-        secret: Option<&ClusterSecret>,
+        proved: Option<(&Challenge, &ClusterSecret)>,
     ) -> Welcome {
         let node = node.into();
-        let proof = match (secret, &self.proof) {
-            (Some(secret), Some(proof)) => Some(secret.tag(
-                Purpose::Server,
-                &self.server_transcript(&node, challenge, &proof.nonce),
-            )),
-            _ => None,
-        };
+        let proof = proved
+            .map(|(challenge, secret)| secret.tag(Purpose::Server, &self.parts(&node, challenge)));
         Welcome { node, epoch, proof }
     }
 
-    fn server_transcript<'a>(
-        &'a self,
-        node: &'a str,
-        challenge: &'a Challenge,
-        client_nonce: &'a Nonce,
-    ) -> [&'a [u8]; 5] {
-        let [cluster, from, server_nonce, client_nonce] = self.transcript(challenge, client_nonce);
-        [cluster, from, node.as_bytes(), server_nonce, client_nonce]
-    }
-
-    /// Whether the client that sent this hello (after `challenge`) must
-    /// refuse `welcome`: with a secret, the server must have proved it.
+    /// Whether the client that sent this hello must refuse `welcome`: with
+    /// a secret, the server must have challenged it and proved the secret.
     pub fn check_welcome(
         &self,
         welcome: &Welcome,
-        challenge: &Challenge,
+        challenge: Option<&Challenge>,
         secret: Option<&ClusterSecret>,
     ) -> Result<(), HelloError> {
-        let (Some(secret), Some(mine)) = (secret, &self.proof) else {
+        let Some(secret) = secret else {
             return Ok(());
         };
-        let Some(theirs) = &welcome.proof else {
+        let (Some(challenge), Some(theirs)) = (challenge, &welcome.proof) else {
             return Err(HelloError::ServerUnproven);
         };
-        let transcript = self.server_transcript(&welcome.node, challenge, &mine.nonce);
-        if secret.verify(Purpose::Server, &transcript, theirs) {
+        if secret.verify(
+            Purpose::Server,
+            &self.parts(&welcome.node, challenge),
+            theirs,
+        ) {
             Ok(())
         } else {
             Err(HelloError::ServerWrong)
@@ -477,21 +460,17 @@ mod tests {
 
     #[test]
     fn a_hello_from_another_cluster_version_or_protocol_is_refused() {
-        let challenge = Challenge::new();
-        let ok = Hello::new("kv", "kvctl").answering(&challenge, None);
-        assert_eq!(ok.check("kv", &challenge, None), Ok(()));
-        let other = ok.check("other", &challenge, None).unwrap_err();
+        let ok = Hello::new("kv", "kvctl");
+        assert_eq!(ok.check("kv", None), Ok(()));
+        let other = ok.check("other", None).unwrap_err();
         assert!(other.to_string().contains("\"kv\""), "{other}");
         let old = Hello {
             version: 0,
             ..ok.clone()
         };
-        assert_eq!(
-            old.check("kv", &challenge, None),
-            Err(HelloError::Version(0))
-        );
+        assert_eq!(old.check("kv", None), Err(HelloError::Version(0)));
         let alien = Hello { magic: 1, ..ok };
-        assert_eq!(alien.check("kv", &challenge, None), Err(HelloError::Magic));
+        assert_eq!(alien.check("kv", None), Err(HelloError::Magic));
     }
 
     fn secret(s: &str) -> ClusterSecret {
@@ -501,50 +480,51 @@ mod tests {
     #[test]
     fn with_the_same_secret_both_sides_prove_it() {
         let s = secret("0123456789abcdef");
+        let hello = Hello::new("kv", "w1").with_secret(Some(&s));
+        assert_eq!(hello.check("kv", Some(&s)), Ok(()));
         let challenge = Challenge::new();
-        let hello = Hello::new("kv", "w1").answering(&challenge, Some(&s));
-        assert_eq!(hello.check("kv", &challenge, Some(&s)), Ok(()));
-        let welcome = hello.welcome("w2", 7, &challenge, Some(&s));
-        assert_eq!(hello.check_welcome(&welcome, &challenge, Some(&s)), Ok(()));
+        let proof = hello.proof(&challenge, &s);
+        assert_eq!(hello.check_proof(&challenge, &proof, &s), Ok(()));
+        let welcome = hello.welcome("w2", 7, Some((&challenge, &s)));
+        assert_eq!(
+            hello.check_welcome(&welcome, Some(&challenge), Some(&s)),
+            Ok(())
+        );
         // Without secrets, nothing is proved and nothing is asked.
-        let plain = Hello::new("kv", "w1").answering(&challenge, None);
-        let welcome = plain.welcome("w2", 7, &challenge, None);
+        let plain = Hello::new("kv", "w1").with_secret(None);
+        assert_eq!(plain.nonce, None);
+        let welcome = plain.welcome("w2", 7, None);
         assert_eq!(welcome.proof, None);
-        assert_eq!(plain.check_welcome(&welcome, &challenge, None), Ok(()));
+        assert_eq!(plain.check_welcome(&welcome, None, None), Ok(()));
     }
 
     #[test]
     fn a_missing_wrong_replayed_or_unexpected_proof_is_refused() {
         let s = secret("0123456789abcdef");
         let other = secret("fedcba9876543210");
+        let plain = Hello::new("kv", "w1");
+        assert_eq!(plain.check("kv", Some(&s)), Err(HelloError::SecretMissing));
+        let proving = Hello::new("kv", "w1").with_secret(Some(&s));
+        assert_eq!(proving.check("kv", None), Err(HelloError::SecretUnexpected));
         let challenge = Challenge::new();
-        let plain = Hello::new("kv", "w1").answering(&challenge, None);
+        let wrong = proving.proof(&challenge, &other);
         assert_eq!(
-            plain.check("kv", &challenge, Some(&s)),
-            Err(HelloError::SecretMissing)
-        );
-        let wrong = Hello::new("kv", "w1").answering(&challenge, Some(&other));
-        assert_eq!(
-            wrong.check("kv", &challenge, Some(&s)),
+            proving.check_proof(&challenge, &wrong, &s),
             Err(HelloError::SecretWrong)
-        );
-        assert_eq!(
-            wrong.check("kv", &challenge, None),
-            Err(HelloError::SecretUnexpected)
         );
         // A proof made for one connection's challenge fails on another.
-        let good = Hello::new("kv", "w1").answering(&challenge, Some(&s));
+        let good = proving.proof(&challenge, &s);
         assert_eq!(
-            good.check("kv", &Challenge::new(), Some(&s)),
+            proving.check_proof(&Challenge::new(), &good, &s),
             Err(HelloError::SecretWrong)
         );
-        // A hello that claims another sender keeps a tag that no longer fits.
+        // A hello that claims another sender keeps a proof that no longer fits.
         let renamed = Hello {
             from: "w9".into(),
-            ..good.clone()
+            ..proving.clone()
         };
         assert_eq!(
-            renamed.check("kv", &challenge, Some(&s)),
+            renamed.check_proof(&challenge, &good, &s),
             Err(HelloError::SecretWrong)
         );
         // Every refusal message is about configuration, never the secret.
@@ -552,6 +532,7 @@ mod tests {
             HelloError::SecretMissing,
             HelloError::SecretWrong,
             HelloError::SecretUnexpected,
+            HelloError::NoProof,
         ] {
             assert!(e.to_string().contains("secret"), "{e}");
         }
@@ -560,36 +541,38 @@ mod tests {
     #[test]
     fn a_client_refuses_a_server_that_cannot_prove_the_secret() {
         let s = secret("0123456789abcdef");
+        let hello = Hello::new("kv", "w1").with_secret(Some(&s));
         let challenge = Challenge::new();
-        let hello = Hello::new("kv", "w1").answering(&challenge, Some(&s));
-        let unproven = Welcome {
-            node: "w2".into(),
-            epoch: 1,
-            proof: None,
-        };
+        // A welcome without a challenge, or without a proof.
+        let unproven = hello.welcome("w2", 1, None);
         assert_eq!(
-            hello.check_welcome(&unproven, &challenge, Some(&s)),
+            hello.check_welcome(&unproven, None, Some(&s)),
             Err(HelloError::ServerUnproven)
         );
-        let impostor = hello.welcome("w2", 1, &challenge, Some(&secret("fedcba9876543210")));
         assert_eq!(
-            hello.check_welcome(&impostor, &challenge, Some(&s)),
+            hello.check_welcome(&unproven, Some(&challenge), Some(&s)),
+            Err(HelloError::ServerUnproven)
+        );
+        let impostor = hello.welcome("w2", 1, Some((&challenge, &secret("fedcba9876543210"))));
+        assert_eq!(
+            hello.check_welcome(&impostor, Some(&challenge), Some(&s)),
             Err(HelloError::ServerWrong)
         );
         // A welcome proved for one node is not a proof for another.
-        let mut renamed = hello.welcome("w2", 1, &challenge, Some(&s));
+        let mut renamed = hello.welcome("w2", 1, Some((&challenge, &s)));
         renamed.node = "w3".into();
         assert_eq!(
-            hello.check_welcome(&renamed, &challenge, Some(&s)),
+            hello.check_welcome(&renamed, Some(&challenge), Some(&s)),
             Err(HelloError::ServerWrong)
         );
-        // A client's tag is not a server's, even for the same connection.
+        // A client's proof is not a server's, even for the same connection.
         let reflected = Welcome {
-            proof: hello.proof.map(|p| p.tag),
-            ..unproven
+            node: String::new(),
+            epoch: 1,
+            proof: Some(hello.proof(&challenge, &s)),
         };
         assert_eq!(
-            hello.check_welcome(&reflected, &challenge, Some(&s)),
+            hello.check_welcome(&reflected, Some(&challenge), Some(&s)),
             Err(HelloError::ServerWrong)
         );
     }

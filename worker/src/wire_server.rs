@@ -11,8 +11,10 @@
 use crate::node::Node;
 use futures::{SinkExt, StreamExt};
 use kv_wire::auth::RefusalLog;
-use kv_wire::message::{Challenge, Consistency, Refusal};
-use kv_wire::{ClientFrame, ClusterSecret, Entry, FrameCodec, Request, Response, ServerFrame};
+use kv_wire::message::{Challenge, Consistency, Hello, Refusal};
+use kv_wire::{
+    ClientFrame, ClusterSecret, Entry, FrameCodec, HelloError, Request, Response, ServerFrame,
+};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -135,12 +137,6 @@ async fn connection(
         FrameCodec::<ClientFrame, ServerFrame>::new(max_frame),
     );
 
-    // Speak first: the challenge a hello proves the cluster secret over.
-    let challenge = Challenge::new();
-    writer
-        .send(ServerFrame::Challenge(challenge))
-        .await
-        .map_err(|e| e.to_string())?;
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Ok(Some(Ok(ClientFrame::Hello(hello)))) => hello,
         Ok(Some(Ok(_))) => return refuse(&mut writer, "the first frame must be a hello").await,
@@ -148,21 +144,24 @@ async fn connection(
         Ok(None) => return Err("closed before the hello".into()),
         Err(_) => return refuse(&mut writer, "no hello within 5 s").await,
     };
-    let secret = settings.secret.as_ref();
-    if let Err(e) = hello.check(&settings.cluster, &challenge, secret) {
-        if e.is_auth() {
-            node.metrics.refused("hello", e.kind());
+    let proved = match admit(&hello, &mut reader, &mut writer, settings).await {
+        Ok(proved) => proved,
+        Err(e) => {
+            if e.is_auth() {
+                node.metrics.refused("hello", e.kind());
+            }
+            if settings.should_log(peer) {
+                warn!(%peer, from = %hello.from, reason = %e, "wire hello refused (further refusals of this peer are not logged for a minute)");
+            }
+            return refuse(&mut writer, &e.to_string()).await;
         }
-        if settings.should_log(peer) {
-            warn!(%peer, from = %hello.from, reason = %e, "wire hello refused (further refusals of this peer are not logged for a minute)");
-        }
-        return refuse(&mut writer, &e.to_string()).await;
-    }
+    };
     let welcome = hello.welcome(
         node.id.clone(),
         node.topologies.current().epoch(),
-        &challenge,
-        secret,
+        proved
+            .as_ref()
+            .map(|(challenge, secret)| (challenge, *secret)),
     );
     writer
         .send(ServerFrame::Welcome(welcome))
@@ -192,6 +191,7 @@ async fn connection(
         let (id, body) = match frame {
             Some(Ok(ClientFrame::Request { id, body })) => (id, body),
             Some(Ok(ClientFrame::Hello(_))) => break Err("a second hello".to_string()),
+            Some(Ok(ClientFrame::Proof(_))) => break Err("a proof nobody asked for".to_string()),
             Some(Err(e)) => break Err(format!("bad frame: {e}")),
             None => break Ok(()),
         };
@@ -224,10 +224,41 @@ async fn connection(
     result
 }
 
-async fn refuse(
-    writer: &mut FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec<ClientFrame, ServerFrame>>,
-    reason: &str,
-) -> Result<(), String> {
+type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec<ClientFrame, ServerFrame>>;
+type Writer = FramedWrite<tokio::net::tcp::OwnedWriteHalf, FrameCodec<ClientFrame, ServerFrame>>;
+
+/// Checks a hello and, with a cluster secret, challenges the client to
+/// prove it: the challenge it proved itself over (and the secret), or why
+/// the connection is refused.
+async fn admit<'s>(
+    hello: &Hello,
+    reader: &mut Reader,
+    writer: &mut Writer,
+    settings: &'s Settings,
+) -> Result<Option<(Challenge, &'s ClusterSecret)>, HelloError> {
+    let secret = settings.secret.as_ref();
+    hello.check(&settings.cluster, secret)?;
+    let Some(secret) = secret else {
+        return Ok(None);
+    };
+    let challenge = Challenge::new();
+    if writer
+        .send(ServerFrame::Challenge(challenge))
+        .await
+        .is_err()
+    {
+        return Err(HelloError::NoProof);
+    }
+    match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
+        Ok(Some(Ok(ClientFrame::Proof(proof)))) => {
+            hello.check_proof(&challenge, &proof, secret)?;
+            Ok(Some((challenge, secret)))
+        }
+        _ => Err(HelloError::NoProof),
+    }
+}
+
+async fn refuse(writer: &mut Writer, reason: &str) -> Result<(), String> {
     let _ = writer
         .send(ServerFrame::Refused(Refusal::new(reason)))
         .await;

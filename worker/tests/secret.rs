@@ -9,21 +9,42 @@ use bytes::Bytes;
 use common::*;
 use futures::{SinkExt, StreamExt};
 use kv_client::{Connection, ConnectionError, Credentials};
-use kv_wire::message::{Challenge, Hello, Welcome};
+use kv_wire::message::{Challenge, Hello};
 use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
 type Client = Framed<TcpStream, FrameCodec<ServerFrame, ClientFrame>>;
 
-/// A raw connection to `addr`, and the challenge the server opened with.
-async fn challenged(addr: std::net::SocketAddr) -> (Client, Challenge) {
+/// A raw connection to `addr` that has said `hello`.
+async fn said(addr: std::net::SocketAddr, hello: &Hello) -> Client {
     let stream = TcpStream::connect(addr).await.unwrap();
     let mut conn = Framed::new(stream, FrameCodec::default());
-    let Some(Ok(ServerFrame::Challenge(challenge))) = conn.next().await else {
-        panic!("the server did not open with a challenge");
-    };
-    (conn, challenge)
+    conn.send(ClientFrame::Hello(hello.clone())).await.unwrap();
+    conn
+}
+
+/// The challenge the server answers a hello with.
+async fn challenge(conn: &mut Client) -> Challenge {
+    match conn.next().await {
+        Some(Ok(ServerFrame::Challenge(challenge))) => challenge,
+        other => panic!("expected a challenge, got {other:?}"),
+    }
+}
+
+/// Sends a put, then reads what the server says until it closes: it must
+/// be a single refusal, whose reason is returned.
+async fn put_is_refused(mut conn: Client, key: &str) -> String {
+    conn.send(ClientFrame::Request {
+        id: 1,
+        body: put(key),
+    })
+    .await
+    .unwrap();
+    match &until_closed(conn).await[..] {
+        [ServerFrame::Refused(r)] => r.reason.clone(),
+        other => panic!("expected one refusal, got {other:?}"),
+    }
 }
 
 /// Every frame the server sends until it closes.
@@ -60,23 +81,9 @@ async fn hellos_without_the_secret_with_a_wrong_one_or_replayed_are_refused_and_
 
     // No secret: the hello is refused, and the put pipelined behind it is
     // never answered.
-    let (mut conn, challenge) = challenged(worker.wire).await;
-    let hello = Hello::new("kv", "intruder").answering(&challenge, None);
-    conn.send(ClientFrame::Hello(hello)).await.unwrap();
-    conn.send(ClientFrame::Request {
-        id: 1,
-        body: put("intruded-plain"),
-    })
-    .await
-    .unwrap();
-    match &until_closed(conn).await[..] {
-        [ServerFrame::Refused(r)] => assert!(
-            r.reason.contains("requires its cluster secret"),
-            "{}",
-            r.reason
-        ),
-        other => panic!("expected one refusal, got {other:?}"),
-    }
+    let plain = said(worker.wire, &Hello::new("kv", "intruder")).await;
+    let reason = put_is_refused(plain, "intruded-plain").await;
+    assert!(reason.contains("requires its cluster secret"), "{reason}");
 
     // A wrong secret, through the client library.
     let wrong =
@@ -89,36 +96,33 @@ async fn hellos_without_the_secret_with_a_wrong_one_or_replayed_are_refused_and_
         "{err}"
     );
 
-    // A genuine hello recorded from one connection, replayed on another
-    // (with a put behind it): the new challenge makes its proof worthless.
-    let (mut first, challenge) = challenged(worker.wire).await;
-    let recorded = Hello::new("kv", "test").answering(&challenge, Some(&secret));
-    first
-        .send(ClientFrame::Hello(recorded.clone()))
-        .await
-        .unwrap();
+    // A genuine hello and proof recorded from one connection, replayed on
+    // another: the new challenge makes the proof worthless.
+    let hello = Hello::new("kv", "test").with_secret(Some(&secret));
+    let mut first = said(worker.wire, &hello).await;
+    let recorded = hello.proof(&challenge(&mut first).await, &secret);
+    first.send(ClientFrame::Proof(recorded)).await.unwrap();
     assert!(matches!(
         first.next().await,
         Some(Ok(ServerFrame::Welcome(_)))
     ));
-    let (mut replay, _) = challenged(worker.wire).await;
-    replay.send(ClientFrame::Hello(recorded)).await.unwrap();
-    replay
-        .send(ClientFrame::Request {
-            id: 1,
-            body: put("intruded-replay"),
-        })
-        .await
-        .unwrap();
-    match &until_closed(replay).await[..] {
-        [ServerFrame::Refused(r)] => assert!(r.reason.contains("wrong proof"), "{}", r.reason),
-        other => panic!("expected one refusal, got {other:?}"),
-    }
+    let mut replay = said(worker.wire, &hello).await;
+    challenge(&mut replay).await;
+    replay.send(ClientFrame::Proof(recorded)).await.unwrap();
+    let reason = put_is_refused(replay, "intruded-replay").await;
+    assert!(reason.contains("wrong proof"), "{reason}");
+
+    // A hello that promises a proof and sends a request instead.
+    let mut skipped = said(worker.wire, &hello).await;
+    challenge(&mut skipped).await;
+    let reason = put_is_refused(skipped, "intruded-skip").await;
+    assert!(reason.contains("no proof"), "{reason}");
 
     // Nothing changed anywhere, and every refusal was counted.
     for w in &cluster.workers {
-        assert_eq!(w.local("intruded-plain").await, None);
-        assert_eq!(w.local("intruded-replay").await, None);
+        for key in ["intruded-plain", "intruded-replay", "intruded-skip"] {
+            assert_eq!(w.local(key).await, None, "{key}");
+        }
     }
     let text = metrics(worker).await;
     assert!(
@@ -127,6 +131,10 @@ async fn hellos_without_the_secret_with_a_wrong_one_or_replayed_are_refused_and_
     );
     assert!(
         text.contains(r#"kv_worker_auth_refusals_total{what="hello",reason="wrong"} 2"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"kv_worker_auth_refusals_total{what="hello",reason="no_proof"} 1"#),
         "{text}"
     );
 
@@ -164,18 +172,21 @@ async fn a_client_does_not_trust_a_server_that_cannot_prove_the_secret() {
         let server = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let mut conn = Framed::new(stream, FrameCodec::<ClientFrame, ServerFrame>::default());
-            let challenge = Challenge::new();
-            conn.send(ServerFrame::Challenge(challenge)).await.unwrap();
             let Some(Ok(ClientFrame::Hello(hello))) = conn.next().await else {
                 panic!("no hello");
             };
             let welcome = match &impostor {
-                None => Welcome {
-                    node: "worker1".into(),
-                    epoch: 1,
-                    proof: None,
-                },
-                Some(other) => hello.welcome("worker1", 1, &challenge, Some(other)),
+                // Welcomes without challenging.
+                None => hello.welcome("worker1", 1, None),
+                // Challenges, takes any proof, and proves another secret.
+                Some(other) => {
+                    let challenge = Challenge::new();
+                    conn.send(ServerFrame::Challenge(challenge)).await.unwrap();
+                    let Some(Ok(ClientFrame::Proof(_))) = conn.next().await else {
+                        panic!("no proof");
+                    };
+                    hello.welcome("worker1", 1, Some((&challenge, other)))
+                }
             };
             conn.send(ServerFrame::Welcome(welcome)).await.unwrap();
             // Whatever the client does next, it must not send a request.

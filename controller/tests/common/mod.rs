@@ -344,9 +344,7 @@ async fn serve_wire(
         tokio::spawn(async move {
             let mut conn = Framed::new(stream, FrameCodec::<ClientFrame, ServerFrame>::default());
             let challenge = Challenge::new();
-            if conn.send(ServerFrame::Challenge(challenge)).await.is_err() {
-                return;
-            }
+            let mut hello = None;
             loop {
                 let frame = tokio::select! {
                     frame = conn.next() => frame,
@@ -354,10 +352,22 @@ async fn serve_wire(
                 };
                 let Some(Ok(frame)) = frame else { return };
                 let reply = match frame {
-                    ClientFrame::Hello(hello) => {
-                        hello.check("kv", &challenge, secret.as_ref()).unwrap();
+                    // The handshake, challenging for the secret if there is one.
+                    ClientFrame::Hello(h) => {
+                        h.check("kv", secret.as_ref()).unwrap();
                         let epoch = topologies.borrow().epoch;
-                        ServerFrame::Welcome(hello.welcome(&id, epoch, &challenge, secret.as_ref()))
+                        let reply = match &secret {
+                            Some(_) => ServerFrame::Challenge(challenge),
+                            None => ServerFrame::Welcome(h.welcome(&id, epoch, None)),
+                        };
+                        hello = Some(h);
+                        reply
+                    }
+                    ClientFrame::Proof(proof) => {
+                        let (h, s) = (hello.as_ref().unwrap(), secret.as_ref().unwrap());
+                        h.check_proof(&challenge, &proof, s).unwrap();
+                        let epoch = topologies.borrow().epoch;
+                        ServerFrame::Welcome(h.welcome(&id, epoch, Some((&challenge, s))))
                     }
                     ClientFrame::Request {
                         id: rid,
