@@ -7,7 +7,7 @@
 //! retries, for up to [`RETRY_WINDOW`] — long enough for the controller to
 //! notice a dead worker and publish the topology without it.
 
-use crate::connection::{Credentials, Pool};
+use crate::connection::{ConnectionError, Credentials, Pool};
 use crate::http::{HttpClient, HttpError};
 use bytes::Bytes;
 use futures::future::join_all;
@@ -40,6 +40,10 @@ pub enum ClientError {
     /// A worker refused the request for good (bad key, value too large...).
     #[error("{0}")]
     Refused(Failure),
+    /// A worker refused this client for good (another cluster, no or
+    /// another cluster secret).
+    #[error("{0}")]
+    Connection(#[from] ConnectionError),
     /// The request kept failing for [`RETRY_WINDOW`]; the last reason.
     #[error("gave up after retrying: {0}")]
     GaveUp(String),
@@ -217,6 +221,7 @@ impl Client {
                 }
                 Ok(Response::Failed(f)) => f.message,
                 Ok(other) => format!("unexpected answer {other:?}"),
+                Err(e) if e.is_final() => return Err(e.into()),
                 Err(e) => e.to_string(),
             };
             self.retry_or_give_up(deadline, reason).await?;
@@ -249,6 +254,7 @@ impl Client {
                     }
                     Ok(Response::Failed(f)) => reason = f.message,
                     Ok(other) => reason = format!("unexpected answer {other:?}"),
+                    Err(e) if e.is_final() => return Err(e.into()),
                     Err(e) => reason = e.to_string(),
                 }
             }
@@ -309,6 +315,11 @@ impl Client {
                                     todo.push(i);
                                 }
                             }
+                        }
+                    }
+                    Err(e) if e.is_final() => {
+                        for i in chunk {
+                            results[i] = Some(Err(e.clone().into()));
                         }
                     }
                     other => {

@@ -64,13 +64,15 @@ pub enum ConnectionError {
         /// The OS's words.
         reason: String,
     },
-    /// The server refused the hello or closed with a refusal.
+    /// The server refused the handshake.
     #[error("refused by {addr}: {reason}")]
     Refused {
         /// The address.
         addr: String,
         /// The server's words.
         reason: String,
+        /// Whether the server said to retry later (it is busy).
+        retry: bool,
     },
     /// The server could not prove the cluster secret: this client will not
     /// trust it with requests.
@@ -107,6 +109,18 @@ pub enum ConnectionError {
         /// What broke.
         reason: String,
     },
+}
+
+impl ConnectionError {
+    /// Whether retrying cannot help: the server refused who this client is
+    /// (another cluster, no or another cluster secret), or could not prove
+    /// who it is.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ConnectionError::Refused { retry: false, .. } | ConnectionError::Unauthenticated { .. }
+        )
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>>>;
@@ -324,6 +338,7 @@ async fn handshake_frame(reader: &mut Reader, addr: &str) -> Result<ServerFrame,
         Some(Ok(ServerFrame::Refused(r))) => Err(ConnectionError::Refused {
             addr: addr.to_string(),
             reason: r.reason,
+            retry: r.retry,
         }),
         Some(Ok(frame)) => Ok(frame),
         Some(Err(e)) => Err(lost(e.to_string())),

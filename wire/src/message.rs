@@ -233,13 +233,26 @@ pub struct Welcome {
 pub struct Refusal {
     /// What was wrong and what to do about it.
     pub reason: String,
+    /// Whether the same client may succeed later (the server is busy), as
+    /// opposed to a refusal of who it is (another cluster, no secret).
+    #[serde(default)]
+    pub retry: bool,
 }
 
 impl Refusal {
-    /// A refusal with this reason.
+    /// A refusal with this reason: retrying will not help.
     pub fn new(reason: impl Into<String>) -> Refusal {
         Refusal {
             reason: reason.into(),
+            retry: false,
+        }
+    }
+
+    /// A refusal for now (the server is busy): retrying later may work.
+    pub fn busy(reason: impl Into<String>) -> Refusal {
+        Refusal {
+            reason: reason.into(),
+            retry: true,
         }
     }
 }

@@ -103,7 +103,7 @@ pub async fn serve(
                 stream,
                 FrameCodec::<ClientFrame, ServerFrame>::new(settings.max_frame),
             );
-            let refusal = Refusal::new(format!(
+            let refusal = Refusal::busy(format!(
                 "this worker has {MAX_CONNECTIONS} connections open; retry later"
             ));
             tokio::spawn(async move {

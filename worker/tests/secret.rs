@@ -95,6 +95,10 @@ async fn hellos_without_the_secret_with_a_wrong_one_or_replayed_are_refused_and_
         matches!(&err, ConnectionError::Refused { reason, .. } if reason.contains("differs")),
         "{err}"
     );
+    assert!(
+        err.is_final(),
+        "a wrong secret is not worth retrying: {err:?}"
+    );
 
     // A genuine hello and proof recorded from one connection, replayed on
     // another: the new challenge makes the proof worthless.
