@@ -24,8 +24,8 @@ pub enum Protocol {
     /// Redis: SET (then WAIT for replicas), or GET.
     Redis,
     /// kv wire connections: each request opens one to the key's primary
-    /// (challenge, hello, welcome: where a cluster secret's proofs are
-    /// made and checked) and closes it.
+    /// (the handshake, where a cluster secret's proofs are made and
+    /// checked) and closes it.
     Handshake,
 }
 

@@ -121,7 +121,7 @@ enum Command {
     },
     /// Bulk-load keys from a file or generated ones, batched and pipelined.
     Load(load::Args),
-    /// Closed-loop benchmark over the wire protocol, HTTP, or Redis.
+    /// Closed-loop benchmark over the wire protocol, HTTP, or Redis (or of wire handshakes).
     Bench(bench::Args),
     /// Runs one node of `kvctl local` (internal).
     #[command(hide = true)]
