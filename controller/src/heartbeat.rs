@@ -12,6 +12,7 @@
 
 use crate::detector::Observation;
 use crate::state::Shared;
+use kv_wire::auth::TAG_LEN;
 use kv_wire::heartbeat::{Datagram, Heartbeat, HeartbeatAck};
 use kv_wire::DatagramError;
 use std::io::ErrorKind;
@@ -126,6 +127,12 @@ fn open(shared: &Shared, datagram: &[u8], from: SocketAddr) -> Option<Heartbeat>
             );
             None
         }
+        // A sealed heartbeat where a plain one is due: a worker with a
+        // secret this controller lacks.
+        Err(_) if secret.is_none() && looks_sealed(datagram) => {
+            shared.refused(from.ip(), "heartbeat", "unexpected", "a heartbeat with a MAC: the worker has a cluster secret and this controller has none");
+            None
+        }
         Err(DatagramError::Unauthenticated) => {
             shared.refused(
                 from.ip(),
@@ -140,6 +147,14 @@ fn open(shared: &Shared, datagram: &[u8], from: SocketAddr) -> Option<Heartbeat>
             None
         }
     }
+}
+
+/// Whether a datagram is a heartbeat followed by a MAC.
+fn looks_sealed(datagram: &[u8]) -> bool {
+    datagram
+        .len()
+        .checked_sub(TAG_LEN)
+        .is_some_and(|body| Heartbeat::decode(&datagram[..body]).is_ok())
 }
 
 fn drop_reason(e: &DatagramError) -> &'static str {

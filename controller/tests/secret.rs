@@ -129,6 +129,26 @@ async fn a_controller_without_a_secret_refuses_a_registration_that_proves_one() 
 }
 
 #[tokio::test]
+async fn a_controller_without_a_secret_names_sealed_heartbeats_in_its_metrics() {
+    let c = Controller::start(Duration::ZERO).await;
+    let w = FakeWorker::start(&c, "worker1").await;
+    let sealed = Heartbeat {
+        member: w.member,
+        generation: 1,
+        seq: 1_000,
+        epoch_seen: 0,
+    }
+    .seal(Some(&secret("worker-secret-0123456")));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.send_to(&sealed, c.addr).unwrap();
+    eventually("the sealed heartbeat to be counted", || async {
+        (refusals(&metrics(&c).await, "heartbeat", "unexpected") == 1).then_some(())
+    })
+    .await;
+    c.stop().await;
+}
+
+#[tokio::test]
 async fn forged_and_replayed_heartbeats_keep_no_dead_worker_alive() {
     let s = secret("controller-secret-0123");
     let c = Controller::start_with(Duration::ZERO, Some(s)).await;
