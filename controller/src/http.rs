@@ -80,11 +80,11 @@ async fn register(
     // The proof first: a stranger learns nothing, not even whether its
     // registration would have been valid.
     let authorization = headers.get(header::AUTHORIZATION).map(|h| h.as_bytes());
-    if let Err(e) =
-        shared
-            .guard
-            .check_registration(authorization, &body, unix_ms(SystemTime::now()))
-    {
+    if let Err(e) = shared.guard.check_registration(
+        authorization,
+        &body,
+        kv_wire::version::unix_ms(SystemTime::now()),
+    ) {
         shared.refused(peer.ip(), "register", e.kind(), &e.to_string());
         return Err(ApiError(StatusCode::UNAUTHORIZED, e.to_string()));
     }
@@ -122,11 +122,6 @@ fn node_json(node: &NodeView<'_>) -> serde_json::Value {
         "last_heartbeat": rfc3339(node.worker.last_heartbeat),
         "last_heartbeat_ms_ago": node.silent_for.as_millis() as u64,
     })
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn rfc3339(t: SystemTime) -> String {

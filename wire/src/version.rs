@@ -26,6 +26,13 @@ pub struct Version {
     pub node: u64,
 }
 
+/// `t` in milliseconds since the Unix epoch (0 before it): the wall time
+/// versions and registration proofs are stamped with.
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl std::fmt::Display for Version {
     /// `millis.logical@node`, e.g. `1764127433123.0@9f1c2d3e4a5b6c7d`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

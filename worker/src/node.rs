@@ -155,9 +155,7 @@ pub struct Node {
 
 /// The wall clock, in milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    kv_wire::version::unix_ms(SystemTime::now())
 }
 
 impl Node {
