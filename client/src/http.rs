@@ -72,10 +72,12 @@ impl HttpClient {
         url: &str,
         body: Bytes,
     ) -> Result<(u16, Bytes), HttpError> {
-        self.send(method, url, body, None).await
+        self.request_authorized(method, url, body, None).await
     }
 
-    async fn send(
+    /// One request with an `Authorization` header, if given; the status and
+    /// body of any answer.
+    pub async fn request_authorized(
         &self,
         method: Method,
         url: &str,
@@ -145,7 +147,7 @@ impl HttpClient {
         authorization: Option<&str>,
     ) -> Result<T, HttpError> {
         let (status, reply) = self
-            .send(Method::POST, url, Bytes::from(body), authorization)
+            .request_authorized(Method::POST, url, Bytes::from(body), authorization)
             .await?;
         decode(url, status, &reply)
     }

@@ -4,9 +4,6 @@
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use kv_controller::{run, Config, Listeners};
 use kv_wire::heartbeat::{Heartbeat, HeartbeatAck};
 use kv_wire::message::Challenge;
@@ -117,19 +114,10 @@ pub async fn http_authorized(
     body: Bytes,
     authorization: Option<&str>,
 ) -> (u16, Bytes) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json");
-    if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
-    }
-    let request = request.body(Full::new(body)).unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, bytes)
+    kv_client::HttpClient::new()
+        .request_authorized(method.parse().unwrap(), url, body, authorization)
+        .await
+        .unwrap()
 }
 
 /// A fake worker: registers, sends heartbeats while `beating`, and records
