@@ -178,6 +178,35 @@ mod tests {
                 },
             ),
             request(
+                7,
+                Request::Compare {
+                    ranges: vec![(
+                        crate::HashRange { start: 0, end: 99 },
+                        crate::Digest { count: 2, xor: 7 },
+                    )],
+                },
+            ),
+            request(
+                8,
+                Request::List {
+                    range: crate::HashRange::ALL,
+                    after: Some("a".into()),
+                },
+            ),
+            request(
+                9,
+                Request::FetchRange {
+                    range: crate::HashRange { start: 5, end: 5 },
+                    after: None,
+                },
+            ),
+            request(
+                10,
+                Request::Fetch {
+                    keys: vec!["a".into(), "b".into()],
+                },
+            ),
+            request(
                 u64::MAX,
                 Request::Topology(Topology {
                     epoch: 9,
@@ -235,6 +264,24 @@ mod tests {
                 },
             ),
             response(4, Response::Wanted(vec![0, 3])),
+            response(
+                4,
+                Response::Compared(vec![(1, crate::Digest { count: 0, xor: 0 })]),
+            ),
+            response(
+                4,
+                Response::Listed {
+                    items: vec![("a".into(), Version { hlc: 1, node: 2 })],
+                    next: Some("a".into()),
+                },
+            ),
+            response(
+                4,
+                Response::Entries {
+                    entries: vec![entry("a", Some(b"1")), entry("b", None)],
+                    next: None,
+                },
+            ),
             response(5, Response::TopologyAccepted { epoch: 9 }),
             response(
                 6,

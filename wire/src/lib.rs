@@ -4,6 +4,8 @@
 //! - [`message`]: the wire messages exchanged over TCP, with ids so requests
 //!   pipeline, and the topology the controller publishes;
 //! - [`codec`]: length-framed MessagePack for those messages;
+//! - [`digest`]: summaries of the copies held in a range of the hash circle,
+//!   compared by anti-entropy;
 //! - [`heartbeat`]: the compact UDP heartbeat and its ack;
 //! - [`register`]: the JSON of the controller's `/register`;
 //! - [`ring`]: the consistent-hash ring every process computes identically;
@@ -15,6 +17,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod digest;
 pub mod error;
 pub mod heartbeat;
 pub mod message;
@@ -24,6 +27,7 @@ pub mod version;
 
 pub use auth::ClusterSecret;
 pub use codec::FrameCodec;
+pub use digest::{Digest, HashRange};
 pub use error::{DatagramError, HelloError, KeyError, WireError};
 pub use message::{ClientFrame, Entry, Member, Request, Response, ServerFrame, Topology};
 pub use ring::Ring;

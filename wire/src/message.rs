@@ -18,7 +18,7 @@
 
 use crate::auth::{ClusterSecret, Nonce, Purpose, Tag};
 use crate::error::HelloError;
-use crate::{Ring, Version};
+use crate::{Digest, HashRange, Ring, Version};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -310,6 +310,38 @@ pub enum Request {
     },
     /// The controller publishes a new topology.
     Topology(Topology),
+    /// Anti-entropy: the sender's digests of some ranges; answered by
+    /// [`Response::Compared`] with the ranges whose digest differs at the
+    /// receiver, and the receiver's digest of each.
+    Compare {
+        /// `(range, the sender's digest of it)`.
+        ranges: Vec<(HashRange, Digest)>,
+    },
+    /// The `(key, version)` pairs held in a range, in `(xxh3(key), key)`
+    /// order after `after` (a key from an earlier answer); answered by
+    /// [`Response::Listed`], a bounded page at a time.
+    List {
+        /// The range.
+        range: HashRange,
+        /// Resume after this key.
+        after: Option<String>,
+    },
+    /// The copies held in a range, values and tombstones, in the order of
+    /// [`Request::List`]; answered by [`Response::Entries`], a bounded page
+    /// at a time.
+    FetchRange {
+        /// The range.
+        range: HashRange,
+        /// Resume after this key.
+        after: Option<String>,
+    },
+    /// The copies held of these keys (those not held are left out);
+    /// answered by [`Response::Entries`], which stops early (with `next`
+    /// set to the last key sent) when the answer would grow too large.
+    Fetch {
+        /// The keys.
+        keys: Vec<String>,
+    },
 }
 
 /// A worker's answer.
@@ -346,6 +378,24 @@ pub enum Response {
     TopologyAccepted {
         /// The epoch the worker now holds.
         epoch: u64,
+    },
+    /// The answer to [`Request::Compare`]: `(index in the request, the
+    /// receiver's digest)` of each range whose digests differ.
+    Compared(Vec<(u32, Digest)>),
+    /// The answer to [`Request::List`]: a page of `(key, version)` pairs;
+    /// `next` is where the following page starts (`None`: the last page).
+    Listed {
+        /// The pairs, in order.
+        items: Vec<(String, Version)>,
+        /// Ask again after this key for more.
+        next: Option<String>,
+    },
+    /// The answer to [`Request::FetchRange`] and [`Request::Fetch`].
+    Entries {
+        /// The copies, values and tombstones.
+        entries: Vec<Entry>,
+        /// Ask again after this key for more (`None`: nothing more).
+        next: Option<String>,
     },
     /// The request failed.
     Failed(Failure),

@@ -13,6 +13,7 @@
 //! Dynamo do) keeps movement minimal: adding or removing a worker changes
 //! only the owner sets that worker enters or leaves.
 
+use crate::digest::HashRange;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Owners precomputed per arc: lookups for up to this many owners (the
@@ -134,6 +135,46 @@ impl Ring {
     /// Whether `id` is among the first `n` owners of `key`.
     pub fn is_owner(&self, key: &[u8], n: usize, id: &str) -> bool {
         self.owners(key, n).contains(&id)
+    }
+
+    /// The circle cut into arcs, each a [`HashRange`] with its owners
+    /// (primary first, up to the replication factor), in hash order. Every
+    /// hash lies in exactly one; a key's owners are those of the arc holding
+    /// `key_hash(key)`. Tokens that coincide make no empty arc, and the arc
+    /// that wraps past the top comes as two ranges (at both ends).
+    pub fn arcs(&self) -> Vec<(HashRange, Vec<&str>)> {
+        let Some(&last) = self.tokens.last() else {
+            return Vec::new();
+        };
+        let owners = |i: usize| -> Vec<&str> {
+            self.arcs[i]
+                .iter()
+                .take_while(|&&n| n != NONE)
+                .map(|&n| self.nodes[n as usize].as_str())
+                .collect()
+        };
+        let mut arcs = Vec::with_capacity(self.tokens.len() + 1);
+        let mut start = 0u64;
+        for (i, &token) in self.tokens.iter().enumerate() {
+            if i == 0 || token >= start {
+                arcs.push((HashRange { start, end: token }, owners(i)));
+            }
+            match token.checked_add(1) {
+                Some(next) => start = next,
+                None => return arcs,
+            }
+        }
+        // Hashes above the last token wrap to the first token's owners.
+        if last < u64::MAX {
+            arcs.push((
+                HashRange {
+                    start: last + 1,
+                    end: u64::MAX,
+                },
+                owners(0),
+            ));
+        }
+        arcs
     }
 
     /// Indices into [`Ring::nodes`] of up to `n` distinct owners of the key
@@ -342,6 +383,35 @@ mod tests {
                 n + 1
             );
         }
+    }
+
+    #[test]
+    fn arcs_tile_the_circle_and_give_each_key_its_owners() {
+        for n in [1, 2, 4, 7] {
+            let ring = Ring::with_vnodes(workers(n), 64);
+            let arcs = ring.arcs();
+            assert_eq!(arcs.first().map(|a| a.0.start), Some(0));
+            assert_eq!(arcs.last().map(|a| a.0.end), Some(u64::MAX));
+            for pair in arcs.windows(2) {
+                assert!(pair[0].0.is_valid());
+                assert_eq!(
+                    pair[0].0.end.wrapping_add(1),
+                    pair[1].0.start,
+                    "{n}: gap or overlap"
+                );
+            }
+            for key in keys(3_000) {
+                let h = Ring::key_hash(key.as_bytes());
+                let i = arcs.partition_point(|(r, _)| r.end < h);
+                assert!(arcs[i].0.contains(h));
+                assert_eq!(
+                    arcs[i].1,
+                    ring.owners(key.as_bytes(), 3),
+                    "{n} workers, {key}"
+                );
+            }
+        }
+        assert!(Ring::new(Vec::<String>::new()).arcs().is_empty());
     }
 
     #[test]

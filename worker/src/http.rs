@@ -63,13 +63,19 @@ impl From<QueryRejection> for ApiError {
 
 /// The routes. `max_value` sizes the body limit: a JSON string may escape
 /// each byte of a value into up to six.
-pub fn router(node: Arc<Node>) -> Router {
+/// With `test_hooks`, also `POST /test/forget`.
+pub fn router(node: Arc<Node>, test_hooks: bool) -> Router {
     let body_limit = node
         .limits
         .max_value
         .saturating_mul(6)
         .saturating_add(64 * 1024);
-    Router::new()
+    let router = if test_hooks {
+        Router::new().route("/test/forget", axum::routing::post(forget))
+    } else {
+        Router::new()
+    };
+    router
         .route("/kv", get(get_kv).put(put_kv).delete(delete_kv))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -184,6 +190,30 @@ async fn delete_kv(
     Ok(Json(
         json!({ "key": key, "version": written.version.to_string(), "acks": written.acks, "deleted": true }),
     ))
+}
+
+/// Test hook: drops this worker's copies of the keys in the body (a JSON
+/// array of strings) as a lost disk block would, telling no one; answers
+/// how many it held. Anti-entropy is what brings them back.
+async fn forget(
+    State(node): State<Arc<Node>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys: Vec<String> = serde_json::from_slice(&body?).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid body ({e}); send a JSON array of keys"),
+        )
+    })?;
+    let forgotten = keys
+        .iter()
+        .filter(|key| {
+            node.store
+                .get(key)
+                .is_some_and(|copy| node.store.remove_if(key, copy.version))
+        })
+        .count();
+    Ok(Json(json!({ "forgotten": forgotten })))
 }
 
 async fn healthz(State(node): State<Arc<Node>>) -> Json<serde_json::Value> {

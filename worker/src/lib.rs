@@ -9,9 +9,11 @@ pub mod heartbeat;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod ranges;
 pub mod rebalance;
 pub mod replication;
 pub mod store;
+pub mod sync;
 pub mod topology;
 pub mod wire_server;
 
@@ -81,6 +83,15 @@ pub struct Config {
     /// How long deletes are remembered (tombstones) before being purged.
     #[arg(long, env = "KV_TOMBSTONE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub tombstone_grace: Duration,
+    /// How often co-owners compare digests of every arc they share and
+    /// repair what differs (anti-entropy). At most half the tombstone
+    /// grace, so a missed delete is repaired before its tombstone expires.
+    #[arg(long, env = "KV_ANTI_ENTROPY_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub anti_entropy_interval: Duration,
+    /// Test-only hooks (`POST /test/forget`: drop local copies behind the
+    /// cluster's back, as a lost disk block would). Never in production.
+    #[arg(long, env = "KV_TEST_HOOKS", hide = true)]
+    pub test_hooks: bool,
 }
 
 impl Config {
@@ -153,6 +164,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let id = worker_id(&config)?;
+    if config.anti_entropy_interval.is_zero()
+        || config.anti_entropy_interval > config.tombstone_grace / 2
+    {
+        return Err(WorkerError::Config(format!(
+            "--anti-entropy-interval {} must be above zero and at most half of --tombstone-grace {}, so a missed delete is repaired before its tombstone is purged",
+            humantime::format_duration(config.anti_entropy_interval),
+            humantime::format_duration(config.tombstone_grace)
+        )));
+    }
     kv_wire::validate_key(&id)
         .map_err(|_| WorkerError::Config("the worker id must be 1 to 1024 bytes".into()))?;
     let http_port = listeners
@@ -213,7 +233,11 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     ));
-    tracker.spawn(rebalance::run(node.clone(), shutdown.clone()));
+    tracker.spawn(rebalance::run(
+        node.clone(),
+        config.anti_entropy_interval,
+        shutdown.clone(),
+    ));
     tracker.spawn(purge_tombstones(
         store,
         config.tombstone_grace,
@@ -272,7 +296,7 @@ pub async fn run(
         warn!("no cluster secret (--cluster-secret-file): registration, heartbeats and wire connections are unauthenticated; anyone who can reach this worker can write to it");
     }
     info!(%id, http_port, wire_port, controller = %config.controller.host, authenticated = config.cluster_secret.is_some(), "worker listening");
-    let served = axum::serve(http, http::router(node))
+    let served = axum::serve(http, http::router(node, config.test_hooks))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
         .map_err(io_error("http server failed"));

@@ -39,14 +39,30 @@ pub struct Metrics {
     pub hints_dropped: Counter,
     /// Rebalances completed.
     pub rebalances: Counter,
-    /// Keys sent by rebalancing.
+    /// Copies moved by rebalancing: pulled into this worker, or handed
+    /// off from it.
     pub rebalance_keys: Counter,
-    /// Bytes sent by rebalancing.
+    /// Bytes of keys and values moved by rebalancing.
     pub rebalance_bytes: Counter,
     /// Keys dropped after their new owners confirmed them.
     pub rebalance_dropped: Counter,
-    /// Keys the running rebalance still has to visit (0 when idle).
-    pub rebalance_pending: Gauge,
+    /// Anti-entropy rounds completed.
+    pub ae_rounds: Counter,
+    /// Arcs compared with a co-owner by anti-entropy rounds.
+    pub ae_arcs_compared: Counter,
+    /// Of those, arcs whose digests differed.
+    pub ae_arcs_differing: Counter,
+    /// Copies anti-entropy rounds repaired here (pulled) or handed off.
+    pub ae_keys_repaired: Counter,
+    /// Duration of the last anti-entropy round, in milliseconds.
+    pub ae_last_ms: Gauge,
+    /// Arcs this worker owns that it has not yet verified against every
+    /// co-owner since the last topology change (0: fully replicated, as
+    /// far as this worker knows).
+    pub arcs_unverified: Gauge,
+    /// Keys held here that this worker does not own and whose owners have
+    /// not all confirmed them yet.
+    pub handoff_pending: Gauge,
     /// Duration of the last rebalance, in milliseconds.
     pub rebalance_last_ms: Gauge,
     /// Keys held, tombstones included.
@@ -74,7 +90,13 @@ impl Metrics {
             rebalance_keys: Counter::default(),
             rebalance_bytes: Counter::default(),
             rebalance_dropped: Counter::default(),
-            rebalance_pending: Gauge::default(),
+            ae_rounds: Counter::default(),
+            ae_arcs_compared: Counter::default(),
+            ae_arcs_differing: Counter::default(),
+            ae_keys_repaired: Counter::default(),
+            ae_last_ms: Gauge::default(),
+            arcs_unverified: Gauge::default(),
+            handoff_pending: Gauge::default(),
             rebalance_last_ms: Gauge::default(),
             keys: Gauge::default(),
             bytes: Gauge::default(),
@@ -115,12 +137,12 @@ impl Metrics {
         registry.register("rebalances", "Rebalances completed", m.rebalances.clone());
         registry.register(
             "rebalance_keys",
-            "Keys sent by rebalancing",
+            "Copies moved by rebalancing: pulled into this worker, or handed off from it",
             m.rebalance_keys.clone(),
         );
         registry.register(
             "rebalance_bytes",
-            "Bytes sent by rebalancing",
+            "Bytes of keys and values moved by rebalancing",
             m.rebalance_bytes.clone(),
         );
         registry.register(
@@ -129,9 +151,39 @@ impl Metrics {
             m.rebalance_dropped.clone(),
         );
         registry.register(
-            "rebalance_pending_keys",
-            "Keys the running rebalance has yet to visit",
-            m.rebalance_pending.clone(),
+            "anti_entropy_rounds",
+            "Anti-entropy rounds completed",
+            m.ae_rounds.clone(),
+        );
+        registry.register(
+            "anti_entropy_arcs_compared",
+            "Arcs compared with a co-owner by anti-entropy rounds",
+            m.ae_arcs_compared.clone(),
+        );
+        registry.register(
+            "anti_entropy_arcs_differing",
+            "Arcs compared by anti-entropy whose digests differed",
+            m.ae_arcs_differing.clone(),
+        );
+        registry.register(
+            "anti_entropy_keys_repaired",
+            "Copies anti-entropy repaired: pulled here, or handed off to their owners",
+            m.ae_keys_repaired.clone(),
+        );
+        registry.register(
+            "anti_entropy_last_duration_ms",
+            "Duration of the last anti-entropy round",
+            m.ae_last_ms.clone(),
+        );
+        registry.register(
+            "arcs_unverified",
+            "Arcs this worker owns not yet verified against every co-owner since the last topology change (0: fully replicated)",
+            m.arcs_unverified.clone(),
+        );
+        registry.register(
+            "handoff_pending_keys",
+            "Keys held here that this worker does not own, not yet confirmed by all their owners",
+            m.handoff_pending.clone(),
         );
         registry.register(
             "rebalance_last_duration_ms",

@@ -470,28 +470,43 @@ impl Node {
         }
     }
 
+    /// Stores a copy a peer sent if it is newer (`None`: an invalid key).
+    fn apply_copy(&self, entry: Entry) -> Option<Applied> {
+        kv_wire::validate_key(&entry.key).ok()?;
+        self.clock.observe(entry.version);
+        let copy = Stored {
+            version: entry.version,
+            value: entry.value,
+        };
+        Some(self.store.apply(&entry.key, copy))
+    }
+
     /// Stores the copies a peer sends; reports the ones older than held.
     pub fn replicate(&self, entries: Vec<Entry>) -> Response {
         let mut applied = 0;
         let mut stale = Vec::new();
         for (i, entry) in entries.into_iter().enumerate() {
-            if kv_wire::validate_key(&entry.key).is_err() {
-                continue;
-            }
-            self.clock.observe(entry.version);
-            match self.store.apply(
-                &entry.key,
-                Stored {
-                    version: entry.version,
-                    value: entry.value,
-                },
-            ) {
-                Applied::Stored => applied += 1,
-                Applied::Held => {}
-                Applied::Older { held } => stale.push((i as u32, held)),
+            match self.apply_copy(entry) {
+                Some(Applied::Stored) => applied += 1,
+                Some(Applied::Older { held }) => stale.push((i as u32, held)),
+                Some(Applied::Held) | None => {}
             }
         }
         Response::Replicated { applied, stale }
+    }
+
+    /// Stores pulled copies that are newer than held; returns how many
+    /// were, and their bytes of keys and values.
+    pub fn absorb(&self, entries: Vec<Entry>) -> (usize, usize) {
+        let (mut applied, mut bytes) = (0, 0);
+        for entry in entries {
+            let size = entry.key.len() + entry.value.as_ref().map_or(0, Bytes::len);
+            if self.apply_copy(entry) == Some(Applied::Stored) {
+                applied += 1;
+                bytes += size;
+            }
+        }
+        (applied, bytes)
     }
 
     /// The offered items this worker lacks (missing or older here).

@@ -1,34 +1,26 @@
-//! Rebalancing: when the topology changes, move copies to the workers that
-//! now own them, and drop the ones this worker no longer owns.
+//! Rebalancing and anti-entropy: carrying out the rules of [`crate::sync`].
 //!
-//! Planning is pure and local: from the view where the data settled and
-//! the new view, each worker decides for each key it holds what to do —
-//! no request to the controller, no per-key coordination:
-//!
-//! - the key's *designated sender* is its first previous owner still live
-//!   in the same incarnation (every worker computes the same one). It sends
-//!   the key to the owners it gained. Every acknowledged write is on the
-//!   primary and the first replica, so the designated sender holds it even
-//!   when the primary is the worker that died.
-//! - when an owner departed, the designated sender also *offers* the key
-//!   (key and version only) to the owners that kept it, which take the
-//!   value only if they lack it: the async third copy the dead primary
-//!   never delivered.
-//! - a worker that no longer owns a key offers it to all its new owners and
-//!   drops it only once each confirms holding that version or newer. If
-//!   some still lack it after a few rounds (the designated sender did not
-//!   have it), it sends the value itself.
-//!
-//! Changes are debounced: a worker that flaps DOWN and UP within the quiet
-//! period moves nothing.
+//! One task follows the topology. After a change settles (debounced), and
+//! every `--anti-entropy-interval` otherwise, it runs one *sync* towards
+//! the current view: compare digests of every owned arc with each
+//! co-owner and pull what is missing here, then hand off the keys this
+//! worker does not own. A sync after a change repeats its comparisons
+//! while they still move data (a co-owner may have been filling up at the
+//! first look); a periodic round compares once, paced, and moves nothing
+//! when nothing differs. A sync that could not reach a peer, or left keys
+//! unconfirmed, is retried with backoff rather than left to the next
+//! change. A newer topology interrupts a sync, which starts over towards
+//! it: nothing depends on where an earlier one stopped.
 
 use crate::node::Node;
-use crate::store::Stored;
+use crate::sync::{decide, Comparisons, Handoff, PeerArcs, Pull};
 use crate::topology::View;
-use kv_wire::{Entry, Member, Request, Response, Version};
-use std::collections::{HashMap, HashSet};
+use futures::stream::{self, StreamExt};
+use kv_wire::{Digest, Entry, HashRange, Member, Request, Response, Version};
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -36,299 +28,467 @@ use tracing::{info, warn};
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// Longest a stream of changes can postpone a rebalance.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(3);
-/// Entries per `Replicate` or `Offer` frame.
-const BATCH: usize = 1024;
-/// Rounds of offers before a non-designated holder sends values itself.
-const OFFER_ROUNDS: usize = 3;
-/// Tries of one rebalancing call before leaving it to the next rebalance.
+/// Ranges per `Compare` request.
+const COMPARE_BATCH: usize = 1024;
+/// Pulls of arcs in flight per peer (the connection pipelines them).
+const PULLS_IN_FLIGHT: usize = 8;
+/// Keys per `Fetch` request.
+const FETCH_BATCH: usize = 512;
+/// Entries per `Offer` or handed-off `Replicate`.
+const HANDOFF_BATCH: usize = 1024;
+/// Pauses between offer rounds of a handoff: owners are pulling meanwhile;
+/// after the last, values still lacking are sent.
+const OFFER_PAUSES: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+/// Comparison passes of a sync after a change, at most.
+const MAX_PASSES: usize = 3;
+/// Tries of one call before the sync counts the peer as failed.
 const CALL_ATTEMPTS: usize = 4;
-/// Pause between offer rounds, giving designated senders time to deliver.
-const OFFER_PAUSE: Duration = Duration::from_millis(500);
+/// First retry of an incomplete sync; doubles up to the interval.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Pause between `Compare` batches of a periodic round: its cost is
+/// spread out, never a burst.
+const ROUND_PACE: Duration = Duration::from_millis(20);
 
-/// What to do with one key held here.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct KeyPlan<'a> {
-    /// Send the value to these.
-    pub send: Vec<&'a Member>,
-    /// Offer the version to these; send the value to those that lack it.
-    pub offer: Vec<&'a Member>,
-    /// This worker no longer owns the key: drop it once every new owner
-    /// confirmed it.
-    pub drop: bool,
-    /// This worker is the key's designated sender.
-    pub designated: bool,
+/// Why a sync runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The topology changed.
+    Change,
+    /// The last sync was incomplete.
+    Retry,
+    /// The periodic anti-entropy round.
+    AntiEntropy,
 }
 
-/// The plan for `key`, held by `me`, when data moves from `from` to `to`.
-pub fn plan_key<'a>(me: &str, from: &View, to: &'a View, key: &str) -> KeyPlan<'a> {
-    let new_owners = to.owners(key);
-    let old_owners = from.owners(key);
-    let continuing = |m: &Member| to.has(m);
-    let was_owner = |m: &Member| {
-        old_owners
-            .iter()
-            .any(|o| o.id == m.id && o.generation == m.generation)
-    };
-    let drop = !new_owners.iter().any(|m| m.id == me);
-    let designated = old_owners
-        .iter()
-        .find(|m| continuing(m))
-        .map(|m| m.id.as_str());
-    let departed = old_owners.iter().any(|m| !continuing(m));
-    let others = new_owners.iter().copied().filter(|m| m.id != me);
-    match designated {
-        Some(d) if d == me => KeyPlan {
-            send: others.clone().filter(|m| !was_owner(m)).collect(),
-            offer: if departed || drop {
-                others.filter(|m| was_owner(m)).collect()
-            } else {
-                Vec::new()
-            },
-            drop,
-            designated: true,
-        },
-        // Nobody who held the key before is left to send it (or this
-        // worker's view of the past is not shared): offer it to every owner.
-        None => KeyPlan {
-            offer: others.collect(),
-            drop,
-            ..KeyPlan::default()
-        },
-        Some(_) if drop => KeyPlan {
-            offer: others.collect(),
-            drop,
-            ..KeyPlan::default()
-        },
-        Some(_) => KeyPlan::default(),
+/// What one sync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Arcs owned here.
+    pub arcs: usize,
+    /// Arc comparisons with co-owners.
+    pub compared: usize,
+    /// Of those, comparisons whose digests differed.
+    pub differing: usize,
+    /// Copies pulled and applied here.
+    pub pulled: usize,
+    /// Bytes of keys and values pulled.
+    pub pulled_bytes: usize,
+    /// Keys held here that this worker does not own.
+    pub foreign: usize,
+    /// Copies handed off (values sent to owners lacking them).
+    pub handed: usize,
+    /// Bytes of keys and values handed off.
+    pub handed_bytes: usize,
+    /// Foreign keys dropped after every owner confirmed them.
+    pub dropped: usize,
+    /// Foreign keys kept: some owner has not confirmed them.
+    pub kept: usize,
+    /// Owned arcs not verified against every co-owner.
+    pub unverified: usize,
+    /// Calls that failed after retries.
+    pub failures: usize,
+}
+
+impl Report {
+    /// Whether everything was verified and handed off.
+    pub fn complete(&self) -> bool {
+        self.failures == 0 && self.kept == 0 && self.unverified == 0
+    }
+
+    fn add_peer(&mut self, p: &PeerReport) {
+        self.compared += p.compared;
+        self.differing += p.differing;
+        self.pulled += p.pulled;
+        self.pulled_bytes += p.pulled_bytes;
+        self.failures += p.failures;
     }
 }
 
-/// Whether two views hold the same members in the same incarnations (then
-/// no data needs to move, whatever the epochs).
-fn same_members(a: &View, b: &View) -> bool {
-    a.topology.members == b.topology.members
-}
-
-/// What one rebalance did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Summary {
-    /// Keys examined.
-    pub keys: usize,
-    /// Values sent.
-    pub sent: usize,
-    /// Bytes of keys and values sent.
-    pub bytes: usize,
-    /// Keys offered.
-    pub offered: usize,
-    /// Keys dropped after confirmation.
-    pub dropped: usize,
-}
-
-/// Follows topology changes until `shutdown`, rebalancing after each
-/// settles.
-pub async fn run(node: Arc<Node>, shutdown: CancellationToken) {
+/// Follows topology changes until `shutdown`: a sync after each change
+/// settles, and an anti-entropy round every `interval`.
+pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToken) {
     let mut changes = node.topologies.subscribe();
+    let mut next_round = Instant::now() + interval;
+    let mut retry: Option<(Instant, Duration)> = None;
     loop {
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            () = shutdown.cancelled() => return,
-        }
-        // Debounce: wait for a quiet period, up to a bound.
-        let started = Instant::now();
-        loop {
-            let quiet = tokio::time::timeout(DEBOUNCE, changes.changed());
-            tokio::select! {
-                r = quiet => match r {
-                    Err(_) => break,
-                    Ok(Err(_)) => return,
-                    Ok(Ok(())) if started.elapsed() >= MAX_DEBOUNCE => break,
-                    Ok(Ok(())) => {}
-                },
-                () = shutdown.cancelled() => return,
+        let retry_at = retry.map(|(at, _)| at);
+        let why = tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() || !debounce(&mut changes, &shutdown).await {
+                    return;
+                }
+                Why::Change
             }
+            () = sleep_until(retry_at), if retry_at.is_some() => Why::Retry,
+            () = tokio::time::sleep_until(next_round) => Why::AntiEntropy,
+            () = shutdown.cancelled() => return,
+        };
+        let view = changes.borrow_and_update().clone();
+        if why == Why::AntiEntropy {
+            next_round = Instant::now() + interval;
         }
-        let to = changes.borrow_and_update().clone();
-        let from = node.topologies.settled();
-        if same_members(&from, &to) {
-            node.topologies.settle(to);
+        if view.topology.members.is_empty() {
             continue;
         }
         let began = Instant::now();
-        tokio::select! {
-            summary = rebalance(&node, &from, &to) => {
-                let took = began.elapsed();
-                node.topologies.settle(to.clone());
-                let m = &node.metrics;
-                m.rebalances.inc();
-                m.rebalance_keys.inc_by(summary.sent as u64);
-                m.rebalance_bytes.inc_by(summary.bytes as u64);
-                m.rebalance_dropped.inc_by(summary.dropped as u64);
-                m.rebalance_last_ms.set(took.as_millis() as i64);
-                m.rebalance_pending.set(0);
-                info!(from = from.epoch(), to = to.epoch(), keys = summary.keys, sent = summary.sent, bytes = summary.bytes, offered = summary.offered, dropped = summary.dropped, took_ms = took.as_millis() as u64, "rebalance done");
-            }
-            // A newer topology: start over from the settled view towards it.
-            // What was sent so far is harmless (copies apply idempotently).
+        let report = tokio::select! {
+            report = sync(&node, &view, why) => report,
+            // A newer topology: start over towards it. What was pulled so
+            // far stays (copies apply idempotently).
             _ = changes.changed() => {
-                info!(to = to.epoch(), "topology changed during a rebalance; starting over");
+                info!(to = view.epoch(), "topology changed during a rebalance; starting over");
                 changes.mark_changed();
+                continue;
             }
             () = shutdown.cancelled() => return,
+        };
+        let took = began.elapsed();
+        record(&node, &view, why, &report, took);
+        if report.complete() {
+            node.topologies.settle(view);
+            retry = None;
+        } else {
+            let pause = retry.map_or(RETRY_MIN, |(_, p)| (p * 2).min(interval));
+            retry = Some((Instant::now() + pause, pause));
         }
     }
 }
 
-/// Offered `(key, version)` pairs.
-type Offers = Vec<(String, Version)>;
-
-/// Per-target batches of the keys of one shard.
-#[derive(Default)]
-struct Batches<'a> {
-    send: HashMap<&'a str, (&'a Member, Vec<Entry>)>,
-    offer: HashMap<&'a str, (&'a Member, Offers)>,
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
-/// Moves what `from` -> `to` requires of this worker's keys.
-pub async fn rebalance(node: &Node, from: &View, to: &View) -> Summary {
-    let mut summary = Summary::default();
-    let mut pending_keys: i64 = node.store.stats().0 as i64;
-    // Keys to drop, with the owners that have not yet confirmed them.
-    let mut unconfirmed: HashMap<String, (Version, HashSet<String>)> = HashMap::new();
-    // Offered keys some owner lacked, for later rounds: key -> copy.
-    let mut lacking: HashMap<String, (Stored, bool)> = HashMap::new();
-    for shard in 0..node.store.shards() {
-        let snapshot = node.store.snapshot(shard);
-        pending_keys -= snapshot.len() as i64;
-        node.metrics.rebalance_pending.set(pending_keys.max(0));
-        let mut batches = Batches::default();
-        let mut copies: HashMap<&str, (&Stored, bool)> = HashMap::new();
-        for (key, copy) in &snapshot {
-            summary.keys += 1;
-            let plan = plan_key(&node.id, from, to, key);
-            if plan.send.is_empty() && plan.offer.is_empty() && !plan.drop {
-                continue;
-            }
-            copies.insert(key, (copy, plan.designated));
-            let entry = || Entry {
-                key: key.clone(),
-                version: copy.version,
-                value: copy.value.clone(),
-            };
-            for m in &plan.send {
-                batches
-                    .send
-                    .entry(&m.id)
-                    .or_insert_with(|| (m, Vec::new()))
-                    .1
-                    .push(entry());
-            }
-            for m in &plan.offer {
-                batches
-                    .offer
-                    .entry(&m.id)
-                    .or_insert_with(|| (m, Vec::new()))
-                    .1
-                    .push((key.clone(), copy.version));
-            }
-            if plan.drop {
-                let owners = to
-                    .owners(key)
-                    .iter()
-                    .filter(|m| m.id != node.id)
-                    .map(|m| m.id.clone())
-                    .collect();
-                unconfirmed.insert(key.clone(), (copy.version, owners));
-            }
+/// Waits for a quiet period after a change, up to a bound; false on
+/// shutdown or when the topology source is gone.
+async fn debounce(
+    changes: &mut tokio::sync::watch::Receiver<Arc<View>>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let started = Instant::now();
+    loop {
+        let quiet = tokio::time::timeout(DEBOUNCE, changes.changed());
+        tokio::select! {
+            r = quiet => match r {
+                Err(_) => return true,
+                Ok(Err(_)) => return false,
+                Ok(Ok(())) if started.elapsed() >= MAX_DEBOUNCE => return true,
+                Ok(Ok(())) => {}
+            },
+            () = shutdown.cancelled() => return false,
         }
-        // Values first, then offers: an owner that just received a value
-        // confirms it when offered.
-        for (member, entries) in batches.send.into_values() {
-            for chunk in entries.chunks(BATCH) {
-                if send(node, member, chunk.to_vec(), &mut summary).await {
-                    confirm(
-                        &mut unconfirmed,
-                        &member.id,
-                        chunk.iter().map(|e| e.key.as_str()),
-                    );
-                }
-            }
-        }
-        for (member, items) in batches.offer.into_values() {
-            for chunk in items.chunks(BATCH) {
-                summary.offered += chunk.len();
-                let Some(wanted) = offer(node, member, chunk.to_vec()).await else {
-                    continue;
-                };
-                let wanted: HashSet<u32> = wanted.into_iter().collect();
-                let (mut now, mut held) = (Vec::new(), Vec::new());
-                for (i, (key, _)) in chunk.iter().enumerate() {
-                    if !wanted.contains(&(i as u32)) {
-                        held.push(key.as_str());
-                    } else if let Some(&(copy, designated)) = copies.get(key.as_str()) {
-                        if designated {
-                            now.push(Entry {
-                                key: key.clone(),
-                                version: copy.version,
-                                value: copy.value.clone(),
-                            });
-                        } else {
-                            lacking.insert(key.clone(), (copy.clone(), false));
-                        }
+    }
+}
+
+fn record(node: &Node, view: &View, why: Why, r: &Report, took: Duration) {
+    let m = &node.metrics;
+    let moved = (r.pulled + r.handed) as u64;
+    if why == Why::AntiEntropy {
+        m.ae_rounds.inc();
+        m.ae_arcs_compared.inc_by(r.compared as u64);
+        m.ae_arcs_differing.inc_by(r.differing as u64);
+        m.ae_keys_repaired.inc_by(moved);
+        m.ae_last_ms.set(took.as_millis() as i64);
+    } else {
+        m.rebalances.inc();
+        m.rebalance_last_ms.set(took.as_millis() as i64);
+    }
+    m.rebalance_keys.inc_by(moved);
+    m.rebalance_bytes
+        .inc_by((r.pulled_bytes + r.handed_bytes) as u64);
+    m.rebalance_dropped.inc_by(r.dropped as u64);
+    let quiet = why == Why::AntiEntropy && moved == 0 && r.dropped == 0 && r.complete();
+    if !quiet {
+        info!(
+            ?why,
+            epoch = view.epoch(),
+            arcs = r.arcs,
+            compared = r.compared,
+            differing = r.differing,
+            pulled = r.pulled,
+            pulled_bytes = r.pulled_bytes,
+            foreign = r.foreign,
+            handed = r.handed,
+            dropped = r.dropped,
+            kept = r.kept,
+            unverified = r.unverified,
+            failures = r.failures,
+            took_ms = took.as_millis() as u64,
+            "sync done"
+        );
+    }
+}
+
+/// One sync of this worker towards `view`.
+pub async fn sync(node: &Node, view: &View, why: Why) -> Report {
+    let plan = Comparisons::new(&node.id, view);
+    let mut report = Report {
+        arcs: plan.arcs.len(),
+        ..Report::default()
+    };
+    // Comparisons each arc still needs before it counts as verified.
+    let mut remaining: Vec<usize> = plan.arcs.iter().map(|(_, n)| *n).collect();
+    let unverified = |remaining: &[usize]| remaining.iter().filter(|n| **n > 0).count();
+    if why == Why::Change {
+        node.metrics
+            .arcs_unverified
+            .set(unverified(&remaining) as i64);
+    }
+    let passes = if why == Why::AntiEntropy {
+        1
+    } else {
+        MAX_PASSES
+    };
+    for pass in 0..passes {
+        let pulled_before = report.pulled;
+        for phase in &plan.phases {
+            let peers = phase.values().map(|arcs| sync_peer(node, &plan, arcs, why));
+            for peer in futures::future::join_all(peers).await {
+                report.add_peer(&peer);
+                if pass == 0 {
+                    for i in peer.verified {
+                        remaining[i] -= 1;
                     }
                 }
-                confirm(&mut unconfirmed, &member.id, held.into_iter());
-                if !now.is_empty() && send(node, member, now.clone(), &mut summary).await {
-                    confirm(
-                        &mut unconfirmed,
-                        &member.id,
-                        now.iter().map(|e| e.key.as_str()),
-                    );
+            }
+            if pass == 0 {
+                node.metrics
+                    .arcs_unverified
+                    .set(unverified(&remaining) as i64);
+            }
+        }
+        if report.pulled == pulled_before {
+            break;
+        }
+    }
+    report.unverified = unverified(&remaining);
+    hand_off(node, view, &mut report).await;
+    report
+}
+
+/// What syncing with one peer did.
+#[derive(Debug, Default)]
+struct PeerReport {
+    compared: usize,
+    differing: usize,
+    pulled: usize,
+    pulled_bytes: usize,
+    failures: usize,
+    /// Arcs (indices into the plan) compared, and pulled if they differed.
+    verified: Vec<usize>,
+}
+
+/// Compares the arcs of `arcs` with its peer, pulling what differs.
+async fn sync_peer(
+    node: &Node,
+    plan: &Comparisons<'_>,
+    arcs: &PeerArcs<'_>,
+    why: Why,
+) -> PeerReport {
+    let mut report = PeerReport::default();
+    let Some(peer) = arcs.peer else {
+        return report;
+    };
+    for chunk in arcs.arcs.chunks(COMPARE_BATCH) {
+        if why == Why::AntiEntropy && report.compared > 0 {
+            tokio::time::sleep(ROUND_PACE).await;
+        }
+        let mine: Vec<(HashRange, Digest)> = chunk
+            .iter()
+            .map(|&i| (plan.arcs[i].0, node.store.digest(plan.arcs[i].0)))
+            .collect();
+        let compared = call(
+            node,
+            peer,
+            || Request::Compare {
+                ranges: mine.clone(),
+            },
+            |r| match r {
+                Response::Compared(differ) => Some(differ),
+                _ => None,
+            },
+        )
+        .await;
+        let Some(differ) = compared else {
+            report.failures += 1;
+            continue;
+        };
+        report.compared += chunk.len();
+        report.differing += differ.len();
+        let pulls = differ.into_iter().filter_map(|(i, theirs)| {
+            let (range, my) = *mine.get(i as usize)?;
+            match decide(my, theirs) {
+                Pull::Nothing => None,
+                how => Some((i as usize, range, how)),
+            }
+        });
+        let mut failed = HashSet::new();
+        let mut results = stream::iter(pulls)
+            .map(|(i, range, how)| async move { (i, pull(node, peer, range, how).await) })
+            .buffer_unordered(PULLS_IN_FLIGHT);
+        while let Some((i, pulled)) = results.next().await {
+            match pulled {
+                Some((keys, bytes)) => {
+                    report.pulled += keys;
+                    report.pulled_bytes += bytes;
+                }
+                None => {
+                    report.failures += 1;
+                    failed.insert(i);
                 }
             }
         }
+        report.verified.extend(
+            chunk
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !failed.contains(i))
+                .map(|(_, &arc)| arc),
+        );
     }
-    // Later rounds for keys some owner lacked: offer again (a designated
-    // sender may have delivered since); in the last round send the values.
-    for round in 1..=OFFER_ROUNDS {
-        let waiting: Vec<(String, Version, Vec<String>)> = unconfirmed
-            .iter()
-            .filter(|(_, (_, owners))| !owners.is_empty())
-            .map(|(k, (v, owners))| (k.clone(), *v, owners.iter().cloned().collect()))
-            .collect();
-        if waiting.is_empty() {
-            break;
-        }
-        tokio::time::sleep(OFFER_PAUSE).await;
-        let last = round == OFFER_ROUNDS;
-        let mut per_owner: HashMap<String, Vec<(String, Version)>> = HashMap::new();
-        for (key, version, owners) in waiting {
-            for owner in owners {
-                per_owner
-                    .entry(owner)
-                    .or_default()
-                    .push((key.clone(), version));
+    report
+}
+
+/// Pulls what `how` says of `range` from `peer`: copies applied and their
+/// bytes, or `None` if a call failed.
+async fn pull(node: &Node, peer: &Member, range: HashRange, how: Pull) -> Option<(usize, usize)> {
+    let (mut keys, mut bytes) = (0, 0);
+    let mut after: Option<String> = None;
+    loop {
+        let (got, next) = match how {
+            Pull::Nothing => return Some((0, 0)),
+            Pull::All => {
+                let request = || Request::FetchRange {
+                    range,
+                    after: after.clone(),
+                };
+                let (entries, next) = call(node, peer, request, entries_of).await?;
+                (node.absorb(entries), next)
             }
+            Pull::Diff => {
+                let request = || Request::List {
+                    range,
+                    after: after.clone(),
+                };
+                let (items, next) = call(node, peer, request, |r| match r {
+                    Response::Listed { items, next } => Some((items, next)),
+                    _ => None,
+                })
+                .await?;
+                let wanted = node.wanted(&items);
+                let wanted: Vec<String> = wanted
+                    .into_iter()
+                    .filter_map(|i| items.get(i as usize).map(|(k, _)| k.clone()))
+                    .collect();
+                (fetch(node, peer, wanted).await?, next)
+            }
+        };
+        keys += got.0;
+        bytes += got.1;
+        match next {
+            Some(n) => after = Some(n),
+            None => return Some((keys, bytes)),
         }
-        for (owner, items) in per_owner {
-            let Some(member) = to.member(&owner) else {
+    }
+}
+
+fn entries_of(r: Response) -> Option<(Vec<Entry>, Option<String>)> {
+    match r {
+        Response::Entries { entries, next } => Some((entries, next)),
+        _ => None,
+    }
+}
+
+/// Fetches `keys` from `peer` and applies them: copies applied and bytes.
+async fn fetch(node: &Node, peer: &Member, keys: Vec<String>) -> Option<(usize, usize)> {
+    let (mut applied, mut bytes) = (0, 0);
+    for chunk in keys.chunks(FETCH_BATCH) {
+        let mut rest: &[String] = chunk;
+        while !rest.is_empty() {
+            let (entries, next) = call(
+                node,
+                peer,
+                || Request::Fetch {
+                    keys: rest.to_vec(),
+                },
+                entries_of,
+            )
+            .await?;
+            let (k, b) = node.absorb(entries);
+            applied += k;
+            bytes += b;
+            // An answer cut short names the last key it considered.
+            rest = match next.and_then(|n| rest.iter().position(|k| *k == n)) {
+                Some(i) => &rest[i + 1..],
+                None => &[],
+            };
+        }
+    }
+    Some((applied, bytes))
+}
+
+/// Hands off the keys held here that `view` gives to others: offers them
+/// to their owners in rounds (owners pull meanwhile), sends the values
+/// still lacking after the last, and drops each key once every owner
+/// confirmed it.
+async fn hand_off(node: &Node, view: &View, report: &mut Report) {
+    let mut handoff: Handoff<Version> = Handoff::default();
+    for (range, owners) in view.ring.arcs() {
+        if owners.contains(&node.id.as_str()) {
+            continue;
+        }
+        let owners: Vec<String> = owners.iter().map(|o| o.to_string()).collect();
+        node.store.scan(range, &mut |key, copy| {
+            handoff.add(key.to_string(), copy.version, owners.clone());
+        });
+    }
+    report.foreign = handoff.len();
+    node.metrics.handoff_pending.set(handoff.len() as i64);
+    if handoff.is_empty() {
+        return;
+    }
+    // One round after each pause, and one before them all.
+    let mut pauses = OFFER_PAUSES.iter();
+    loop {
+        let pause = pauses.next();
+        let last = pause.is_none();
+        for (owner, items) in handoff.waiting() {
+            let Some(member) = view.member(&owner) else {
                 continue;
             };
-            for chunk in items.chunks(BATCH) {
-                let Some(wanted) = offer(node, member, chunk.to_vec()).await else {
+            for chunk in items.chunks(HANDOFF_BATCH) {
+                let offered = call(
+                    node,
+                    member,
+                    || Request::Offer {
+                        items: chunk.to_vec(),
+                    },
+                    |r| match r {
+                        Response::Wanted(wanted) => Some(wanted),
+                        _ => None,
+                    },
+                )
+                .await;
+                let Some(wanted) = offered else {
+                    report.failures += 1;
                     continue;
                 };
                 let wanted: HashSet<u32> = wanted.into_iter().collect();
-                let held = chunk
+                let (lacking, held): (Vec<_>, Vec<_>) = chunk
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| !wanted.contains(&(*i as u32)))
-                    .map(|(_, (k, _))| k.as_str());
-                confirm(&mut unconfirmed, &owner, held);
-                if last {
-                    let entries: Vec<Entry> = chunk
+                    .partition(|(i, _)| wanted.contains(&(*i as u32)));
+                handoff.confirm(&owner, held.into_iter().map(|(_, (k, _))| k.as_str()));
+                if last && !lacking.is_empty() {
+                    let entries: Vec<Entry> = lacking
                         .iter()
-                        .enumerate()
-                        .filter(|(i, _)| wanted.contains(&(*i as u32)))
                         .filter_map(|(_, (k, _))| {
                             node.store.get(k).map(|c| Entry {
                                 key: k.clone(),
@@ -337,89 +497,64 @@ pub async fn rebalance(node: &Node, from: &View, to: &View) -> Summary {
                             })
                         })
                         .collect();
-                    if !entries.is_empty()
-                        && send(node, member, entries.clone(), &mut summary).await
-                    {
-                        confirm(
-                            &mut unconfirmed,
-                            &owner,
-                            entries.iter().map(|e| e.key.as_str()),
-                        );
+                    if send(node, member, &entries, report).await {
+                        handoff.confirm(&owner, entries.iter().map(|e| e.key.as_str()));
                     }
                 }
             }
         }
-    }
-    for (key, (version, owners)) in &unconfirmed {
-        if owners.is_empty() && node.store.remove_if(key, *version) {
-            summary.dropped += 1;
+        node.metrics
+            .handoff_pending
+            .set(handoff.unconfirmed() as i64);
+        match pause {
+            Some(pause) if handoff.unconfirmed() > 0 => tokio::time::sleep(*pause).await,
+            _ => break,
         }
     }
-    let kept = unconfirmed
-        .values()
-        .filter(|(_, owners)| !owners.is_empty())
-        .count();
-    if kept > 0 {
+    for (key, version) in handoff.confirmed() {
+        if node.store.remove_if(&key, version) {
+            report.dropped += 1;
+        }
+    }
+    report.kept = handoff.unconfirmed();
+    node.metrics.handoff_pending.set(report.kept as i64);
+    if report.kept > 0 {
         warn!(
-            keys = kept,
-            "keys this worker no longer owns are kept: their new owners did not confirm them"
+            keys = report.kept,
+            "keys this worker does not own are kept: their owners did not confirm them; retrying"
         );
     }
-    summary
 }
 
-fn confirm<'k>(
-    unconfirmed: &mut HashMap<String, (Version, HashSet<String>)>,
-    owner: &str,
-    keys: impl Iterator<Item = &'k str>,
-) {
-    for key in keys {
-        if let Some((_, owners)) = unconfirmed.get_mut(key) {
-            owners.remove(owner);
-        }
+/// Sends handed-off copies to `member`; whether it took them.
+async fn send(node: &Node, member: &Member, entries: &[Entry], report: &mut Report) -> bool {
+    if entries.is_empty() {
+        return true;
     }
-}
-
-async fn send(node: &Node, member: &Member, entries: Vec<Entry>, summary: &mut Summary) -> bool {
-    let count = entries.len();
-    let bytes: usize = entries
-        .iter()
-        .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
-        .sum();
     let sent = call(
         node,
         member,
         || Request::Replicate {
-            entries: entries.clone(),
+            entries: entries.to_vec(),
         },
         |r| matches!(r, Response::Replicated { .. }).then_some(()),
     )
     .await;
     if sent.is_some() {
-        summary.sent += count;
-        summary.bytes += bytes;
+        report.handed += entries.len();
+        report.handed_bytes += entries
+            .iter()
+            .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
+            .sum::<usize>();
+    } else {
+        report.failures += 1;
     }
     sent.is_some()
 }
 
-async fn offer(node: &Node, member: &Member, items: Vec<(String, Version)>) -> Option<Vec<u32>> {
-    call(
-        node,
-        member,
-        || Request::Offer {
-            items: items.clone(),
-        },
-        |r| match r {
-            Response::Wanted(wanted) => Some(wanted),
-            _ => None,
-        },
-    )
-    .await
-}
-
-/// One rebalancing call, retried a few times while `member` is still in
-/// the topology: a connection that broke between batches (a peer's idle
-/// timeout, a blip) must not leave keys behind until the next change.
+/// One call, retried a few times while `member` is still in the
+/// topology: a connection that broke between batches (a peer's idle
+/// timeout, a blip) must not fail the whole sync.
 async fn call<T>(
     node: &Node,
     member: &Member,
@@ -428,8 +563,7 @@ async fn call<T>(
 ) -> Option<T> {
     let mut pause = Duration::from_millis(50);
     for attempt in 1..=CALL_ATTEMPTS {
-        let answer = node.pool.call(member, request()).await;
-        let failure = match answer {
+        let failure = match node.pool.call(member, request()).await {
             Ok(response) => match accept(response) {
                 Some(value) => return Some(value),
                 None => "unexpected answer".to_string(),
@@ -437,151 +571,11 @@ async fn call<T>(
             Err(e) => e.to_string(),
         };
         if attempt == CALL_ATTEMPTS || !node.topologies.current().has(member) {
-            warn!(peer = %member.id, %failure, "rebalance call failed; the next rebalance retries");
+            warn!(peer = %member.id, %failure, "sync call failed; retrying later");
             return None;
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use kv_wire::Topology;
-
-    fn member(id: &str, generation: u64) -> Member {
-        Member {
-            id: id.into(),
-            host: "h".into(),
-            port: 1,
-            wire_port: 2,
-            generation,
-        }
-    }
-
-    fn view(epoch: u64, members: &[(&str, u64)]) -> View {
-        View::new(Topology {
-            epoch,
-            members: members.iter().map(|(id, g)| member(id, *g)).collect(),
-        })
-    }
-
-    fn ids<'a>(members: &[&'a Member]) -> Vec<&'a str> {
-        members.iter().map(|m| m.id.as_str()).collect()
-    }
-
-    /// A key whose owners under `from` start with `first`.
-    fn key_led_by(from: &View, first: &str) -> String {
-        (0..)
-            .map(|i| format!("key:{i}"))
-            .find(|k| from.owners(k)[0].id == first)
-            .unwrap()
-    }
-
-    #[test]
-    fn when_a_primary_dies_its_first_replica_sends_to_the_new_owner_and_offers_to_the_other() {
-        let from = view(1, &[("w1", 1), ("w2", 1), ("w3", 1), ("w4", 1)]);
-        let to = view(2, &[("w2", 1), ("w3", 1), ("w4", 1)]);
-        let key = key_led_by(&from, "w1");
-        let old: Vec<String> = from.owners(&key).iter().map(|m| m.id.clone()).collect();
-        let (r1, r2) = (old[1].as_str(), old[2].as_str());
-        let gained = to
-            .owners(&key)
-            .iter()
-            .map(|m| m.id.clone())
-            .find(|id| !old.contains(id))
-            .unwrap();
-
-        let plan = plan_key(r1, &from, &to, &key);
-        assert!(plan.designated && !plan.drop);
-        assert_eq!(ids(&plan.send), [gained.as_str()]);
-        assert_eq!(ids(&plan.offer), [r2]);
-        // The second replica leaves it to the first.
-        assert_eq!(plan_key(r2, &from, &to, &key), KeyPlan::default());
-    }
-
-    #[test]
-    fn when_a_worker_joins_the_primary_sends_and_the_displaced_owner_offers_then_drops() {
-        let from = view(1, &[("w1", 1), ("w2", 1), ("w3", 1), ("w4", 1)]);
-        let to = view(2, &[("w1", 1), ("w2", 1), ("w3", 1), ("w4", 1), ("w5", 1)]);
-        let key = (0..)
-            .map(|i| format!("key:{i}"))
-            .find(|k| to.owners(k).iter().any(|m| m.id == "w5"))
-            .unwrap();
-        let old: Vec<&str> = from.owners(&key).iter().map(|m| m.id.as_str()).collect();
-        let new: Vec<&str> = to.owners(&key).iter().map(|m| m.id.as_str()).collect();
-        let displaced = *old.iter().find(|id| !new.contains(id)).unwrap();
-
-        let designated = plan_key(old[0], &from, &to, &key);
-        assert!(designated.designated);
-        assert_eq!(ids(&designated.send), ["w5"]);
-        if displaced != old[0] {
-            let plan = plan_key(displaced, &from, &to, &key);
-            assert!(plan.drop && !plan.designated && plan.send.is_empty());
-            let mut offered = ids(&plan.offer);
-            offered.sort_unstable();
-            let mut expected = new.clone();
-            expected.sort_unstable();
-            assert_eq!(offered, expected);
-        }
-        // Owners that stay owners and are not designated do nothing.
-        for id in new.iter().filter(|id| **id != old[0] && **id != "w5") {
-            assert_eq!(plan_key(id, &from, &to, &key), KeyPlan::default(), "{id}");
-        }
-    }
-
-    #[test]
-    fn a_restarted_worker_with_the_same_id_is_sent_its_share_as_if_new() {
-        let from = view(1, &[("w1", 1), ("w2", 1), ("w3", 1)]);
-        let to = view(2, &[("w1", 1), ("w2", 2), ("w3", 1)]);
-        let key = key_led_by(&from, "w1");
-        let plan = plan_key("w1", &from, &to, &key);
-        assert_eq!(ids(&plan.send), ["w2"]);
-        assert!(!plan.drop);
-    }
-
-    #[test]
-    fn nothing_moves_when_the_members_are_unchanged() {
-        let from = view(1, &[("w1", 1), ("w2", 1), ("w3", 1), ("w4", 1)]);
-        let to = view(7, &[("w1", 1), ("w2", 1), ("w3", 1), ("w4", 1)]);
-        assert!(same_members(&from, &to));
-        for i in 0..200 {
-            let key = format!("key:{i}");
-            for me in from.owners(&key).iter().map(|m| m.id.as_str()) {
-                let plan = plan_key(me, &from, &to, &key);
-                assert!(
-                    plan.send.is_empty() && plan.offer.is_empty() && !plan.drop,
-                    "{me} {key}: {plan:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn exactly_one_holder_sends_each_key_to_each_gained_owner() {
-        let from = view(1, &[("w1", 1), ("w2", 1), ("w3", 1), ("w4", 1), ("w5", 1)]);
-        let to = view(2, &[("w1", 1), ("w2", 1), ("w4", 1), ("w5", 1), ("w6", 1)]);
-        for i in 0..2000 {
-            let key = format!("key:{i}");
-            let holders = from.owners(&key);
-            let mut sent: HashMap<String, usize> = HashMap::new();
-            for h in &holders {
-                for m in plan_key(&h.id, &from, &to, &key).send {
-                    *sent.entry(m.id.clone()).or_default() += 1;
-                }
-            }
-            let gained: Vec<String> = to
-                .owners(&key)
-                .iter()
-                .filter(|m| !holders.iter().any(|h| h.id == m.id))
-                .map(|m| m.id.clone())
-                .collect();
-            for g in &gained {
-                assert_eq!(sent.get(g), Some(&1), "{key}: {g} from {sent:?}");
-            }
-            assert_eq!(sent.len(), gained.len(), "{key}: {sent:?} vs {gained:?}");
-        }
-    }
 }

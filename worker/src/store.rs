@@ -6,13 +6,16 @@
 //! copies of a key converge whatever order writes arrive in. Deletes are
 //! tombstones (a version with no value) so that an older value arriving late
 //! cannot resurrect the key; they are purged after a grace period.
+//!
+//! Keys are laid out by their place on the ring's hash circle, so a ring arc
+//! is a range of the store: [`Store::scan`] visits one and [`Store::digest`]
+//! summarises one for anti-entropy without reading every key.
 
 use bytes::Bytes;
-use kv_wire::Version;
+use kv_wire::{Digest, HashRange, Ring, Version};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use xxhash_rust::xxh3::xxh3_64;
 
 /// A stored copy: a value or a tombstone, at a version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,11 +56,12 @@ pub trait Store: Send + Sync + 'static {
     /// Removes `key` if it is still at `version` (a newer write since then
     /// stays). Returns whether it was removed.
     fn remove_if(&self, key: &str, version: Version) -> bool;
-    /// How many shards [`Store::snapshot`] takes.
-    fn shards(&self) -> usize;
-    /// A copy of one shard's entries, taken under its lock and released
-    /// before the caller works on it.
-    fn snapshot(&self, shard: usize) -> Vec<(String, Stored)>;
+    /// Visits every copy whose key hashes into `range`, in no particular
+    /// order, a part of the range at a time under that part's lock: `visit`
+    /// must be quick and must not touch the store.
+    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored));
+    /// The digest of the copies whose keys hash into `range`.
+    fn digest(&self, range: HashRange) -> Digest;
     /// Removes tombstones whose version is older than `before`; returns how
     /// many.
     fn purge_tombstones(&self, before: Version) -> usize;
@@ -65,18 +69,26 @@ pub trait Store: Send + Sync + 'static {
     fn stats(&self) -> (usize, usize);
 }
 
-/// Shards of the in-memory store: enough that 2 to 16 cores rarely contend.
-const SHARDS: usize = 64;
+/// The store splits the hash circle into 2^16 buckets by the top bits of a
+/// key's hash: a ring arc (about 1/8192 of the circle with 4 workers) spans
+/// a few whole buckets, whose digests are kept up to date, and two partial
+/// ones, which are scanned. Each bucket has its own lock, so writers rarely
+/// contend.
+const BUCKET_BITS: u32 = 16;
 
-/// One shard's map. foldhash, randomly seeded per process: several times
-/// faster than the default SipHash on short keys, and still unpredictable to
-/// clients choosing keys.
-type Shard = HashMap<String, Stored, foldhash::fast::RandomState>;
+/// One bucket: its copies (foldhash, randomly seeded per process: several
+/// times faster than SipHash on short keys, still unpredictable to clients
+/// choosing keys) and their digest, kept exact under the same lock.
+#[derive(Debug, Default)]
+struct Bucket {
+    map: HashMap<String, Stored, foldhash::fast::RandomState>,
+    digest: Digest,
+}
 
-/// The in-memory [`Store`]: sharded hash maps behind read-write locks.
+/// The in-memory [`Store`]: buckets of hash maps behind read-write locks.
 #[derive(Debug)]
 pub struct MemStore {
-    shards: Vec<RwLock<Shard>>,
+    buckets: Vec<RwLock<Bucket>>,
     keys: AtomicI64,
     bytes: AtomicI64,
 }
@@ -85,24 +97,37 @@ impl MemStore {
     /// An empty store.
     pub fn new() -> MemStore {
         MemStore {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            buckets: (0..1usize << BUCKET_BITS)
+                .map(|_| RwLock::default())
+                .collect(),
             keys: AtomicI64::new(0),
             bytes: AtomicI64::new(0),
         }
     }
 
-    fn shard_of(key: &str) -> usize {
-        (xxh3_64(key.as_bytes()) as usize) % SHARDS
+    fn bucket_of(hash: u64) -> usize {
+        (hash >> (64 - BUCKET_BITS)) as usize
+    }
+
+    /// The hashes bucket `b` covers.
+    fn bucket_range(b: usize) -> HashRange {
+        let start = (b as u64) << (64 - BUCKET_BITS);
+        HashRange {
+            start,
+            end: start | (u64::MAX >> BUCKET_BITS),
+        }
     }
 
     // A writer that panicked mid-insert leaves a HashMap that is still
     // valid; keep serving rather than poison every later request.
-    fn read(&self, shard: usize) -> RwLockReadGuard<'_, Shard> {
-        self.shards[shard].read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self, bucket: usize) -> RwLockReadGuard<'_, Bucket> {
+        self.buckets[bucket]
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self, shard: usize) -> RwLockWriteGuard<'_, Shard> {
-        self.shards[shard]
+    fn write(&self, bucket: usize) -> RwLockWriteGuard<'_, Bucket> {
+        self.buckets[bucket]
             .write()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -110,6 +135,19 @@ impl MemStore {
     fn account(&self, keys: i64, bytes: i64) {
         self.keys.fetch_add(keys, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The buckets `range` touches, each with whether it lies wholly inside.
+    fn buckets_of(range: HashRange) -> impl Iterator<Item = (usize, bool)> {
+        let (first, last) = if range.is_valid() {
+            (Self::bucket_of(range.start), Self::bucket_of(range.end))
+        } else {
+            (1, 0)
+        };
+        (first..=last).map(move |b| {
+            let covered = Self::bucket_range(b);
+            (b, range.start <= covered.start && covered.end <= range.end)
+        })
     }
 }
 
@@ -121,25 +159,31 @@ impl Default for MemStore {
 
 impl Store for MemStore {
     fn get(&self, key: &str) -> Option<Stored> {
-        self.read(Self::shard_of(key)).get(key).cloned()
+        let hash = Ring::key_hash(key.as_bytes());
+        self.read(Self::bucket_of(hash)).map.get(key).cloned()
     }
 
     fn apply(&self, key: &str, copy: Stored) -> Applied {
-        let mut shard = self.write(Self::shard_of(key));
-        match shard.get_mut(key) {
+        let hash = Ring::key_hash(key.as_bytes());
+        let mut bucket = self.write(Self::bucket_of(hash));
+        let Bucket { map, digest } = &mut *bucket;
+        match map.get_mut(key) {
             Some(held) if held.version > copy.version => Applied::Older { held: held.version },
             Some(held) if held.version == copy.version => Applied::Held,
             Some(held) => {
                 let delta = copy.size(key) as i64 - held.size(key) as i64;
+                digest.remove(hash, held.version);
+                digest.add(hash, copy.version);
                 *held = copy;
-                drop(shard);
+                drop(bucket);
                 self.account(0, delta);
                 Applied::Stored
             }
             None => {
                 let size = copy.size(key) as i64;
-                shard.insert(key.to_string(), copy);
-                drop(shard);
+                digest.add(hash, copy.version);
+                map.insert(key.to_string(), copy);
+                drop(bucket);
                 self.account(1, size);
                 Applied::Stored
             }
@@ -147,10 +191,16 @@ impl Store for MemStore {
     }
 
     fn remove_if(&self, key: &str, version: Version) -> bool {
-        let mut shard = self.write(Self::shard_of(key));
-        if shard.get(key).is_some_and(|held| held.version == version) {
-            if let Some(gone) = shard.remove(key) {
-                drop(shard);
+        let hash = Ring::key_hash(key.as_bytes());
+        let mut bucket = self.write(Self::bucket_of(hash));
+        if bucket
+            .map
+            .get(key)
+            .is_some_and(|held| held.version == version)
+        {
+            if let Some(gone) = bucket.map.remove(key) {
+                bucket.digest.remove(hash, version);
+                drop(bucket);
                 self.account(-1, -(gone.size(key) as i64));
                 return true;
             }
@@ -158,32 +208,52 @@ impl Store for MemStore {
         false
     }
 
-    fn shards(&self) -> usize {
-        SHARDS
+    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored)) {
+        for (b, whole) in Self::buckets_of(range) {
+            let bucket = self.read(b);
+            for (key, copy) in &bucket.map {
+                if whole || range.contains(Ring::key_hash(key.as_bytes())) {
+                    visit(key, copy);
+                }
+            }
+        }
     }
 
-    fn snapshot(&self, shard: usize) -> Vec<(String, Stored)> {
-        self.read(shard)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+    fn digest(&self, range: HashRange) -> Digest {
+        let mut digest = Digest::default();
+        for (b, whole) in Self::buckets_of(range) {
+            let bucket = self.read(b);
+            if whole {
+                digest.merge(bucket.digest);
+                continue;
+            }
+            for (key, copy) in &bucket.map {
+                let hash = Ring::key_hash(key.as_bytes());
+                if range.contains(hash) {
+                    digest.add(hash, copy.version);
+                }
+            }
+        }
+        digest
     }
 
     fn purge_tombstones(&self, before: Version) -> usize {
         let mut purged = 0;
-        for shard in 0..SHARDS {
-            let mut map = self.write(shard);
+        for b in 0..self.buckets.len() {
+            let mut bucket = self.write(b);
+            let Bucket { map, digest } = &mut *bucket;
             let before_len = map.len();
             let mut freed = 0i64;
             map.retain(|key, copy| {
                 let expired = copy.value.is_none() && copy.version < before;
                 if expired {
                     freed += copy.size(key) as i64;
+                    digest.remove(Ring::key_hash(key.as_bytes()), copy.version);
                 }
                 !expired
             });
             let gone = before_len - map.len();
-            drop(map);
+            drop(bucket);
             self.account(-(gone as i64), -freed);
             purged += gone;
         }
@@ -262,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn stats_count_keys_and_bytes_and_snapshots_see_everything() {
+    fn stats_count_keys_and_bytes_and_a_scan_of_everything_sees_everything() {
         let store = MemStore::new();
         for i in 0..1000 {
             store.apply(&format!("key{i}"), copy(1, Some("0123456789")));
@@ -273,7 +343,79 @@ mod tests {
             .sum::<usize>()
             - 5;
         assert_eq!(store.stats(), (1000, expected_bytes));
-        let seen: usize = (0..store.shards()).map(|s| store.snapshot(s).len()).sum();
+        let mut seen = 0;
+        store.scan(HashRange::ALL, &mut |_, _| seen += 1);
         assert_eq!(seen, 1000);
+    }
+
+    /// The digest of `range` computed the slow way, from a scan.
+    fn scanned_digest(store: &MemStore, range: HashRange) -> Digest {
+        let mut d = Digest::default();
+        store.scan(range, &mut |key, copy| {
+            let hash = Ring::key_hash(key.as_bytes());
+            assert!(range.contains(hash), "{key} scanned outside {range:?}");
+            d.add(hash, copy.version);
+        });
+        d
+    }
+
+    #[test]
+    fn digests_follow_writes_removals_and_purges_exactly() {
+        let store = MemStore::new();
+        let ring = Ring::with_vnodes(["w1", "w2", "w3", "w4"], 256);
+        let arcs: Vec<HashRange> = ring.arcs().into_iter().map(|(r, _)| r).collect();
+        let check = |store: &MemStore| {
+            for range in arcs.iter().chain([&HashRange::ALL]) {
+                assert_eq!(
+                    store.digest(*range),
+                    scanned_digest(store, *range),
+                    "{range:?}"
+                );
+            }
+            let total: u64 = arcs.iter().map(|r| store.digest(*r).count).sum();
+            assert_eq!(total as usize, store.stats().0, "arcs partition the store");
+        };
+        for i in 0..20_000 {
+            store.apply(&format!("key:{i}"), copy(1, Some("v")));
+        }
+        check(&store);
+        for i in (0..20_000).step_by(3) {
+            store.apply(&format!("key:{i}"), copy(2, None));
+        }
+        for i in (0..20_000).step_by(7) {
+            store.apply(&format!("key:{i}"), copy(3, Some("w")));
+        }
+        check(&store);
+        for i in (0..20_000).step_by(5) {
+            let key = format!("key:{i}");
+            let version = store.get(&key).map(|c| c.version).unwrap_or_default();
+            store.remove_if(&key, version);
+        }
+        store.purge_tombstones(v(3));
+        check(&store);
+        let other = MemStore::new();
+        store.scan(HashRange::ALL, &mut |k, c| {
+            other.apply(k, c.clone());
+        });
+        assert_eq!(other.digest(HashRange::ALL), store.digest(HashRange::ALL));
+        other.apply("key:1", copy(9, Some("newer")));
+        assert_ne!(other.digest(HashRange::ALL), store.digest(HashRange::ALL));
+    }
+
+    #[test]
+    fn a_range_within_one_bucket_or_inverted_is_handled() {
+        let store = MemStore::new();
+        store.apply("user123", copy(1, Some("x")));
+        let h = Ring::key_hash(b"user123");
+        let point = HashRange { start: h, end: h };
+        assert_eq!(store.digest(point).count, 1);
+        let inverted = HashRange {
+            start: h,
+            end: h - 1,
+        };
+        assert_eq!(store.digest(inverted), Digest::default());
+        let mut seen = 0;
+        store.scan(inverted, &mut |_, _| seen += 1);
+        assert_eq!(seen, 0);
     }
 }

@@ -335,6 +335,22 @@ pub async fn answer(node: &Node, body: Request) -> Response {
             metrics.count("offer", "ok");
             Response::Wanted(node.wanted(&items))
         }
+        Request::Compare { ranges } => {
+            metrics.count("compare", "ok");
+            crate::ranges::compare(node.store.as_ref(), &ranges)
+        }
+        Request::List { range, after } => {
+            metrics.count("list", "ok");
+            crate::ranges::list(node.store.as_ref(), range, after.as_deref())
+        }
+        Request::FetchRange { range, after } => {
+            metrics.count("fetch_range", "ok");
+            crate::ranges::fetch_range(node.store.as_ref(), range, after.as_deref())
+        }
+        Request::Fetch { keys } => {
+            metrics.count("fetch", "ok");
+            crate::ranges::fetch(node.store.as_ref(), keys)
+        }
         Request::Topology(topology) => {
             metrics.count("topology", "ok");
             let epoch = node.topologies.offer(topology);

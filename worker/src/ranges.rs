@@ -1,0 +1,187 @@
+//! Answers to a co-owner comparing and pulling ranges of the hash circle:
+//! digests, key lists and copies, each answer bounded in size so a page
+//! never approaches the frame limit, resumed from a cursor (the last key
+//! sent, in `(xxh3(key), key)` order).
+
+use crate::store::Store;
+use kv_wire::{Digest, Entry, HashRange, Response, Ring, Version};
+
+/// Most `(key, version)` pairs in one [`Response::Listed`].
+const LIST_PAGE: usize = 16 * 1024;
+/// Bytes of keys and values in one [`Response::Entries`] (the frame limit
+/// is 16 MiB; values are at most 1 MiB by default).
+const ENTRIES_BYTES: usize = 4 * 1024 * 1024;
+/// Most ranges compared by one request.
+pub const MAX_COMPARE: usize = 64 * 1024;
+
+/// The ranges whose digest here differs from the sender's, with ours.
+pub fn compare(store: &dyn Store, ranges: &[(HashRange, Digest)]) -> Response {
+    let differing = ranges
+        .iter()
+        .take(MAX_COMPARE)
+        .enumerate()
+        .filter_map(|(i, (range, theirs))| {
+            let mine = store.digest(*range);
+            (mine != *theirs).then_some((i as u32, mine))
+        })
+        .collect();
+    Response::Compared(differing)
+}
+
+/// The keys in `range` after the cursor, in order, with their versions.
+fn keys_after(
+    store: &dyn Store,
+    range: HashRange,
+    after: Option<&str>,
+) -> Vec<(u64, String, Version)> {
+    let cursor = after.map(|k| (Ring::key_hash(k.as_bytes()), k));
+    let mut keys = Vec::new();
+    store.scan(range, &mut |key, copy| {
+        let hash = Ring::key_hash(key.as_bytes());
+        if cursor.is_none_or(|c| (hash, key) > c) {
+            keys.push((hash, key.to_string(), copy.version));
+        }
+    });
+    keys.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    keys
+}
+
+/// A page of the `(key, version)` pairs in `range`.
+pub fn list(store: &dyn Store, range: HashRange, after: Option<&str>) -> Response {
+    let mut keys = keys_after(store, range, after);
+    let more = keys.len() > LIST_PAGE;
+    keys.truncate(LIST_PAGE);
+    let next = if more {
+        keys.last().map(|(_, k, _)| k.clone())
+    } else {
+        None
+    };
+    Response::Listed {
+        items: keys.into_iter().map(|(_, k, v)| (k, v)).collect(),
+        next,
+    }
+}
+
+/// A page of the copies in `range`.
+pub fn fetch_range(store: &dyn Store, range: HashRange, after: Option<&str>) -> Response {
+    let keys = keys_after(store, range, after);
+    entries(store, keys.into_iter().map(|(_, k, _)| k))
+}
+
+/// The copies of `keys` held here, as many as fit in one answer.
+pub fn fetch(store: &dyn Store, keys: Vec<String>) -> Response {
+    entries(store, keys.into_iter())
+}
+
+/// Copies of `keys` in order until the byte budget is spent; `next` names
+/// the last key considered when some are left.
+fn entries(store: &dyn Store, keys: impl Iterator<Item = String>) -> Response {
+    let mut keys = keys.peekable();
+    let (mut entries, mut bytes, mut last) = (Vec::new(), 0, None);
+    for key in keys.by_ref() {
+        if let Some(copy) = store.get(&key) {
+            bytes += copy.size(&key) + 32;
+            entries.push(Entry {
+                key: key.clone(),
+                version: copy.version,
+                value: copy.value,
+            });
+        }
+        last = Some(key);
+        if bytes >= ENTRIES_BYTES {
+            break;
+        }
+    }
+    let next = if keys.peek().is_some() { last } else { None };
+    Response::Entries { entries, next }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemStore, Stored};
+    use bytes::Bytes;
+
+    fn filled(n: usize, value_len: usize) -> MemStore {
+        let store = MemStore::new();
+        for i in 0..n {
+            store.apply(
+                &format!("key:{i}"),
+                Stored {
+                    version: Version { hlc: 1, node: 1 },
+                    value: Some(Bytes::from(vec![b'x'; value_len])),
+                },
+            );
+        }
+        store
+    }
+
+    #[test]
+    fn paging_through_a_range_lists_every_key_once_in_order() {
+        let store = filled(40_000, 1);
+        let (mut seen, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let Response::Listed { items, next } = list(&store, HashRange::ALL, after.as_deref())
+            else {
+                panic!("not a list")
+            };
+            assert!(items.len() <= LIST_PAGE);
+            seen.extend(items.into_iter().map(|(k, _)| k));
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 40_000);
+        let hashes: Vec<(u64, &String)> = seen
+            .iter()
+            .map(|k| (Ring::key_hash(k.as_bytes()), k))
+            .collect();
+        assert!(
+            hashes.windows(2).all(|w| w[0] < w[1]),
+            "in order, no repeats"
+        );
+    }
+
+    #[test]
+    fn fetching_a_range_pages_by_bytes_and_resumes_from_the_cursor() {
+        let store = filled(100, 100 * 1024);
+        let (mut got, mut after, mut pages) = (0, None::<String>, 0);
+        loop {
+            let Response::Entries { entries, next } =
+                fetch_range(&store, HashRange::ALL, after.as_deref())
+            else {
+                panic!("not entries")
+            };
+            pages += 1;
+            let bytes: usize = entries
+                .iter()
+                .map(|e| e.value.as_ref().map_or(0, Bytes::len))
+                .sum();
+            assert!(bytes <= ENTRIES_BYTES + 100 * 1024, "{bytes}");
+            got += entries.len();
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(got, 100);
+        assert!(pages >= 3, "{pages} pages for 10 MB");
+    }
+
+    #[test]
+    fn compare_names_only_the_ranges_that_differ() {
+        let store = filled(1000, 1);
+        let ring = Ring::with_vnodes(["a", "b", "c"], 32);
+        let mut ranges: Vec<(HashRange, Digest)> = ring
+            .arcs()
+            .into_iter()
+            .map(|(r, _)| (r, store.digest(r)))
+            .collect();
+        ranges[3].1.count += 1;
+        let Response::Compared(differ) = compare(&store, &ranges) else {
+            panic!()
+        };
+        assert_eq!(differ, vec![(3, store.digest(ranges[3].0))]);
+    }
+}

@@ -1,0 +1,538 @@
+//! What rebalancing and anti-entropy decide, apart from doing it: pure
+//! functions of the current view, digests and key lists, so the rules are
+//! tested on their own and the executor (`rebalance.rs`) only does I/O.
+//!
+//! The rules need no memory of earlier topologies, so no sequence of
+//! changes or interruptions can leave them planning from a wrong past:
+//!
+//! - **Owners pull.** For every arc of the ring a worker owns, it compares
+//!   its digest with each co-owner's and fetches what it lacks: all of the
+//!   arc when it holds nothing there, otherwise the keys whose versions
+//!   differ. It asks the arc's first co-owner (in ring order) first and the
+//!   others after, so a worker that gained an arc receives it once, from
+//!   one holder. When a co-owner holds fewer copies, it is left to pull
+//!   from this worker rather than this worker reading its list.
+//! - **Non-owners hand off.** A key held by a worker that does not own it
+//!   is offered (key and version) to its owners, sent to those still
+//!   lacking it after a few rounds (when no owner had it to pull), and
+//!   dropped only once every owner confirmed holding it.
+//!
+//! Together: after any changes, once everyone has run these to the end,
+//! every key held anywhere is on all its current owners at its newest
+//! version (the property test below drives random rings, interruptions
+//! and removals to check exactly that).
+
+use crate::topology::View;
+use kv_wire::{Digest, HashRange, Member};
+use std::collections::{BTreeMap, HashMap};
+
+/// What to fetch from a co-owner whose digest of an arc differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pull {
+    /// Nothing: equal, or the peer holds fewer copies and pulls from us.
+    Nothing,
+    /// The whole arc: nothing is held here.
+    All,
+    /// Compare key lists and fetch the keys missing or older here.
+    Diff,
+}
+
+/// What to do about an arc given this worker's digest and a co-owner's.
+pub fn decide(mine: Digest, theirs: Digest) -> Pull {
+    if mine == theirs {
+        Pull::Nothing
+    } else if mine.count == 0 {
+        Pull::All
+    } else if theirs.count < mine.count {
+        Pull::Nothing
+    } else {
+        Pull::Diff
+    }
+}
+
+/// The arcs one peer is asked about, in one phase.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerArcs<'v> {
+    /// The peer.
+    pub peer: Option<&'v Member>,
+    /// Indices into [`Comparisons::arcs`].
+    pub arcs: Vec<usize>,
+}
+
+/// Every comparison a worker makes for a view, in two phases: first each
+/// arc's first co-owner, then the others.
+#[derive(Debug, Default)]
+pub struct Comparisons<'v> {
+    /// The arcs this worker owns, with the number of co-owners of each.
+    pub arcs: Vec<(HashRange, usize)>,
+    /// Phase 1 then phase 2, each keyed by peer id.
+    pub phases: [BTreeMap<&'v str, PeerArcs<'v>>; 2],
+}
+
+impl<'v> Comparisons<'v> {
+    /// The comparisons `me` makes in `view`.
+    pub fn new(me: &str, view: &'v View) -> Comparisons<'v> {
+        let mut plan = Comparisons::default();
+        for (range, owners) in view.ring.arcs() {
+            if !owners.contains(&me) {
+                continue;
+            }
+            let index = plan.arcs.len();
+            let others: Vec<&Member> = owners
+                .iter()
+                .filter(|id| **id != me)
+                .filter_map(|id| view.member(id))
+                .collect();
+            plan.arcs.push((range, others.len()));
+            for (i, peer) in others.into_iter().enumerate() {
+                let phase = &mut plan.phases[usize::from(i > 0)];
+                let entry = phase.entry(peer.id.as_str()).or_default();
+                entry.peer = Some(peer);
+                entry.arcs.push(index);
+            }
+        }
+        plan
+    }
+}
+
+/// Keys this worker holds but does not own, on their way to their owners.
+/// A key is dropped here only once every owner confirmed it.
+#[derive(Debug, Default)]
+pub struct Handoff<V> {
+    /// key -> (version held here, owners not yet confirmed).
+    pending: HashMap<String, (V, Vec<String>)>,
+}
+
+impl<V: Copy + Ord> Handoff<V> {
+    /// Tracks `key` at `version`, owned by `owners`.
+    pub fn add(&mut self, key: String, version: V, owners: Vec<String>) {
+        self.pending.insert(key, (version, owners));
+    }
+
+    /// `owner` holds these keys at the tracked version or newer.
+    pub fn confirm<'k>(&mut self, owner: &str, keys: impl IntoIterator<Item = &'k str>) {
+        for key in keys {
+            if let Some((_, owners)) = self.pending.get_mut(key) {
+                owners.retain(|o| o != owner);
+            }
+        }
+    }
+
+    /// Per owner, the keys it has not confirmed, with their versions.
+    pub fn waiting(&self) -> BTreeMap<String, Vec<(String, V)>> {
+        let mut per_owner: BTreeMap<String, Vec<(String, V)>> = BTreeMap::new();
+        for (key, (version, owners)) in &self.pending {
+            for owner in owners {
+                per_owner
+                    .entry(owner.clone())
+                    .or_default()
+                    .push((key.clone(), *version));
+            }
+        }
+        per_owner
+    }
+
+    /// Keys every owner confirmed (safe to drop), with their versions.
+    pub fn confirmed(&self) -> Vec<(String, V)> {
+        self.pending
+            .iter()
+            .filter(|(_, (_, owners))| owners.is_empty())
+            .map(|(k, (v, _))| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Keys some owner has not confirmed.
+    pub fn unconfirmed(&self) -> usize {
+        self.pending.values().filter(|(_, o)| !o.is_empty()).count()
+    }
+
+    /// Keys tracked.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_wire::{Ring, Topology, Version};
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn member(id: &str) -> Member {
+        Member {
+            id: id.into(),
+            host: "h".into(),
+            port: 1,
+            wire_port: 2,
+            generation: 1,
+        }
+    }
+
+    /// Small rings (64 vnodes) keep the property test fast; the rules do
+    /// not depend on the vnode count.
+    fn view(epoch: u64, ids: &[&str]) -> View {
+        let topology = Topology {
+            epoch,
+            members: ids.iter().map(|id| member(id)).collect(),
+        };
+        let mut v = View::new(topology);
+        v.ring = Ring::with_vnodes(ids.iter().copied(), 64);
+        v
+    }
+
+    #[test]
+    fn decisions() {
+        let d = |count, xor| Digest { count, xor };
+        assert_eq!(decide(d(3, 1), d(3, 1)), Pull::Nothing);
+        assert_eq!(decide(d(0, 0), d(3, 1)), Pull::All);
+        assert_eq!(decide(d(3, 1), d(2, 5)), Pull::Nothing, "they pull from us");
+        assert_eq!(
+            decide(d(3, 1), d(3, 2)),
+            Pull::Diff,
+            "same count, other versions"
+        );
+        assert_eq!(decide(d(3, 1), d(4, 2)), Pull::Diff);
+    }
+
+    #[test]
+    fn each_owned_arc_is_compared_with_its_first_co_owner_first_and_the_rest_after() {
+        let v = view(1, &["w1", "w2", "w3", "w4", "w5"]);
+        let plan = Comparisons::new("w1", &v);
+        let owned = v
+            .ring
+            .arcs()
+            .iter()
+            .filter(|(_, o)| o.contains(&"w1"))
+            .count();
+        assert_eq!(plan.arcs.len(), owned);
+        let mut seen = vec![0usize; plan.arcs.len()];
+        for (phase, peers) in plan.phases.iter().enumerate() {
+            for (id, arcs) in peers {
+                assert_ne!(*id, "w1");
+                for &i in &arcs.arcs {
+                    let owners = &v.ring.arcs()[..]
+                        .iter()
+                        .find(|(r, _)| *r == plan.arcs[i].0)
+                        .unwrap()
+                        .1
+                        .clone();
+                    let others: Vec<&&str> = owners.iter().filter(|o| **o != "w1").collect();
+                    let position = others.iter().position(|o| **o == *id).unwrap();
+                    assert_eq!(phase, usize::from(position > 0));
+                    seen[i] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().zip(&plan.arcs).all(|(s, (_, n))| s == n));
+        assert!(plan.arcs.iter().all(|(_, n)| *n == 2));
+    }
+
+    #[test]
+    fn a_handoff_drops_a_key_only_when_every_owner_confirmed_it() {
+        let mut h = Handoff::default();
+        h.add("k".into(), 5u64, vec!["a".into(), "b".into()]);
+        h.add("j".into(), 6u64, vec!["a".into()]);
+        h.confirm("a", ["k", "j"]);
+        assert_eq!(h.confirmed(), vec![("j".to_string(), 6)]);
+        assert_eq!(h.unconfirmed(), 1);
+        assert_eq!(h.waiting().keys().collect::<Vec<_>>(), ["b"]);
+        h.confirm("b", ["k"]);
+        assert_eq!(h.confirmed().len(), 2);
+        assert!(h.waiting().is_empty());
+    }
+
+    // ---- The property: a model cluster run by these rules -------------
+
+    /// Copies by `(ring hash, key)`, so an arc is a range of the map.
+    type Copies = BTreeMap<(u64, String), Version>;
+
+    fn place(key: &str) -> (u64, String) {
+        (Ring::key_hash(key.as_bytes()), key.to_string())
+    }
+
+    fn in_range(
+        copies: &Copies,
+        range: HashRange,
+    ) -> impl Iterator<Item = (&(u64, String), &Version)> {
+        copies
+            .range((range.start, String::new())..)
+            .take_while(move |((h, _), _)| *h <= range.end)
+    }
+
+    /// A model cluster: each worker's copies. Rebalancing runs the rules
+    /// above with direct calls instead of a network.
+    #[derive(Debug, Clone, Default)]
+    struct Model {
+        stores: BTreeMap<String, Copies>,
+        /// The old rule, put back to show the property catches it:
+        /// a worker plans from the view where its last *completed*
+        /// rebalance left it (empty at first), and a key with no previous
+        /// owner still live is only offered, never sent.
+        old_rule: bool,
+        settled: BTreeMap<String, Vec<String>>,
+    }
+
+    fn digest(copies: &Copies, range: HashRange) -> Digest {
+        let mut d = Digest::default();
+        for ((h, _), v) in in_range(copies, range) {
+            d.add(*h, *v);
+        }
+        d
+    }
+
+    fn apply(store: &mut Copies, key: &str, version: Version) {
+        let held = store.entry(place(key)).or_default();
+        if *held < version {
+            *held = version;
+        }
+    }
+
+    impl Model {
+        fn store(&mut self, id: &str) -> &mut Copies {
+            self.stores.entry(id.to_string()).or_default()
+        }
+
+        /// One owner's pulls for `view`, stopping after `budget` steps
+        /// (an interruption) — each step one arc with one peer.
+        fn pull(&mut self, me: &str, v: &View, budget: &mut usize) {
+            let plan = Comparisons::new(me, v);
+            for phase in &plan.phases {
+                for (peer, arcs) in phase {
+                    for &i in &arcs.arcs {
+                        if *budget == 0 {
+                            return;
+                        }
+                        *budget -= 1;
+                        let range = plan.arcs[i].0;
+                        let empty = Copies::new();
+                        let theirs_all = self.stores.get(*peer).unwrap_or(&empty);
+                        let mine = digest(self.stores.get(me).unwrap_or(&empty), range);
+                        let theirs = digest(theirs_all, range);
+                        let wanted: Vec<(String, Version)> = match decide(mine, theirs) {
+                            Pull::Nothing => Vec::new(),
+                            Pull::All | Pull::Diff => in_range(theirs_all, range)
+                                .map(|((_, k), v)| (k.clone(), *v))
+                                .collect(),
+                        };
+                        let store = self.store(me);
+                        for (k, v) in wanted {
+                            apply(store, &k, v);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// One worker's handoff of the keys it does not own in `view`.
+        fn hand_off(&mut self, me: &str, v: &View, budget: &mut usize) {
+            let mut handoff = Handoff::default();
+            for ((_, key), version) in self.store(me).clone() {
+                let owners: Vec<String> = v.owners(&key).iter().map(|m| m.id.clone()).collect();
+                if !owners.iter().any(|o| o == me) {
+                    handoff.add(key, version, owners);
+                }
+            }
+            for (owner, items) in handoff.waiting() {
+                if *budget == 0 {
+                    return;
+                }
+                *budget -= 1;
+                // Offer, then send what is still lacking (the last round).
+                let store = self.store(&owner);
+                for (k, v) in &items {
+                    apply(store, k, *v);
+                }
+                handoff.confirm(&owner, items.iter().map(|(k, _)| k.as_str()));
+            }
+            for (key, version) in handoff.confirmed() {
+                let store = self.store(me);
+                if store.get(&place(&key)) == Some(&version) {
+                    store.remove(&place(&key));
+                }
+            }
+        }
+
+        /// The old planner's essentials, for the negative check.
+        fn old_rebalance(&mut self, me: &str, v: &View, budget: &mut usize) {
+            let from_ids = self.settled.get(me).cloned().unwrap_or_default();
+            let from = view(0, &from_ids.iter().map(String::as_str).collect::<Vec<_>>());
+            for ((_, key), version) in self.store(me).clone() {
+                if *budget == 0 {
+                    return;
+                }
+                *budget -= 1;
+                let old: Vec<String> = from.owners(&key).iter().map(|m| m.id.clone()).collect();
+                let designated = old.iter().find(|o| v.member(o).is_some());
+                if designated.map(String::as_str) == Some(me) {
+                    for owner in v.owners(&key) {
+                        if !old.contains(&owner.id) {
+                            let id = owner.id.clone();
+                            apply(self.store(&id), &key, version);
+                        }
+                    }
+                }
+            }
+            self.settled.insert(
+                me.to_string(),
+                v.topology.members.iter().map(|m| m.id.clone()).collect(),
+            );
+        }
+
+        /// Every live worker rebalances towards `view`, each cut off after
+        /// `budget` steps (`usize::MAX`: to the end).
+        fn rebalance(&mut self, v: &View, budgets: &[usize]) {
+            let ids: Vec<String> = v.topology.members.iter().map(|m| m.id.clone()).collect();
+            for (i, me) in ids.iter().enumerate() {
+                let mut budget = budgets.get(i).copied().unwrap_or(usize::MAX);
+                if self.old_rule {
+                    self.old_rebalance(me, v, &mut budget);
+                } else {
+                    self.pull(me, v, &mut budget);
+                    self.hand_off(me, v, &mut budget);
+                }
+            }
+        }
+
+        /// Every key held by a live worker, at its newest version there.
+        fn newest(&self, live: &BTreeSet<String>) -> Copies {
+            let mut newest = Copies::new();
+            for (id, store) in &self.stores {
+                if live.contains(id) {
+                    for ((_, k), v) in store {
+                        apply(&mut newest, k, *v);
+                    }
+                }
+            }
+            newest
+        }
+    }
+
+    /// A random history: a starting set of workers, keys written to their
+    /// owners, then changes (a worker dies with its copies, or joins), each
+    /// followed by a rebalance cut short at random points.
+    fn run_history(
+        old_rule: bool,
+        initial: usize,
+        first_cuts: &[usize],
+        changes: &[(bool, usize, Vec<usize>)],
+        keys: usize,
+    ) -> Result<(), String> {
+        let mut model = Model {
+            old_rule,
+            ..Model::default()
+        };
+        let mut live: BTreeSet<String> = (0..initial).map(|i| format!("w{i}")).collect();
+        let mut next_id = initial;
+        let mut epoch = 1;
+        let ids = |live: &BTreeSet<String>| live.iter().cloned().collect::<Vec<_>>();
+        let to_view = |epoch, live: &BTreeSet<String>| {
+            let ids = ids(live);
+            view(epoch, &ids.iter().map(String::as_str).collect::<Vec<_>>())
+        };
+        let mut v = to_view(epoch, &live);
+        // Writes reach all three owners (W=2 plus the async third copy).
+        for k in 0..keys {
+            let key = format!("key:{k}");
+            let version = Version {
+                hlc: 1 + k as u64,
+                node: 1,
+            };
+            for owner in v.owners(&key) {
+                apply(model.store(&owner.id), &key, version);
+            }
+        }
+        // The first topology reaches workers that already hold data (the
+        // cluster formed as they registered): the step that used to plan
+        // from an empty ring.
+        model.rebalance(&v, first_cuts);
+        let before = model.newest(&live);
+        for (join, which, cuts) in changes {
+            if *join || live.len() <= 3 {
+                live.insert(format!("w{next_id}"));
+                next_id += 1;
+            } else {
+                let victim = ids(&live)[which % live.len()].clone();
+                // Never kill the last live holder of a key: a failure W=2
+                // and three copies tolerate, not a second one mid-flight.
+                let survivors: BTreeSet<String> =
+                    live.iter().filter(|id| **id != victim).cloned().collect();
+                if model.newest(&survivors).len() == model.newest(&live).len() {
+                    live = survivors;
+                    model.stores.remove(&victim);
+                }
+            }
+            epoch += 1;
+            v = to_view(epoch, &live);
+            model.rebalance(&v, cuts);
+        }
+        // Quiet at last: everyone runs to the end (twice: a pull that found
+        // a co-owner still filling is finished by the next round).
+        model.rebalance(&v, &[]);
+        model.rebalance(&v, &[]);
+        let newest = model.newest(&live);
+        if newest.len() != before.len() {
+            return Err(format!("{} keys lost", before.len() - newest.len()));
+        }
+        for ((_, key), version) in &newest {
+            for owner in v.owners(key) {
+                let held = model.stores.get(&owner.id).and_then(|s| s.get(&place(key)));
+                if held != Some(version) {
+                    return Err(format!(
+                        "{key} at {version:?} is {held:?} on its owner {}",
+                        owner.id
+                    ));
+                }
+            }
+        }
+        for (id, store) in &model.stores {
+            for (_, key) in store.keys() {
+                if !v.owners(key).iter().any(|m| &m.id == id) {
+                    return Err(format!("{id} still holds {key}, which it does not own"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    type History = (usize, Vec<usize>, Vec<(bool, usize, Vec<usize>)>);
+
+    fn history() -> impl Strategy<Value = History> {
+        (
+            3usize..7,
+            proptest::collection::vec(0usize..400, 0..8),
+            proptest::collection::vec(
+                (
+                    any::<bool>(),
+                    any::<usize>(),
+                    proptest::collection::vec(0usize..400, 0..8),
+                ),
+                1..6,
+            ),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn every_key_ends_on_all_its_current_owners_whatever_the_changes_and_interruptions(
+            (initial, first_cuts, changes) in history()
+        ) {
+            run_history(false, initial, &first_cuts, &changes, 300).map_err(TestCaseError::fail)?;
+        }
+    }
+
+    #[test]
+    fn the_property_catches_the_old_planner_that_started_from_an_empty_ring() {
+        // A kill while the first rebalance runs (cut after a few keys).
+        let (first_cuts, changes) = (vec![5; 4], vec![(false, 1, vec![5; 4])]);
+        let verdict = run_history(true, 4, &first_cuts, &changes, 300);
+        assert!(verdict.is_err(), "the old rule lost nothing: {verdict:?}");
+        run_history(false, 4, &first_cuts, &changes, 300).expect("the new rules");
+    }
+}
