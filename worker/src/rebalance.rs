@@ -258,7 +258,7 @@ pub async fn sync(node: &Node, view: &View, why: Why) -> Report {
                     }
                 }
             }
-            if pass == 0 {
+            if pass == 0 && why == Why::Change {
                 node.metrics
                     .arcs_unverified
                     .set(unverified(&remaining) as i64);
@@ -269,6 +269,12 @@ pub async fn sync(node: &Node, view: &View, why: Why) -> Report {
         }
     }
     report.unverified = unverified(&remaining);
+    // Only a change makes arcs unverified; a retry or a round can only
+    // verify more of them.
+    let gauge = &node.metrics.arcs_unverified;
+    if why == Why::Change || (report.unverified as i64) < gauge.get() {
+        gauge.set(report.unverified as i64);
+    }
     hand_off(node, view, &mut report).await;
     report
 }

@@ -8,43 +8,6 @@ use futures::stream::{self, StreamExt};
 use kv_wire::Ring;
 use std::collections::HashMap;
 
-/// Writes `key:{i}` = `value-{i}` for i in 0..n through HTTP, spread over
-/// the workers, 64 at a time.
-async fn write_keys(cluster: &Cluster, n: usize) {
-    let urls: Vec<String> = cluster.workers.iter().map(|w| w.url("/kv")).collect();
-    stream::iter(0..n)
-        .map(|i| {
-            let url = urls[i % urls.len()].clone();
-            async move {
-                let (status, reply) = http(
-                    "PUT",
-                    &url,
-                    put_body(&format!("key:{i}"), &format!("value-{i}")),
-                )
-                .await;
-                assert_eq!(status, 200, "key:{i}: {reply}");
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<()>>()
-        .await;
-}
-
-/// The ring the running workers form.
-fn ring(cluster: &Cluster) -> Ring {
-    Ring::new(cluster.workers.iter().map(|w| w.id.clone()))
-}
-
-/// Keys (tombstones included) each worker holds, from /healthz.
-async fn held(cluster: &Cluster) -> HashMap<String, u64> {
-    let mut held = HashMap::new();
-    for w in &cluster.workers {
-        let (_, health) = w.get("/healthz").await;
-        held.insert(w.id.clone(), health["keys"].as_u64().unwrap());
-    }
-    held
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_to_a_non_owner_reaches_the_primary() {
     let cluster = Cluster::start(4).await;

@@ -21,6 +21,7 @@ async fn cluster() -> Cluster {
         controller,
         workers: Vec::new(),
         secret: None,
+        configure: |_| {},
     };
     let w = start_worker_with("worker1", &cluster.controller, |c| {
         c.wire_idle_timeout = Duration::from_secs(1)

@@ -3,9 +3,12 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use bytes::Bytes;
+use futures::stream::{self, StreamExt};
 use kv_client::HttpClient;
 use kv_wire::ClusterSecret;
+use kv_wire::Ring;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -77,6 +80,8 @@ pub struct Cluster {
     pub workers: Vec<Service>,
     /// The cluster secret every node has, if any.
     pub secret: Option<ClusterSecret>,
+    /// Applied to every worker's configuration.
+    pub configure: fn(&mut kv_worker::Config),
 }
 
 /// A secret for tests.
@@ -93,11 +98,21 @@ impl Cluster {
 
     /// The same, every node with `secret`.
     pub async fn start_with_secret(n: usize, secret: Option<ClusterSecret>) -> Cluster {
+        Cluster::start_configured(n, secret, |_| {}).await
+    }
+
+    /// The same, every worker's configuration changed by `configure`.
+    pub async fn start_configured(
+        n: usize,
+        secret: Option<ClusterSecret>,
+        configure: fn(&mut kv_worker::Config),
+    ) -> Cluster {
         let controller = start_controller_with(|c| c.cluster_secret = secret.clone()).await;
         let mut cluster = Cluster {
             controller,
             workers: Vec::new(),
             secret,
+            configure,
         };
         for i in 1..=n {
             cluster.add(&format!("worker{i}")).await;
@@ -107,8 +122,12 @@ impl Cluster {
     }
 
     pub async fn add(&mut self, id: &str) {
-        let secret = self.secret.clone();
-        let worker = start_worker_with(id, &self.controller, |c| c.cluster_secret = secret).await;
+        let (secret, configure) = (self.secret.clone(), self.configure);
+        let worker = start_worker_with(id, &self.controller, |c| {
+            c.cluster_secret = secret;
+            configure(c);
+        })
+        .await;
         self.workers.push(worker);
     }
 
@@ -231,4 +250,41 @@ pub async fn start_worker_with(
 
 pub fn put_body(key: &str, value: &str) -> String {
     serde_json::json!({ "key": key, "value": value }).to_string()
+}
+
+/// Writes `key:{i}` = `value-{i}` for i in 0..n through HTTP, spread over
+/// the workers, 64 at a time.
+pub async fn write_keys(cluster: &Cluster, n: usize) {
+    let urls: Vec<String> = cluster.workers.iter().map(|w| w.url("/kv")).collect();
+    stream::iter(0..n)
+        .map(|i| {
+            let url = urls[i % urls.len()].clone();
+            async move {
+                let (status, reply) = http(
+                    "PUT",
+                    &url,
+                    put_body(&format!("key:{i}"), &format!("value-{i}")),
+                )
+                .await;
+                assert_eq!(status, 200, "key:{i}: {reply}");
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// The ring the running workers form.
+pub fn ring(cluster: &Cluster) -> Ring {
+    Ring::new(cluster.workers.iter().map(|w| w.id.clone()))
+}
+
+/// Keys (tombstones included) each worker holds, from /healthz.
+pub async fn held(cluster: &Cluster) -> HashMap<String, u64> {
+    let mut held = HashMap::new();
+    for w in &cluster.workers {
+        let (_, health) = w.get("/healthz").await;
+        held.insert(w.id.clone(), health["keys"].as_u64().unwrap());
+    }
+    held
 }

@@ -1,0 +1,220 @@
+//! Anti-entropy: co-owners compare digests of the arcs they share and
+//! repair what differs — copies lost behind the cluster's back, a delete
+//! one owner missed — and move nothing when nothing differs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+use common::*;
+use kv_client::{Connection, Credentials};
+use kv_wire::message::Consistency;
+use kv_wire::{Entry, Request, Response};
+use std::time::Duration;
+
+/// Rounds every 300 ms, and the test hook that drops copies.
+fn fast_rounds(c: &mut kv_worker::Config) {
+    c.anti_entropy_interval = Duration::from_millis(300);
+    c.test_hooks = true;
+}
+
+/// A counter or gauge from a worker's `/metrics`.
+async fn metric(worker: &Service, name: &str) -> u64 {
+    let (_, text) = worker.get("/metrics").await;
+    let text = text.as_str().unwrap().to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+/// Waits until every worker holds all three copies of `n` keys.
+async fn fully_replicated(cluster: &Cluster, n: u64) {
+    eventually("three copies of every key", || async {
+        (held(cluster).await.values().sum::<u64>() == 3 * n).then_some(())
+    })
+    .await;
+}
+
+/// Waits for `rounds` more anti-entropy rounds on every worker.
+async fn rounds(cluster: &Cluster, rounds: u64) {
+    for w in &cluster.workers {
+        let start = metric(w, "kv_worker_anti_entropy_rounds_total").await;
+        eventually("anti-entropy rounds", || async {
+            let now = metric(w, "kv_worker_anti_entropy_rounds_total").await;
+            (now >= start + rounds).then_some(())
+        })
+        .await;
+    }
+}
+
+async fn wire(worker: &Service) -> Connection {
+    let credentials = Credentials::new("kv", "test");
+    Connection::connect(&worker.wire.to_string(), &credentials, PATIENCE)
+        .await
+        .unwrap()
+}
+
+/// The copy `worker` holds, tombstones included.
+async fn copy(worker: &Service, key: &str) -> Option<Entry> {
+    let request = Request::Get {
+        key: key.into(),
+        consistency: Consistency::Local,
+    };
+    match wire(worker).await.call(request).await.unwrap() {
+        Response::Value(entry) => entry,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_lost_behind_the_clusters_back_come_back_with_no_topology_change() {
+    let n = 3000;
+    let cluster = Cluster::start_configured(4, None, fast_rounds).await;
+    write_keys(&cluster, n).await;
+    fully_replicated(&cluster, n as u64).await;
+    let epoch = cluster.settled().await;
+
+    // worker1 loses a tenth of its copies, and tells no one.
+    let victim = cluster.worker("worker1");
+    let ring = ring(&cluster);
+    let lost: Vec<String> = (0..n)
+        .map(|i| format!("key:{i}"))
+        .filter(|k| ring.is_owner(k.as_bytes(), 3, "worker1"))
+        .step_by(10)
+        .collect();
+    let repaired_before = metric(victim, "kv_worker_anti_entropy_keys_repaired_total").await;
+    let body = serde_json::to_string(&lost).unwrap();
+    let (status, reply) = http("POST", &victim.url("/test/forget"), body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["forgotten"].as_u64(), Some(lost.len() as u64));
+
+    fully_replicated(&cluster, n as u64).await;
+    for key in &lost {
+        let i: usize = key["key:".len()..].parse().unwrap();
+        assert_eq!(victim.local(key).await, Some(format!("value-{i}")), "{key}");
+    }
+    let repaired = metric(victim, "kv_worker_anti_entropy_keys_repaired_total").await;
+    assert!(
+        repaired >= repaired_before + lost.len() as u64,
+        "{repaired} repaired, {} lost",
+        lost.len()
+    );
+    assert_eq!(
+        cluster.settled().await,
+        epoch,
+        "repaired without a topology change"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
+    let cluster = Cluster::start_configured(3, None, fast_rounds).await;
+    let owners = cluster.mapping("doomed").await;
+    let first = cluster.worker(&owners[0]);
+    let (status, _) = http("PUT", &first.url("/kv"), put_body("doomed", "v1")).await;
+    assert_eq!(status, 200);
+    let mut written = None;
+    for id in &owners {
+        written = Some(
+            eventually("the value on every owner", || async {
+                copy(cluster.worker(id), "doomed").await
+            })
+            .await,
+        );
+    }
+    let written = written.unwrap();
+    let (status, _) = http("DELETE", &first.url("/kv?key=doomed"), "").await;
+    assert_eq!(status, 200);
+    for id in &owners {
+        eventually("the tombstone on every owner", || async {
+            let c = copy(cluster.worker(id), "doomed").await?;
+            c.value.is_none().then_some(())
+        })
+        .await;
+    }
+
+    // The last owner "missed" the delete: its tombstone is replaced by the
+    // value it had before.
+    let stale = cluster.worker(&owners[2]);
+    let (status, _) = http("POST", &stale.url("/test/forget"), r#"["doomed"]"#).await;
+    assert_eq!(status, 200);
+    let replicated = wire(stale)
+        .await
+        .call(Request::Replicate {
+            entries: vec![written.clone()],
+        })
+        .await
+        .unwrap();
+    assert!(
+        matches!(replicated, Response::Replicated { applied: 1, .. }),
+        "{replicated:?}"
+    );
+    assert_eq!(stale.local("doomed").await.as_deref(), Some("v1"));
+
+    // Anti-entropy brings the tombstone back; the value never wins.
+    let tombstone = eventually("the tombstone to be repaired", || async {
+        let c = copy(stale, "doomed").await?;
+        c.value.is_none().then_some(c)
+    })
+    .await;
+    assert!(tombstone.version > written.version);
+    rounds(&cluster, 2).await;
+    for id in &owners {
+        let c = copy(cluster.worker(id), "doomed").await.unwrap();
+        assert_eq!(c, tombstone, "{id}");
+        let (status, _) = cluster
+            .worker(id)
+            .get("/kv?key=doomed&consistency=quorum")
+            .await;
+        assert_eq!(status, 404, "{id} reads the deleted value");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_with_nothing_different_compare_everything_and_move_nothing() {
+    let n = 3000;
+    let cluster = Cluster::start_configured(4, None, fast_rounds).await;
+    write_keys(&cluster, n).await;
+    fully_replicated(&cluster, n as u64).await;
+    // Let rounds that began while copies were landing finish.
+    rounds(&cluster, 2).await;
+    let names = [
+        "kv_worker_anti_entropy_arcs_compared_total",
+        "kv_worker_anti_entropy_arcs_differing_total",
+        "kv_worker_anti_entropy_keys_repaired_total",
+        "kv_worker_rebalance_keys_total",
+    ];
+    let mut before = Vec::new();
+    for w in &cluster.workers {
+        for name in names {
+            before.push(metric(w, name).await);
+        }
+    }
+    rounds(&cluster, 2).await;
+    let mut i = 0;
+    for w in &cluster.workers {
+        for name in names {
+            let now = metric(w, name).await;
+            if name.contains("compared") {
+                // Each round compares every arc this worker owns with both
+                // co-owners: 3/4 of 4 x 2048 arcs, twice.
+                assert!(
+                    now >= before[i] + 2 * 3 * 2048 * 2,
+                    "{}: {name} {now}",
+                    w.id
+                );
+            } else {
+                assert_eq!(now, before[i], "{}: {name} moved", w.id);
+            }
+            i += 1;
+        }
+        assert_eq!(metric(w, "kv_worker_arcs_unverified").await, 0, "{}", w.id);
+        assert_eq!(
+            metric(w, "kv_worker_handoff_pending_keys").await,
+            0,
+            "{}",
+            w.id
+        );
+    }
+    cluster.shutdown().await;
+}
