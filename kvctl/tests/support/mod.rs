@@ -141,44 +141,50 @@ impl Cluster {
         };
         cluster.spawn_controller();
         for i in 1..=workers {
-            let (host, http, wire, prefix) = match &cluster.net {
-                Some(net) => (
-                    net.ip(i),
-                    8001,
-                    8002,
-                    vec!["ip".into(), "netns".into(), "exec".into(), net.ns(i)],
-                ),
-                None => (
-                    "127.0.0.1".to_string(),
-                    free_port(),
-                    free_port(),
-                    Vec::new(),
-                ),
-            };
-            let args = [
-                "worker",
-                "--id",
-                &format!("worker{i}"),
-                "--listen",
-                &format!("{host}:{http}"),
-                "--wire-listen",
-                &format!("{host}:{wire}"),
-                "--advertise-host",
-                &host,
-                "--controller",
-                &cluster.controller_url(),
-            ];
-            let node = Node::spawn(
-                prefix,
-                args.iter().map(|s| s.to_string()).collect(),
-                &host,
-                http,
-                &cluster.logs.join(format!("worker{i}.log")),
-            );
-            cluster.nodes.insert(format!("worker{i}"), node);
+            cluster.spawn_worker(i);
         }
         cluster.wait_all_up(workers).await;
         cluster
+    }
+
+    /// Starts worker *i* (its own process; in namespace *i* when the
+    /// cluster has namespaces).
+    pub fn spawn_worker(&mut self, i: usize) {
+        let (host, http, wire, prefix) = match &self.net {
+            Some(net) => (
+                net.ip(i),
+                8001,
+                8002,
+                vec!["ip".into(), "netns".into(), "exec".into(), net.ns(i)],
+            ),
+            None => (
+                "127.0.0.1".to_string(),
+                free_port(),
+                free_port(),
+                Vec::new(),
+            ),
+        };
+        let args = [
+            "worker",
+            "--id",
+            &format!("worker{i}"),
+            "--listen",
+            &format!("{host}:{http}"),
+            "--wire-listen",
+            &format!("{host}:{wire}"),
+            "--advertise-host",
+            &host,
+            "--controller",
+            &self.controller_url(),
+        ];
+        let node = Node::spawn(
+            prefix,
+            args.iter().map(|s| s.to_string()).collect(),
+            &host,
+            http,
+            &self.logs.join(format!("worker{i}.log")),
+        );
+        self.nodes.insert(format!("worker{i}"), node);
     }
 
     pub fn controller_url(&self) -> String {
