@@ -459,6 +459,13 @@ pub struct Entry {
     pub value: Option<Bytes>,
 }
 
+impl Entry {
+    /// Bytes of key and value (what moving this copy moves).
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Bytes::len)
+    }
+}
+
 /// The cluster as the controller publishes it: the live workers (UP or
 /// SUSPECT) at an epoch. Every membership change bumps the epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -500,7 +500,7 @@ impl Node {
     pub fn absorb(&self, entries: Vec<Entry>) -> (usize, usize) {
         let (mut applied, mut bytes) = (0, 0);
         for entry in entries {
-            let size = entry.key.len() + entry.value.as_ref().map_or(0, Bytes::len);
+            let size = entry.size();
             if self.apply_copy(entry) == Some(Applied::Stored) {
                 applied += 1;
                 bytes += size;

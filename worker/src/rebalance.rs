@@ -561,10 +561,7 @@ async fn send(node: &Node, member: &Member, entries: &[Entry], report: &mut Repo
     .await;
     if sent.is_some() {
         report.handed += entries.len();
-        report.handed_bytes += entries
-            .iter()
-            .map(|e| e.key.len() + e.value.as_ref().map_or(0, |v| v.len()))
-            .sum::<usize>();
+        report.handed_bytes += entries.iter().map(Entry::size).sum::<usize>();
     } else {
         report.failures += 1;
     }

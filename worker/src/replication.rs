@@ -26,6 +26,8 @@ const LINK_BUDGET: usize = 64 * 1024 * 1024;
 const MAX_BATCH_ENTRIES: usize = 1024;
 /// Most bytes in one `Replicate` frame (well under the frame limit).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Bookkeeping counted per queued copy, besides its key and value.
+const ITEM_OVERHEAD: usize = 32;
 /// Backoff between retries of a failed batch.
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -49,7 +51,7 @@ struct Item {
 
 impl Item {
     fn size(&self) -> usize {
-        self.entry.key.len() + self.entry.value.as_ref().map_or(0, |v| v.len()) + 32
+        self.entry.size() + ITEM_OVERHEAD
     }
 
     fn answer(&mut self, ack: ReplicaAck) {
@@ -96,7 +98,7 @@ impl Replicator {
     pub async fn send(&self, peer: &Member, entry: Entry) -> oneshot::Receiver<ReplicaAck> {
         let (tx, rx) = oneshot::channel();
         let (queue, budget) = self.link(peer);
-        let size = entry.key.len() + entry.value.as_ref().map_or(0, |v| v.len()) + 32;
+        let size = entry.size() + ITEM_OVERHEAD;
         let permits = size.min(LINK_BUDGET) as u32;
         let Ok(permit) = budget.acquire_many_owned(permits).await else {
             let _ = tx.send(ReplicaAck::Failed("replication link closed".into()));
@@ -121,7 +123,7 @@ impl Replicator {
     /// counted.
     pub fn hint(&self, peer: &Member, entry: Entry) {
         let (queue, budget) = self.link(peer);
-        let size = entry.key.len() + entry.value.as_ref().map_or(0, |v| v.len()) + 32;
+        let size = entry.size() + ITEM_OVERHEAD;
         match budget.try_acquire_many_owned(size.min(LINK_BUDGET) as u32) {
             Ok(permit) => {
                 let _ = queue.send(Item {
