@@ -12,7 +12,7 @@ const LIST_PAGE: usize = 16 * 1024;
 /// is 16 MiB; values are at most 1 MiB by default).
 const ENTRIES_BYTES: usize = 4 * 1024 * 1024;
 /// Most ranges compared by one request.
-pub const MAX_COMPARE: usize = 64 * 1024;
+const MAX_COMPARE: usize = 64 * 1024;
 
 /// The ranges whose digest here differs from the sender's, with ours.
 pub fn compare(store: &dyn Store, ranges: &[(HashRange, Digest)]) -> Response {

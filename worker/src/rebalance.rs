@@ -16,7 +16,7 @@ use crate::node::Node;
 use crate::sync::{decide, Comparisons, Handoff, PeerArcs, Pull};
 use crate::topology::View;
 use futures::stream::{self, StreamExt};
-use kv_wire::{Digest, Entry, HashRange, Member, Request, Response, Version};
+use kv_wire::{Digest, Entry, HashRange, Member, Request, Response};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -312,11 +312,9 @@ async fn sync_peer(
     why: Why,
 ) -> PeerReport {
     let mut report = PeerReport::default();
-    let Some(peer) = arcs.peer else {
-        return report;
-    };
-    for chunk in arcs.arcs.chunks(COMPARE_BATCH) {
-        if why == Why::AntiEntropy && report.compared > 0 {
+    let peer = arcs.peer;
+    for (batch, chunk) in arcs.arcs.chunks(COMPARE_BATCH).enumerate() {
+        if why == Why::AntiEntropy && batch > 0 {
             tokio::time::sleep(ROUND_PACE).await;
         }
         let mine: Vec<(HashRange, Digest)> = chunk
@@ -458,7 +456,7 @@ async fn fetch(node: &Node, peer: &Member, keys: Vec<String>) -> Option<(usize, 
 /// still lacking after the last, and drops each key once every owner
 /// confirmed it.
 async fn hand_off(node: &Node, view: &View, report: &mut Report) {
-    let mut handoff: Handoff<Version> = Handoff::default();
+    let mut handoff = Handoff::default();
     for (range, owners) in view.ring.arcs() {
         if owners.contains(&node.id.as_str()) {
             continue;

@@ -23,7 +23,7 @@
 //! and removals to check exactly that).
 
 use crate::topology::View;
-use kv_wire::{Digest, HashRange, Member};
+use kv_wire::{Digest, HashRange, Member, Version};
 use std::collections::{BTreeMap, HashMap};
 
 /// What to fetch from a co-owner whose digest of an arc differs.
@@ -51,10 +51,10 @@ pub fn decide(mine: Digest, theirs: Digest) -> Pull {
 }
 
 /// The arcs one peer is asked about, in one phase.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerArcs<'v> {
     /// The peer.
-    pub peer: Option<&'v Member>,
+    pub peer: &'v Member,
     /// Indices into [`Comparisons::arcs`].
     pub arcs: Vec<usize>,
 }
@@ -86,9 +86,14 @@ impl<'v> Comparisons<'v> {
             plan.arcs.push((range, others.len()));
             for (i, peer) in others.into_iter().enumerate() {
                 let phase = &mut plan.phases[usize::from(i > 0)];
-                let entry = phase.entry(peer.id.as_str()).or_default();
-                entry.peer = Some(peer);
-                entry.arcs.push(index);
+                phase
+                    .entry(peer.id.as_str())
+                    .or_insert_with(|| PeerArcs {
+                        peer,
+                        arcs: Vec::new(),
+                    })
+                    .arcs
+                    .push(index);
             }
         }
         plan
@@ -98,14 +103,14 @@ impl<'v> Comparisons<'v> {
 /// Keys this worker holds but does not own, on their way to their owners.
 /// A key is dropped here only once every owner confirmed it.
 #[derive(Debug, Default)]
-pub struct Handoff<V> {
+pub struct Handoff {
     /// key -> (version held here, owners not yet confirmed).
-    pending: HashMap<String, (V, Vec<String>)>,
+    pending: HashMap<String, (Version, Vec<String>)>,
 }
 
-impl<V: Copy + Ord> Handoff<V> {
+impl Handoff {
     /// Tracks `key` at `version`, owned by `owners`.
-    pub fn add(&mut self, key: String, version: V, owners: Vec<String>) {
+    pub fn add(&mut self, key: String, version: Version, owners: Vec<String>) {
         self.pending.insert(key, (version, owners));
     }
 
@@ -119,8 +124,8 @@ impl<V: Copy + Ord> Handoff<V> {
     }
 
     /// Per owner, the keys it has not confirmed, with their versions.
-    pub fn waiting(&self) -> BTreeMap<String, Vec<(String, V)>> {
-        let mut per_owner: BTreeMap<String, Vec<(String, V)>> = BTreeMap::new();
+    pub fn waiting(&self) -> BTreeMap<String, Vec<(String, Version)>> {
+        let mut per_owner: BTreeMap<String, Vec<(String, Version)>> = BTreeMap::new();
         for (key, (version, owners)) in &self.pending {
             for owner in owners {
                 per_owner
@@ -133,7 +138,7 @@ impl<V: Copy + Ord> Handoff<V> {
     }
 
     /// Keys every owner confirmed (safe to drop), with their versions.
-    pub fn confirmed(&self) -> Vec<(String, V)> {
+    pub fn confirmed(&self) -> Vec<(String, Version)> {
         self.pending
             .iter()
             .filter(|(_, (_, owners))| owners.is_empty())
@@ -160,7 +165,7 @@ impl<V: Copy + Ord> Handoff<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kv_wire::{Ring, Topology, Version};
+    use kv_wire::{Ring, Topology};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
 
@@ -235,11 +240,12 @@ mod tests {
 
     #[test]
     fn a_handoff_drops_a_key_only_when_every_owner_confirmed_it() {
+        let v = |hlc| Version { hlc, node: 1 };
         let mut h = Handoff::default();
-        h.add("k".into(), 5u64, vec!["a".into(), "b".into()]);
-        h.add("j".into(), 6u64, vec!["a".into()]);
+        h.add("k".into(), v(5), vec!["a".into(), "b".into()]);
+        h.add("j".into(), v(6), vec!["a".into()]);
         h.confirm("a", ["k", "j"]);
-        assert_eq!(h.confirmed(), vec![("j".to_string(), 6)]);
+        assert_eq!(h.confirmed(), vec![("j".to_string(), v(6))]);
         assert_eq!(h.unconfirmed(), 1);
         assert_eq!(h.waiting().keys().collect::<Vec<_>>(), ["b"]);
         h.confirm("b", ["k"]);
