@@ -33,6 +33,14 @@ async fn fully_replicated(cluster: &Cluster, n: u64) {
     .await;
 }
 
+/// Four workers with fast rounds, holding all three copies of `n` keys.
+async fn loaded(n: usize) -> Cluster {
+    let cluster = Cluster::start_configured(4, None, fast_rounds).await;
+    write_keys(&cluster, n).await;
+    fully_replicated(&cluster, n as u64).await;
+    cluster
+}
+
 /// Waits for `rounds` more anti-entropy rounds on every worker.
 async fn rounds(cluster: &Cluster, rounds: u64) {
     for w in &cluster.workers {
@@ -67,9 +75,7 @@ async fn copy(worker: &Service, key: &str) -> Option<Entry> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_lost_behind_the_clusters_back_come_back_with_no_topology_change() {
     let n = 3000;
-    let cluster = Cluster::start_configured(4, None, fast_rounds).await;
-    write_keys(&cluster, n).await;
-    fully_replicated(&cluster, n as u64).await;
+    let cluster = loaded(n).await;
     let epoch = cluster.settled().await;
 
     // worker1 loses a tenth of its copies, and tells no one.
@@ -173,9 +179,7 @@ async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_with_nothing_different_compare_everything_and_move_nothing() {
     let n = 3000;
-    let cluster = Cluster::start_configured(4, None, fast_rounds).await;
-    write_keys(&cluster, n).await;
-    fully_replicated(&cluster, n as u64).await;
+    let cluster = loaded(n).await;
     // Let rounds that began while copies were landing finish.
     rounds(&cluster, 2).await;
     let names = [

@@ -541,7 +541,7 @@ pub async fn metric_sum(cluster: &Cluster, among: &[String], name: &str) -> f64 
     sum
 }
 
-/// Keys sent by rebalancing, summed over `among`.
+/// Copies moved by rebalancing (pulled or handed off), summed over `among`.
 pub async fn moved(cluster: &Cluster, among: &[String]) -> f64 {
     metric_sum(cluster, among, "kv_worker_rebalance_keys_total").await
 }
