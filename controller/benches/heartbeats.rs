@@ -61,7 +61,7 @@ async fn call_proving(
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        let proof = secret.prove_registration(body.as_bytes(), now);
+        let proof = secret.prove_request(kv_wire::auth::Signed::Register, body.as_bytes(), now);
         request = request.header("authorization", proof.header_value());
     }
     let request = request.body(Full::new(Bytes::from(body))).unwrap();

@@ -1,8 +1,8 @@
-//! The controller's side of the cluster secret: checking registrations'
-//! proofs (and refusing replays of them), and deciding which refusals are
-//! worth a log line.
+//! The controller's side of the cluster secret: checking the proofs of
+//! registrations and leaves (and refusing replays of them), and deciding
+//! which refusals are worth a log line.
 
-use kv_wire::auth::{Nonce, ProofError, RefusalLog, RegisterProof, PROOF_WINDOW};
+use kv_wire::auth::{Nonce, ProofError, RefusalLog, RequestProof, Signed, PROOF_WINDOW};
 use kv_wire::ClusterSecret;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,12 +31,12 @@ impl Guard {
         self.secret.as_ref()
     }
 
-    /// Checks a `/register` request's `Authorization` header against its
-    /// body, at `now_ms` (milliseconds since the Unix epoch). A proof is
-    /// good once: its nonce is remembered while its timestamp is in the
-    /// window.
-    pub fn check_registration(
+    /// Checks a `what` request's `Authorization` header against its body,
+    /// at `now_ms` (milliseconds since the Unix epoch). A proof is good
+    /// once: its nonce is remembered while its timestamp is in the window.
+    pub fn check(
         &self,
+        what: Signed,
         authorization: Option<&[u8]>,
         body: &[u8],
         now_ms: u64,
@@ -50,8 +50,8 @@ impl Guard {
         let header = authorization
             .and_then(|h| std::str::from_utf8(h).ok())
             .ok_or(ProofError::Malformed)?;
-        let proof = RegisterProof::parse(header)?;
-        secret.check_registration(&proof, body, now_ms)?;
+        let proof = RequestProof::parse(header)?;
+        secret.check_request(what, &proof, body, now_ms)?;
         let forget_at = proof.ts_ms.saturating_add(PROOF_WINDOW.as_millis() as u64);
         if self
             .seen
@@ -74,7 +74,7 @@ impl Guard {
     }
 }
 
-/// Nonces of the registration proofs accepted, until their proofs expire.
+/// Nonces of the proofs accepted, until their proofs expire.
 /// Only proofs with a valid tag get here, so strangers cannot fill it.
 #[derive(Debug, Default)]
 struct SeenNonces {
@@ -120,16 +120,16 @@ mod tests {
     fn a_proof_is_good_once_and_only_with_the_same_secret_and_body() {
         let s = secret("0123456789abcdef");
         let guard = Guard::new(Some(s.clone()));
-        let header = s.prove_registration(b"{}", NOW).header_value();
+        let header = s.prove_request(Signed::Register, b"{}", NOW).header_value();
         let check = |h: Option<&str>, body: &[u8], now| {
-            guard.check_registration(h.map(str::as_bytes), body, now)
+            guard.check(Signed::Register, h.map(str::as_bytes), body, now)
         };
         assert_eq!(check(Some(&header), b"{}", NOW), Ok(()));
         assert_eq!(
             check(Some(&header), b"{}", NOW + 1),
             Err(ProofError::Replayed)
         );
-        let fresh = s.prove_registration(b"{}", NOW).header_value();
+        let fresh = s.prove_request(Signed::Register, b"{}", NOW).header_value();
         assert_eq!(check(Some(&fresh), b"{ }", NOW), Err(ProofError::Wrong));
         assert_eq!(check(None, b"{}", NOW), Err(ProofError::Missing));
         assert_eq!(
@@ -137,7 +137,7 @@ mod tests {
             Err(ProofError::Malformed)
         );
         let other = secret("fedcba9876543210")
-            .prove_registration(b"{}", NOW)
+            .prove_request(Signed::Register, b"{}", NOW)
             .header_value();
         assert_eq!(check(Some(&other), b"{}", NOW), Err(ProofError::Wrong));
         // Replayed after the window, it is stale rather than unseen.
@@ -146,7 +146,7 @@ mod tests {
             Err(ProofError::Stale { .. })
         ));
         assert_eq!(
-            guard.check_registration(Some(&[0xff, 0xfe]), b"{}", NOW),
+            guard.check(Signed::Register, Some(&[0xff, 0xfe]), b"{}", NOW),
             Err(ProofError::Malformed)
         );
     }
@@ -154,12 +154,12 @@ mod tests {
     #[test]
     fn without_a_secret_no_proof_is_needed_and_none_is_taken() {
         let guard = Guard::new(None);
-        assert_eq!(guard.check_registration(None, b"{}", NOW), Ok(()));
+        assert_eq!(guard.check(Signed::Register, None, b"{}", NOW), Ok(()));
         let header = secret("0123456789abcdef")
-            .prove_registration(b"{}", NOW)
+            .prove_request(Signed::Register, b"{}", NOW)
             .header_value();
         assert_eq!(
-            guard.check_registration(Some(header.as_bytes()), b"{}", NOW),
+            guard.check(Signed::Register, Some(header.as_bytes()), b"{}", NOW),
             Err(ProofError::Unexpected)
         );
     }

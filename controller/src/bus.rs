@@ -1,5 +1,6 @@
-//! The message bus: pushes each new topology to every live worker at once,
-//! over the wire protocol.
+//! The message bus: pushes each new topology to every live or leaving
+//! worker at once, over the wire protocol (a leaving worker learns this way
+//! that it is out of the ring, and whom to hand its keys to).
 //!
 //! One link task per worker holds a connection to its wire port and sends
 //! the latest topology whenever the epoch moves past what the worker last
@@ -31,7 +32,7 @@ struct Link {
     stop: CancellationToken,
 }
 
-/// Runs the bus until `shutdown`: keeps one link per live worker.
+/// Runs the bus until `shutdown`: keeps one link per live or leaving worker.
 pub async fn run(
     shared: Arc<Shared>,
     credentials: Credentials,
@@ -78,13 +79,15 @@ fn reconcile(
     tracker: &TaskTracker,
 ) {
     links.retain(|id, link| {
-        let keep = topology.member(id) == Some(&link.member);
+        let keep = topology
+            .everyone()
+            .any(|m| m.id == *id && *m == link.member);
         if !keep {
             link.stop.cancel();
         }
         keep
     });
-    for member in &topology.members {
+    for member in topology.everyone() {
         if links.contains_key(&member.id) {
             continue;
         }

@@ -10,6 +10,11 @@
 //! heartbeat from an older generation (a replaced pod's last words) is
 //! ignored. After a (re)start the detector declares nobody DOWN until its
 //! grace period ends, giving workers time to register again.
+//!
+//! A worker that announces it leaves is LEAVING (out of the ring, still
+//! heard from while it hands its keys over) until it says it is done or
+//! goes silent; either way it ends DOWN, and a heartbeat never brings a
+//! worker that left back into the ring — only a new registration does.
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -24,21 +29,27 @@ pub enum Status {
     Up,
     /// Silent for a while: still owns its keys.
     Suspect,
-    /// Silent too long: out of the ring.
+    /// Leaving: out of the ring, handing its keys over.
+    Leaving,
+    /// Silent too long, or left: out of the ring.
     Down,
 }
 
 impl Status {
     /// Whether the worker is in the ring (UP or SUSPECT).
     pub fn is_live(self) -> bool {
-        self != Status::Down
+        matches!(self, Status::Up | Status::Suspect)
     }
+
+    /// Every status, in the order `/metrics` lists them.
+    pub const ALL: [Status; 4] = [Status::Up, Status::Suspect, Status::Leaving, Status::Down];
 
     /// The status as `/nodes` and logs spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Up => "UP",
             Status::Suspect => "SUSPECT",
+            Status::Leaving => "LEAVING",
             Status::Down => "DOWN",
         }
     }
@@ -57,6 +68,10 @@ pub enum Why {
     Heartbeat,
     /// No heartbeat for this long.
     Silent(Duration),
+    /// The worker said it leaves.
+    Leave,
+    /// The worker said it is done leaving.
+    Left,
 }
 
 impl fmt::Display for Why {
@@ -64,6 +79,8 @@ impl fmt::Display for Why {
         match self {
             Why::Heartbeat => f.write_str("heartbeat received"),
             Why::Silent(d) => write!(f, "no heartbeat for {} ms", d.as_millis()),
+            Why::Leave => f.write_str("it is leaving"),
+            Why::Left => f.write_str("it left"),
         }
     }
 }
@@ -98,6 +115,25 @@ pub enum Observation {
     Replayed,
 }
 
+/// How a DOWN worker went, as `/nodes` says in `"reason"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// It left (or went silent while leaving).
+    Left,
+    /// It stopped sending heartbeats.
+    Silent,
+}
+
+impl Reason {
+    /// The reason as `/nodes` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Left => "left",
+            Reason::Silent => "silent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Track {
     generation: u64,
@@ -105,6 +141,12 @@ struct Track {
     seq: u64,
     last_heard: Instant,
     status: Status,
+    /// It announced that it leaves.
+    leaving: bool,
+    /// It said it is done leaving: DOWN for good (this generation).
+    left: bool,
+    /// When it was last found DOWN.
+    down_since: Option<Instant>,
 }
 
 /// Timing rules and per-member liveness.
@@ -138,13 +180,47 @@ impl Detector {
                 seq: 0,
                 last_heard: now,
                 status: Status::Up,
+                leaving: false,
+                left: false,
+                down_since: None,
             },
         );
     }
 
-    /// Stops tracking a member (its id registered again under a new number).
-    pub fn forget(&mut self, member: u32) {
-        self.members.remove(&member);
+    /// A member announces that it leaves: LEAVING from now on, for this
+    /// generation. `None` if it is not tracked or already DOWN, or was
+    /// LEAVING already.
+    pub fn leave(&mut self, member: u32, now: Instant) -> Option<Transition> {
+        let track = self.members.get_mut(&member)?;
+        track.leaving = true;
+        if matches!(track.status, Status::Leaving | Status::Down) {
+            return None;
+        }
+        track.last_heard = track.last_heard.max(now);
+        Some(track.change(member, Status::Leaving, Why::Leave, now))
+    }
+
+    /// A member says it is done leaving: DOWN now, and for good.
+    pub fn left(&mut self, member: u32, now: Instant) -> Option<Transition> {
+        let track = self.members.get_mut(&member)?;
+        track.leaving = true;
+        track.left = true;
+        (track.status != Status::Down).then(|| track.change(member, Status::Down, Why::Left, now))
+    }
+
+    /// Why a member is DOWN (`None` if it is not).
+    pub fn reason(&self, member: u32) -> Option<Reason> {
+        let track = self.members.get(&member)?;
+        (track.status == Status::Down).then_some(if track.leaving {
+            Reason::Left
+        } else {
+            Reason::Silent
+        })
+    }
+
+    /// Since when a member is DOWN, if it is.
+    pub fn down_since(&self, member: u32) -> Option<Instant> {
+        self.members.get(&member).and_then(|t| t.down_since)
     }
 
     /// A member's current status, if tracked.
@@ -172,16 +248,17 @@ impl Detector {
         }
         track.seq = seq;
         track.last_heard = track.last_heard.max(now);
-        if track.status == Status::Up {
+        // A leaving worker heard again is still leaving; one that left
+        // stays DOWN until it registers again.
+        let heard = if track.leaving {
+            Status::Leaving
+        } else {
+            Status::Up
+        };
+        if track.left || track.status == heard {
             return Observation::Alive;
         }
-        let from = std::mem::replace(&mut track.status, Status::Up);
-        Observation::Recovered(Transition {
-            member,
-            from,
-            to: Status::Up,
-            why: Why::Heartbeat,
-        })
+        Observation::Recovered(track.change(member, heard, Why::Heartbeat, now))
     }
 
     /// The status changes silence has caused by `now`, applied.
@@ -192,6 +269,8 @@ impl Detector {
             let silent = now.saturating_duration_since(track.last_heard);
             let due = if silent >= self.down_after && !in_grace {
                 Status::Down
+            } else if track.leaving {
+                Status::Leaving
             } else if silent >= self.suspect_after {
                 Status::Suspect
             } else {
@@ -199,16 +278,39 @@ impl Detector {
             };
             // Silence only ever worsens a status; heartbeats improve it.
             if due > track.status {
-                changes.push(Transition {
-                    member,
-                    from: track.status,
-                    to: due,
-                    why: Why::Silent(silent),
-                });
-                track.status = due;
+                changes.push(track.change(member, due, Why::Silent(silent), now));
             }
         }
         changes
+    }
+
+    /// Members DOWN since `before` or earlier, no longer tracked: the
+    /// controller forgets them.
+    pub fn forget_down_since(&mut self, before: Instant) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .members
+            .iter()
+            .filter(|(_, t)| t.down_since.is_some_and(|at| at <= before))
+            .map(|(&m, _)| m)
+            .collect();
+        for member in &gone {
+            self.members.remove(member);
+        }
+        gone
+    }
+}
+
+impl Track {
+    /// Moves to `to`, noting when it went DOWN.
+    fn change(&mut self, member: u32, to: Status, why: Why, now: Instant) -> Transition {
+        let from = std::mem::replace(&mut self.status, to);
+        self.down_since = (to == Status::Down).then_some(now);
+        Transition {
+            member,
+            from,
+            to,
+            why,
+        }
     }
 }
 
@@ -334,6 +436,63 @@ mod tests {
         d.observe(1, 1, 1, t0 + 500 * MS);
         d.observe(1, 1, 2, t0 + 100 * MS); // an earlier reading of the clock
         assert_eq!(d.last_heard(1), Some(t0 + 500 * MS));
+    }
+
+    #[test]
+    fn a_leaving_worker_stays_out_of_the_ring_until_it_leaves_or_goes_silent() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        let leave = d.leave(1, t0 + 100 * MS).unwrap();
+        assert_eq!(
+            (leave.from, leave.to, leave.why),
+            (Status::Up, Status::Leaving, Why::Leave)
+        );
+        assert_eq!(d.leave(1, t0 + 150 * MS), None, "said twice, changed once");
+        // Heard from, it stays LEAVING (never UP again, never SUSPECT).
+        assert_eq!(d.observe(1, 1, 1, t0 + 700 * MS), Observation::Alive);
+        assert!(run(&mut d, t0 + 700 * MS, t0 + 1600 * MS).is_empty());
+        assert_eq!(d.status(1), Some(Status::Leaving));
+        // Silent while leaving: DOWN, and it left.
+        let changes = run(&mut d, t0 + 1601 * MS, t0 + 1800 * MS);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].1.from, changes[0].1.to),
+            (Status::Leaving, Status::Down)
+        );
+        assert_eq!(d.reason(1), Some(Reason::Left));
+        // A late heartbeat of the same generation: back to LEAVING, not UP.
+        let back = d.observe(1, 1, 2, t0 + 1900 * MS);
+        assert!(matches!(
+            back,
+            Observation::Recovered(Transition {
+                to: Status::Leaving,
+                ..
+            })
+        ));
+        // Done: DOWN at once, and later heartbeats change nothing.
+        let done = d.left(1, t0 + 2000 * MS).unwrap();
+        assert_eq!((done.to, done.why), (Status::Down, Why::Left));
+        assert_eq!(d.observe(1, 1, 3, t0 + 2100 * MS), Observation::Alive);
+        assert_eq!(d.status(1), Some(Status::Down));
+        assert_eq!(d.down_since(1), Some(t0 + 2000 * MS));
+        // A new registration is a worker like any other.
+        d.track(1, 2, t0 + 3000 * MS);
+        assert_eq!(d.status(1), Some(Status::Up));
+        assert_eq!(d.reason(1), None);
+    }
+
+    #[test]
+    fn a_silent_worker_is_down_for_silence_and_forgotten_after_a_while() {
+        let t0 = Instant::now();
+        let mut d = detector(t0);
+        d.track(2, 1, t0);
+        d.evaluate(t0 + DOWN_AFTER);
+        assert_eq!(d.reason(1), Some(Reason::Silent));
+        assert_eq!(d.forget_down_since(t0 + DOWN_AFTER - MS), Vec::<u32>::new());
+        d.observe(2, 1, 1, t0 + DOWN_AFTER + MS);
+        assert_eq!(d.forget_down_since(t0 + DOWN_AFTER), vec![1]);
+        assert_eq!(d.status(1), None);
+        assert_eq!(d.status(2), Some(Status::Up), "the one heard from stays");
     }
 
     #[test]

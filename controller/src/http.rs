@@ -1,9 +1,9 @@
-//! The admin HTTP API: `/register`, `/nodes`, `/mapping`, `/healthz`,
-//! `/metrics`. Every error is JSON `{"error": ...}` saying what was wrong and
+//! The admin HTTP API: `/register`, `/leave`, `/nodes`, `/mapping`,
+//! `/healthz`, `/metrics`. Every error is JSON `{"error": ...}` saying what was wrong and
 //! what to do; bad input is always a 4xx, never a 500 or a dropped
 //! connection.
 
-use crate::membership::{NodeView, RegisterError, Registration};
+use crate::membership::{LeaveError, NodeView, RegisterError, Registration};
 use crate::state::Shared;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -12,7 +12,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use kv_wire::register::RegisterReply;
+use kv_wire::auth::Signed;
+use kv_wire::register::{LeaveReply, LeaveRequest, RegisterReply};
 use serde::Deserialize;
 use serde_json::json;
 use std::net::SocketAddr;
@@ -60,6 +61,7 @@ impl From<QueryRejection> for ApiError {
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/register", post(register))
+        .route("/leave", post(leave))
         .route("/nodes", get(nodes))
         .route("/mapping", get(mapping))
         .route("/healthz", get(healthz))
@@ -70,6 +72,31 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Checks the proof of the cluster secret a `what` request carries (with a
+/// secret; without one there is nothing to check). The proof comes first:
+/// a stranger learns nothing, not even whether its request was valid.
+fn check_proof(
+    shared: &Shared,
+    what: Signed,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let authorization = headers.get(header::AUTHORIZATION).map(|h| h.as_bytes());
+    let now = kv_wire::version::unix_ms(SystemTime::now());
+    shared
+        .guard
+        .check(what, authorization, body, now)
+        .map_err(|e| {
+            let route = match what {
+                Signed::Register => "register",
+                Signed::Leave => "leave",
+            };
+            shared.refused(peer.ip(), route, e.kind(), &e.to_string());
+            ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+        })
+}
+
 async fn register(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -77,17 +104,7 @@ async fn register(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RegisterReply>, ApiError> {
     let body = body?;
-    // The proof first: a stranger learns nothing, not even whether its
-    // registration would have been valid.
-    let authorization = headers.get(header::AUTHORIZATION).map(|h| h.as_bytes());
-    if let Err(e) = shared.guard.check_registration(
-        authorization,
-        &body,
-        kv_wire::version::unix_ms(SystemTime::now()),
-    ) {
-        shared.refused(peer.ip(), "register", e.kind(), &e.to_string());
-        return Err(ApiError(StatusCode::UNAUTHORIZED, e.to_string()));
-    }
+    check_proof(&shared, Signed::Register, peer, &headers, &body)?;
     let body: Registration = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "invalid registration ({e}); send {{\"id\",\"host\",\"port\",\"wire_port\"}}"
@@ -109,10 +126,34 @@ async fn register(
     }))
 }
 
+async fn leave(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<LeaveReply>, ApiError> {
+    let body = body?;
+    check_proof(&shared, Signed::Leave, peer, &headers, &body)?;
+    let leave: LeaveRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid leave ({e}); send {{\"id\",\"generation\",\"done\"}}"
+        ))
+    })?;
+    let (status, epoch) = shared.leave(&leave).map_err(|e| match e {
+        LeaveError::Unknown(_) => ApiError(StatusCode::NOT_FOUND, format!("{e}: register first")),
+        LeaveError::Stale { .. } => ApiError(StatusCode::CONFLICT, e.to_string()),
+    })?;
+    Ok(Json(LeaveReply {
+        id: leave.id,
+        status: status.as_str().to_string(),
+        epoch,
+    }))
+}
+
 /// A worker as JSON.
 fn node_json(node: &NodeView<'_>) -> serde_json::Value {
     let w = &node.worker.member;
-    json!({
+    let mut json = json!({
         "id": w.id,
         "host": w.host,
         "port": w.port,
@@ -121,7 +162,11 @@ fn node_json(node: &NodeView<'_>) -> serde_json::Value {
         "status": node.status,
         "last_heartbeat": rfc3339(node.worker.last_heartbeat),
         "last_heartbeat_ms_ago": node.silent_for.as_millis() as u64,
-    })
+    });
+    if let Some(reason) = node.reason {
+        json["reason"] = reason.as_str().into();
+    }
+    json
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -153,7 +198,7 @@ async fn mapping(
     if published.topology.epoch == 0 {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
-            "no topology yet: the controller waits its grace period after start for workers to register; retry shortly".into(),
+            "no topology yet: no worker has registered (a restarted controller also waits its grace period for them); start workers and retry".into(),
         ));
     }
     let owners = published
@@ -203,13 +248,13 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        format!("no route {}: the controller serves /register, /nodes, /mapping?key=K, /healthz, /metrics", uri.path()),
+        format!("no route {}: the controller serves /register, /leave, /nodes, /mapping?key=K, /healthz, /metrics", uri.path()),
     )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}: POST /register; GET /nodes, /mapping, /healthz, /metrics", uri.path()),
+        format!("{method} is not allowed on {}: POST /register, /leave; GET /nodes, /mapping, /healthz, /metrics", uri.path()),
     )
 }

@@ -1,7 +1,7 @@
 //! The kv controller: membership, failure detection, topology, admin HTTP.
 //!
-//! [`run`] serves HTTP (`/register`, `/nodes`, `/mapping`, `/healthz`,
-//! `/metrics`) and UDP heartbeats on the same port number, detects failures,
+//! [`run`] serves HTTP (`/register`, `/leave`, `/nodes`, `/mapping`,
+//! `/healthz`, `/metrics`) and UDP heartbeats on the same port number, detects failures,
 //! and pushes every new topology to the workers over the wire protocol.
 //! `main.rs` only parses flags and calls it; tests bind `127.0.0.1:0` with
 //! [`Listeners::bind`] and pass the listeners in.
@@ -52,14 +52,19 @@ pub struct Config {
     #[arg(long, env = "KV_DOWN_AFTER", default_value = "1s", value_parser = humantime::parse_duration)]
     pub down_after: Duration,
     /// After start, how long to wait for workers to register before
-    /// declaring anyone DOWN or publishing a topology.
+    /// declaring anyone DOWN or publishing a topology that drops a worker
+    /// (one that only adds workers to a fresh cluster goes out at once).
     #[arg(long, env = "KV_GRACE", default_value = "2s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// How long a DOWN worker stays listed in /nodes (0: for ever), so
+    /// replaced pods do not pile up.
+    #[arg(long, env = "KV_FORGET_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub forget_after: Duration,
     /// The cluster's name, checked in every wire hello.
     #[arg(long, env = "KV_CLUSTER", default_value = "kv")]
     pub cluster: String,
     /// A file holding the cluster secret (at least 16 bytes; surrounding
-    /// whitespace is trimmed). With it, registrations, heartbeats and the
+    /// whitespace is trimmed). With it, registrations, leaves, heartbeats and the
     /// topology pushes to workers prove the secret, and strangers are refused.
     #[arg(long = "cluster-secret-file", env = "KV_CLUSTER_SECRET_FILE", value_name = "FILE", value_parser = ClusterSecret::from_flag)]
     pub cluster_secret: Option<ClusterSecret>,

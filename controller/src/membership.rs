@@ -1,16 +1,19 @@
 //! The registry of workers and the topology epochs. Pure: no sockets, no
 //! clock — callers pass `now`.
 //!
-//! Every change of the live set (a worker joins, goes DOWN, comes back, or
-//! registers a new incarnation) marks the membership dirty; [`Membership::publish`]
-//! then bumps the epoch once and yields the topology to push. Batching like
-//! this gives one epoch per burst of changes, and lets a restarted controller
-//! hold every publication until its grace period ends.
+//! Every change of the live set (a worker joins, leaves, goes DOWN, comes
+//! back, or registers a new incarnation) marks the membership dirty;
+//! [`Membership::publish`] then bumps the epoch once and yields the topology
+//! to push. Batching like this gives one epoch per burst of changes, and
+//! lets a restarted controller hold publications until its grace period
+//! ends — all but those that only add workers, so a fresh cluster is usable
+//! as soon as its first worker registered.
 
-use crate::detector::{Detector, Observation, Status, Transition};
+use crate::detector::{Detector, Observation, Reason, Status, Transition};
 use kv_wire::heartbeat::Heartbeat;
+use kv_wire::register::LeaveRequest;
 use kv_wire::{Member, Topology};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 
@@ -45,6 +48,25 @@ pub enum RegisterError {
     Full,
 }
 
+/// Why a leave was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LeaveError {
+    /// No worker with this id is registered.
+    #[error("no worker {0:?} is registered")]
+    Unknown(String),
+    /// The leave names another incarnation than the registered one: an old
+    /// pod's, or a replay. It changes nothing.
+    #[error("worker {id:?} is at generation {current}, not {given}: a leave of another incarnation changes nothing")]
+    Stale {
+        /// The worker id.
+        id: String,
+        /// The generation in the leave.
+        given: u64,
+        /// The registered one.
+        current: u64,
+    },
+}
+
 /// A registered worker.
 #[derive(Debug, Clone)]
 pub struct Worker {
@@ -65,6 +87,8 @@ pub struct NodeView<'a> {
     pub status: Status,
     /// Time since it was last heard from.
     pub silent_for: Duration,
+    /// Why it is DOWN, if it is.
+    pub reason: Option<Reason>,
 }
 
 /// What a heartbeat did.
@@ -96,12 +120,19 @@ pub struct Membership {
     epoch: u64,
     /// The epoch of the last published topology (0: none yet).
     published: u64,
+    /// The ids in the ring of the last published topology.
+    published_ids: BTreeSet<String>,
     dirty: bool,
     grace_until: Instant,
+    /// A worker registered saying it had seen an epoch: the cluster ran
+    /// before this controller started, so its grace holds every change.
+    restarted: bool,
+    /// How long DOWN workers stay listed (`None`: for ever).
+    forget_after: Option<Duration>,
 }
 
 impl Membership {
-    /// An empty membership at start-up, publishing nothing before
+    /// An empty membership at start-up, publishing only additions before
     /// `now + grace`, marking workers DOWN after `down_after` of silence.
     pub fn new(down_after: Duration, grace: Duration, now: Instant) -> Membership {
         let grace_until = now + grace;
@@ -112,9 +143,18 @@ impl Membership {
             detector: Detector::new(down_after, grace_until),
             epoch: 0,
             published: 0,
+            published_ids: BTreeSet::new(),
             dirty: false,
             grace_until,
+            restarted: false,
+            forget_after: None,
         }
+    }
+
+    /// Forgets DOWN workers `after` this long (zero: never).
+    pub fn forgetting_after(mut self, after: Duration) -> Membership {
+        self.forget_after = (!after.is_zero()).then_some(after);
+        self
     }
 
     /// The current epoch (the last published one, or the highest heard).
@@ -136,6 +176,7 @@ impl Membership {
         validate(&reg)?;
         if let Some(seen) = reg.epoch {
             self.epoch = self.epoch.max(seen);
+            self.restarted = true;
         }
         let (number, generation) = match self.workers.get(&reg.id) {
             Some(known) => (
@@ -210,35 +251,104 @@ impl Membership {
         self.dirty |= changes.iter().any(|t| t.to == Status::Down);
         changes
             .into_iter()
-            .filter_map(|transition| {
-                let id = self.ids.get(&transition.member)?.clone();
-                Some(NamedTransition { id, transition })
-            })
+            .filter_map(|transition| self.named(transition))
             .collect()
     }
 
-    /// If the live set changed and the grace period is over: bumps the epoch
-    /// and returns the topology to publish.
+    fn named(&self, transition: Transition) -> Option<NamedTransition> {
+        let id = self.ids.get(&transition.member)?.clone();
+        Some(NamedTransition { id, transition })
+    }
+
+    /// A worker leaves (`done: false`: it starts handing its keys over,
+    /// out of the ring) or has left (`done: true`: DOWN). Returns the
+    /// change, if any: saying it twice changes nothing the second time.
+    pub fn leave(
+        &mut self,
+        leave: &LeaveRequest,
+        now: Instant,
+    ) -> Result<Option<NamedTransition>, LeaveError> {
+        let worker = self
+            .workers
+            .get(&leave.id)
+            .ok_or_else(|| LeaveError::Unknown(leave.id.clone()))?;
+        if worker.member.generation != leave.generation {
+            return Err(LeaveError::Stale {
+                id: leave.id.clone(),
+                given: leave.generation,
+                current: worker.member.generation,
+            });
+        }
+        let number = worker.number;
+        let transition = if leave.done {
+            self.detector.left(number, now)
+        } else {
+            self.detector.leave(number, now)
+        };
+        // Out of the ring, or off the list of leavers: a new topology.
+        self.dirty |= transition.is_some();
+        Ok(transition.and_then(|t| self.named(t)))
+    }
+
+    /// Forgets the workers DOWN for `--forget-after` by `now`; returns
+    /// their ids.
+    pub fn forget(&mut self, now: Instant) -> Vec<String> {
+        let Some(before) = self.forget_after.and_then(|after| now.checked_sub(after)) else {
+            return Vec::new();
+        };
+        let mut forgotten = Vec::new();
+        for number in self.detector.forget_down_since(before) {
+            if let Some(id) = self.ids.remove(&number) {
+                self.workers.remove(&id);
+                forgotten.push(id);
+            }
+        }
+        forgotten
+    }
+
+    /// If the live set changed: bumps the epoch and returns the topology to
+    /// publish. During the grace period only a topology that adds workers
+    /// to a fresh cluster is published: one that drops a worker could be a
+    /// restarted controller that has not heard from it yet.
     pub fn publish(&mut self, now: Instant) -> Option<Topology> {
-        if !self.dirty || now < self.grace_until {
+        if !self.dirty {
             return None;
+        }
+        let topology = self.topology();
+        if now < self.grace_until {
+            let adds_only = topology.leaving.is_empty()
+                && self
+                    .published_ids
+                    .iter()
+                    .all(|id| topology.member(id).is_some());
+            if self.restarted || !adds_only {
+                return None;
+            }
         }
         self.dirty = false;
         self.epoch += 1;
         self.published = self.epoch;
-        Some(self.topology())
+        self.published_ids = topology.members.iter().map(|m| m.id.clone()).collect();
+        Some(Topology {
+            epoch: self.epoch,
+            ..topology
+        })
     }
 
-    /// The live workers (UP and SUSPECT) at the current epoch.
+    /// The live workers (UP and SUSPECT) at the current epoch, and the
+    /// LEAVING ones.
     pub fn topology(&self) -> Topology {
+        let with = |wanted: fn(Status) -> bool| {
+            self.workers
+                .values()
+                .filter(|w| wanted(self.status(w)))
+                .map(|w| w.member.clone())
+                .collect()
+        };
         Topology {
             epoch: self.epoch,
-            members: self
-                .workers
-                .values()
-                .filter(|w| self.status(w).is_live())
-                .map(|w| w.member.clone())
-                .collect(),
+            members: with(Status::is_live),
+            leaving: with(|s| s == Status::Leaving),
         }
     }
 
@@ -258,13 +368,14 @@ impl Membership {
                     .detector
                     .last_heard(worker.number)
                     .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+                reason: self.detector.reason(worker.number),
             })
             .collect()
     }
 
     /// How many workers have each status.
-    pub fn counts(&self) -> [(Status, usize); 3] {
-        let mut counts = [(Status::Up, 0), (Status::Suspect, 0), (Status::Down, 0)];
+    pub fn counts(&self) -> [(Status, usize); 4] {
+        let mut counts = Status::ALL.map(|s| (s, 0));
         for worker in self.workers.values() {
             let status = self.status(worker);
             if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
@@ -440,6 +551,127 @@ mod tests {
         m.heartbeat(&hb(r), t0 + GRACE, SystemTime::now());
         let topology = m.publish(t0 + GRACE).unwrap();
         assert_eq!((topology.epoch, topology.members[0].generation), (42, 7));
+    }
+
+    #[test]
+    fn a_fresh_controller_publishes_additions_at_once_and_holds_the_rest_for_its_grace() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(DOWN_AFTER, GRACE, t0);
+        let r1 = m.register(reg("worker1"), t0, SystemTime::now()).unwrap();
+        assert_eq!(ids(&m.publish(t0).unwrap()), ["worker1"]);
+        m.register(reg("worker2"), t0, SystemTime::now()).unwrap();
+        assert_eq!(ids(&m.publish(t0).unwrap()), ["worker1", "worker2"]);
+        // A leave drops a worker: held until the grace ends.
+        let leave = LeaveRequest {
+            id: "worker1".into(),
+            generation: r1.generation,
+            done: false,
+        };
+        m.leave(&leave, t0).unwrap();
+        assert_eq!(m.publish(t0 + GRACE / 2), None);
+        let topology = m.publish(t0 + GRACE).unwrap();
+        assert_eq!((ids(&topology), topology.epoch), (vec!["worker2"], 3));
+        assert_eq!(topology.leaving[0].id, "worker1");
+    }
+
+    #[test]
+    fn a_leave_takes_the_worker_out_of_the_ring_and_done_makes_it_down_for_a_reason() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker1", "worker2"]);
+        m.publish(t0);
+        let leave = |done| LeaveRequest {
+            id: "worker1".into(),
+            generation: regs[0].generation,
+            done,
+        };
+        // Another incarnation's leave (an old pod's, a replay) and an
+        // unknown worker's change nothing.
+        let stale = LeaveRequest {
+            generation: regs[0].generation + 1,
+            ..leave(false)
+        };
+        assert!(matches!(m.leave(&stale, t0), Err(LeaveError::Stale { .. })));
+        let unknown = LeaveRequest {
+            id: "nobody".into(),
+            ..leave(false)
+        };
+        assert_eq!(
+            m.leave(&unknown, t0),
+            Err(LeaveError::Unknown("nobody".into()))
+        );
+        assert_eq!(m.publish(t0), None);
+
+        let change = m.leave(&leave(false), t0).unwrap().unwrap();
+        assert_eq!(
+            (change.id.as_str(), change.transition.to),
+            ("worker1", Status::Leaving)
+        );
+        let topology = m.publish(t0).unwrap();
+        assert_eq!(ids(&topology), ["worker2"]);
+        assert_eq!(topology.leaving.len(), 1);
+        assert_eq!(m.leave(&leave(false), t0).unwrap(), None, "said twice");
+        assert_eq!(m.publish(t0), None);
+        // Heartbeats keep it LEAVING, not UP.
+        m.heartbeat(&hb(regs[0]), t0, SystemTime::now());
+        assert_eq!(m.nodes(t0)[0].status, Status::Leaving);
+
+        m.leave(&leave(true), t0).unwrap().unwrap();
+        let node = &m.nodes(t0)[0];
+        assert_eq!(
+            (node.status, node.reason),
+            (Status::Down, Some(Reason::Left))
+        );
+        let topology = m.publish(t0).unwrap();
+        assert!(topology.leaving.is_empty(), "no longer a leaver to ask");
+        assert_eq!(m.counts()[3], (Status::Down, 1));
+    }
+
+    #[test]
+    fn down_workers_are_forgotten_after_the_forget_time_and_may_register_again() {
+        let t0 = Instant::now();
+        let forget_after = Duration::from_secs(600);
+        let mut m = Membership::new(DOWN_AFTER, Duration::ZERO, t0).forgetting_after(forget_after);
+        for id in ["worker1", "worker2"] {
+            m.register(reg(id), t0, SystemTime::now()).unwrap();
+        }
+        let r2 = m.register(reg("worker2"), t0, SystemTime::now()).unwrap();
+        let mut now = t0;
+        while now < t0 + forget_after + 2 * DOWN_AFTER {
+            now += Duration::from_millis(100);
+            m.heartbeat(
+                &Heartbeat {
+                    seq: now.duration_since(t0).as_millis() as u64,
+                    ..hb(r2)
+                },
+                now,
+                SystemTime::now(),
+            );
+            m.evaluate(now);
+            let forgotten = m.forget(now);
+            if !forgotten.is_empty() {
+                assert_eq!(forgotten, ["worker1"]);
+                assert!(now >= t0 + DOWN_AFTER + forget_after);
+                break;
+            }
+        }
+        assert_eq!(
+            m.nodes(now)
+                .iter()
+                .map(|n| n.worker.member.id.as_str())
+                .collect::<Vec<_>>(),
+            ["worker2"]
+        );
+        // Zero means never.
+        let mut never =
+            Membership::new(DOWN_AFTER, Duration::ZERO, t0).forgetting_after(Duration::ZERO);
+        never
+            .register(reg("worker1"), t0, SystemTime::now())
+            .unwrap();
+        never.evaluate(t0 + DOWN_AFTER);
+        assert!(never.forget(t0 + 100 * forget_after).is_empty());
+        // Registered again, a forgotten worker is a new one.
+        let again = m.register(reg("worker1"), now, SystemTime::now()).unwrap();
+        assert_eq!(again.member, 3);
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct Outcome {
 /// A refusal for want of the cluster secret (or with a wrong one).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Refused {
-    /// What was refused: heartbeat or register.
+    /// What was refused: heartbeat, register or leave.
     pub what: &'static str,
     /// Why: missing, wrong, unexpected, stale, replayed...
     pub reason: &'static str,
@@ -56,7 +56,7 @@ pub struct Metrics {
     pub workers: Family<StatusLabel, Gauge>,
     /// Topology pushes to workers, by outcome.
     pub pushes: Family<Outcome, Counter>,
-    /// Heartbeats and registrations refused for the cluster secret.
+    /// Heartbeats, registrations and leaves refused for the cluster secret.
     pub auth_refusals: Family<Refused, Counter>,
 }
 
@@ -91,7 +91,7 @@ impl Metrics {
         );
         registry.register(
             "auth_refusals",
-            "Heartbeats and registrations refused for the cluster secret, by what and why",
+            "Heartbeats, registrations and leaves refused for the cluster secret, by what and why",
             auth_refusals.clone(),
         );
         Metrics {

@@ -2,10 +2,15 @@
 //! published topology that the bus and `/mapping` read.
 
 use crate::auth::Guard;
-use crate::membership::{HeartbeatOutcome, Membership, RegisterError, Registered, Registration};
+use crate::detector::Status;
+use crate::membership::{
+    HeartbeatOutcome, LeaveError, Membership, NamedTransition, RegisterError, Registered,
+    Registration,
+};
 use crate::metrics::{Metrics, StatusLabel, To};
 use crate::Config;
 use kv_wire::heartbeat::Heartbeat;
+use kv_wire::register::LeaveRequest;
 use kv_wire::{Ring, Topology};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -52,11 +57,10 @@ impl Shared {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         Shared {
-            membership: Mutex::new(Membership::new(
-                config.down_after,
-                config.grace,
-                Instant::now(),
-            )),
+            membership: Mutex::new(
+                Membership::new(config.down_after, config.grace, Instant::now())
+                    .forgetting_after(config.forget_after),
+            ),
             published: watch::Sender::new(Arc::default()),
             metrics: Metrics::new(),
             // Nanoseconds at start: distinct for every run of the controller.
@@ -104,17 +108,37 @@ impl Shared {
         Ok(registered)
     }
 
+    /// A worker leaves, or has left; returns its status and the epoch. The
+    /// next tick publishes the topology without it.
+    pub fn leave(&self, leave: &LeaveRequest) -> Result<(Status, u64), LeaveError> {
+        let mut m = self.membership();
+        if let Some(change) = m.leave(leave, Instant::now())? {
+            self.log_change(&m, &change);
+        }
+        let status = m
+            .nodes(Instant::now())
+            .into_iter()
+            .find(|n| n.worker.member.id == leave.id)
+            .map_or(Status::Down, |n| n.status);
+        Ok((status, m.epoch()))
+    }
+
+    fn log_change(&self, m: &Membership, c: &NamedTransition) {
+        let t = c.transition;
+        self.metrics
+            .transitions
+            .get_or_create(&To { to: t.to.as_str() })
+            .inc();
+        info!(node = %c.id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
+    }
+
     /// Feeds a heartbeat; returns what it did and the epoch for the ack.
     pub fn heartbeat(&self, hb: &Heartbeat) -> (HeartbeatOutcome, u64) {
         let mut m = self.membership();
         let outcome = m.heartbeat(hb, Instant::now(), SystemTime::now());
-        if let crate::detector::Observation::Recovered(t) = outcome.observation {
-            self.metrics
-                .transitions
-                .get_or_create(&To { to: t.to.as_str() })
-                .inc();
-            let id = m.id_of(t.member).unwrap_or_default();
-            info!(node = %id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
+        if let crate::detector::Observation::Recovered(transition) = outcome.observation {
+            let id = m.id_of(transition.member).unwrap_or_default().to_string();
+            self.log_change(&m, &NamedTransition { id, transition });
         }
         (outcome, m.epoch())
     }
@@ -126,16 +150,15 @@ impl Shared {
         let now = Instant::now();
         let mut m = self.membership();
         let changes = m.evaluate(now);
+        let forgotten = m.forget(now);
         let published = m.publish(now);
         for c in &changes {
-            let t = c.transition;
-            self.metrics
-                .transitions
-                .get_or_create(&To { to: t.to.as_str() })
-                .inc();
-            info!(node = %c.id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
+            self.log_change(&m, c);
         }
-        if !changes.is_empty() || published.is_some() {
+        for id in &forgotten {
+            info!(node = %id, "DOWN worker forgotten (--forget-after)");
+        }
+        if !changes.is_empty() || !forgotten.is_empty() || published.is_some() {
             self.count_workers(&m);
         }
         drop(m);
@@ -143,6 +166,7 @@ impl Shared {
             info!(
                 epoch = topology.epoch,
                 live = topology.members.len(),
+                leaving = topology.leaving.len(),
                 "topology published"
             );
             self.metrics.epoch.set(topology.epoch as i64);

@@ -28,6 +28,10 @@ async fn every_bad_input_gets_a_json_error_with_the_right_status() {
         ("GET", c.url("/mapping?key="), vec![], 400, "key must not be empty"),
         ("GET", c.url(&long_key), vec![], 400, "1024 bytes"),
         ("GET", c.url("/mapping?key=user123"), vec![], 503, "retry"),
+        ("POST", c.url("/leave"), b"{not json".to_vec(), 400, "invalid leave"),
+        ("POST", c.url("/leave"), br#"{"id":"w"}"#.to_vec(), 400, "missing field"),
+        ("POST", c.url("/leave"), br#"{"id":"nobody","generation":1}"#.to_vec(), 404, "register first"),
+        ("GET", c.url("/leave"), vec![], 405, "not allowed"),
     ];
     for (method, url, body, status, says) in cases {
         let (got, reply) = http(method, &url, body).await;
@@ -45,6 +49,13 @@ async fn every_bad_input_gets_a_json_error_with_the_right_status() {
     assert_eq!(nodes["nodes"].as_array().unwrap().len(), 0);
     let (status, _) = http("POST", &register, valid).await;
     assert_eq!(status, 200);
+    let (status, reply) = http(
+        "POST",
+        &c.url("/leave"),
+        r#"{"id":"worker1","generation":9}"#,
+    )
+    .await;
+    assert_eq!(status, 409, "another incarnation's leave: {reply}");
     let (status, health) = c.get("/healthz").await;
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
     c.stop().await;
@@ -122,5 +133,55 @@ async fn metrics_are_prometheus_text() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_controller_maps_keys_as_soon_as_a_worker_registered_even_in_its_grace() {
+    let c = Controller::start(Duration::from_secs(600)).await;
+    let _worker = FakeWorker::start(&c, "worker1").await;
+    let (status, mapping) = eventually("a mapping", || async {
+        let (status, m) = c.get("/mapping?key=user123").await;
+        (status == 200).then_some((status, m))
+    })
+    .await;
+    assert_eq!((status, &mapping["workers"][0]), (200, &"worker1".into()));
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn down_workers_are_forgotten_after_forget_after_with_their_reason_shown_until_then() {
+    let c = Controller::start_configured(|c| {
+        c.grace = Duration::ZERO;
+        c.forget_after = Duration::from_secs(2);
+    })
+    .await;
+    let stays = FakeWorker::start(&c, "worker1").await;
+    let goes = FakeWorker::start(&c, "worker2").await;
+    goes.beating
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let reason = eventually("worker2 DOWN", || async {
+        let (_, nodes) = c.get("/nodes").await;
+        let node = nodes["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == "worker2")?
+            .clone();
+        (node["status"] == "DOWN").then(|| node["reason"].clone())
+    })
+    .await;
+    assert_eq!(reason, "silent");
+    eventually("worker2 forgotten", || async {
+        let (_, nodes) = c.get("/nodes").await;
+        let ids: Vec<_> = nodes["nodes"]
+            .as_array()?
+            .iter()
+            .map(|n| n["id"].clone())
+            .collect();
+        (ids == ["worker1"]).then_some(())
+    })
+    .await;
+    assert_eq!(c.status("worker1").await.as_deref(), Some("UP"));
+    drop((stays, goes));
     c.stop().await;
 }

@@ -61,7 +61,11 @@ async fn registrations_without_a_valid_fresh_proof_are_refused_and_change_nothin
         "{error}"
     );
 
-    let wrong = secret("not-the-secret-0123").prove_registration(body.as_bytes(), now_ms());
+    let wrong = secret("not-the-secret-0123").prove_request(
+        kv_wire::auth::Signed::Register,
+        body.as_bytes(),
+        now_ms(),
+    );
     let (status, error) = register(Some(wrong.header_value()), body).await;
     assert_eq!(
         (status, error.contains("secrets differ")),
@@ -72,13 +76,17 @@ async fn registrations_without_a_valid_fresh_proof_are_refused_and_change_nothin
     // A proof is for its body only: another worker's registration cannot
     // borrow it.
     let proof = s
-        .prove_registration(body.as_bytes(), now_ms())
+        .prove_request(kv_wire::auth::Signed::Register, body.as_bytes(), now_ms())
         .header_value();
     let other = r#"{"id":"w2","host":"127.0.0.1","port":1,"wire_port":2}"#;
     assert_eq!(register(Some(proof.clone()), other).await.0, 401);
 
     // Too old a proof (a recording) is refused even with the right secret.
-    let old = s.prove_registration(body.as_bytes(), now_ms() - 120_000);
+    let old = s.prove_request(
+        kv_wire::auth::Signed::Register,
+        body.as_bytes(),
+        now_ms() - 120_000,
+    );
     assert_eq!(register(Some(old.header_value()), body).await.0, 401);
     assert_eq!(register(Some("Basic dzE6eA==".into()), body).await.0, 401);
     assert!(
@@ -117,7 +125,7 @@ async fn a_controller_without_a_secret_refuses_a_registration_that_proves_one() 
     let c = Controller::start(Duration::ZERO).await;
     let body = r#"{"id":"w1","host":"127.0.0.1","port":1,"wire_port":2}"#;
     let proof = secret("worker-secret-0123456")
-        .prove_registration(body.as_bytes(), now_ms())
+        .prove_request(kv_wire::auth::Signed::Register, body.as_bytes(), now_ms())
         .header_value();
     let (status, reply) =
         http_authorized("POST", &c.url("/register"), body.into(), Some(&proof)).await;
@@ -199,5 +207,68 @@ async fn forged_and_replayed_heartbeats_keep_no_dead_worker_alive() {
         attacker.recv_from(&mut buf).is_err(),
         "the controller answered a forged or replayed heartbeat"
     );
+    c.stop().await;
+}
+
+#[tokio::test]
+async fn forged_replayed_and_stale_leaves_are_refused_and_change_nothing() {
+    let s = secret("controller-secret-0123");
+    let c = Controller::start_with(Duration::ZERO, Some(s.clone())).await;
+    let worker = FakeWorker::start(&c, "w1").await;
+    let generation = worker.generation.load(std::sync::atomic::Ordering::SeqCst);
+    let leave = |proof: Option<String>, body: String| {
+        let url = c.url("/leave");
+        async move {
+            let (status, reply) =
+                http_authorized("POST", &url, body.into(), proof.as_deref()).await;
+            let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+            (status, reply)
+        }
+    };
+    let body = format!(r#"{{"id":"w1","generation":{generation},"done":false}}"#);
+    let prove = |secret: &ClusterSecret, what, body: &str| {
+        secret
+            .prove_request(what, body.as_bytes(), now_ms())
+            .header_value()
+    };
+    use kv_wire::auth::Signed;
+    // No proof, another secret's, a registration's proof for this body.
+    for proof in [
+        None,
+        Some(prove(&secret("not-the-secret-0123"), Signed::Leave, &body)),
+        Some(prove(&s, Signed::Register, &body)),
+    ] {
+        let (status, reply) = leave(proof, body.clone()).await;
+        assert_eq!(status, 401, "{reply}");
+    }
+    assert_eq!(c.status("w1").await.as_deref(), Some("UP"));
+
+    // The genuine leave, once: replayed, it is refused.
+    let proof = prove(&s, Signed::Leave, &body);
+    let (status, reply) = leave(Some(proof.clone()), body.clone()).await;
+    assert_eq!(
+        (status, &reply["status"]),
+        (200, &"LEAVING".into()),
+        "{reply}"
+    );
+    let (status, reply) = leave(Some(proof), body.clone()).await;
+    assert_eq!(status, 401);
+    assert!(
+        reply["error"].as_str().unwrap().contains("replay"),
+        "{reply}"
+    );
+
+    // Another incarnation's leave ("done", even) changes nothing.
+    let stale = format!(
+        r#"{{"id":"w1","generation":{},"done":true}}"#,
+        generation + 1
+    );
+    let (status, reply) = leave(Some(prove(&s, Signed::Leave, &stale)), stale).await;
+    assert_eq!(status, 409, "{reply}");
+    assert_eq!(c.status("w1").await.as_deref(), Some("LEAVING"));
+    let text = metrics(&c).await;
+    assert_eq!(refusals(&text, "leave", "missing"), 1, "{text}");
+    assert_eq!(refusals(&text, "leave", "wrong"), 2, "{text}");
+    assert_eq!(refusals(&text, "leave", "replayed"), 1, "{text}");
     c.stop().await;
 }

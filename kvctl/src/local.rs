@@ -296,7 +296,8 @@ async fn stop_on_signal(stop: CancellationToken) {
 }
 
 /// Runs one node of a local cluster with `args` as its flags, until its
-/// stdin closes (kvctl ended) or a signal arrives.
+/// stdin closes (kvctl ended: stop at once) or a signal arrives (a worker
+/// leaves on the first, handing its keys over, and stops on the second).
 pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -304,28 +305,30 @@ pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
         )
         .with_ansi(false)
         .init();
-    let stop = CancellationToken::new();
-    tokio::spawn(stop_on_signal(stop.clone()));
+    let stop = kv_worker::Stop::new();
     tokio::spawn({
         let stop = stop.clone();
         async move {
             let mut stdin = tokio::io::stdin();
             let mut buf = [0u8; 64];
             while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-            stop.cancel();
+            stop.now();
         }
     });
     if controller {
+        let now = stop.stopping().clone();
+        tokio::spawn(stop_on_signal(now.clone()));
         let config = kv_controller::Config::try_parse_from(
             std::iter::once("kv-controller".to_string()).chain(args),
         )?;
         let listeners = kv_controller::Listeners::bind(config.listen)?;
-        kv_controller::run(config, listeners, stop).await?;
+        kv_controller::run(config, listeners, now).await?;
     } else {
         let config = kv_worker::Config::try_parse_from(
             std::iter::once("kv-worker".to_string()).chain(args),
         )?;
         let listeners = kv_worker::Listeners::bind(config.listen, config.wire_listen)?;
+        tokio::spawn(kv_worker::lifecycle::stop_on_signals(stop.clone()));
         kv_worker::run(config, listeners, stop).await?;
     }
     Ok(())

@@ -37,6 +37,8 @@ pub(crate) enum Purpose {
     Ack,
     /// A worker's `/register` request.
     Register,
+    /// A worker's `/leave` request.
+    Leave,
     /// The connecting side of a wire connection.
     Client,
     /// The listening side of a wire connection.
@@ -49,6 +51,7 @@ impl Purpose {
             Purpose::Heartbeat => b"kv/1/heartbeat",
             Purpose::Ack => b"kv/1/ack",
             Purpose::Register => b"kv/1/register",
+            Purpose::Leave => b"kv/1/leave",
             Purpose::Client => b"kv/1/wire-client",
             Purpose::Server => b"kv/1/wire-server",
         }
@@ -137,30 +140,31 @@ impl ClusterSecret {
         self.mac(purpose, parts).verify_slice(tag).is_ok()
     }
 
-    /// Proof that `body` is a registration by a holder of the secret, made
-    /// at `now_ms` (milliseconds since the Unix epoch).
-    pub fn prove_registration(&self, body: &[u8], now_ms: u64) -> RegisterProof {
+    /// Proof that `body` is a `what` request by a holder of the secret,
+    /// made at `now_ms` (milliseconds since the Unix epoch).
+    pub fn prove_request(&self, what: Signed, body: &[u8], now_ms: u64) -> RequestProof {
         let nonce = random_nonce();
-        let tag = self.tag(Purpose::Register, &[&now_ms.to_be_bytes(), &nonce, body]);
-        RegisterProof {
+        let tag = self.tag(what.purpose(), &[&now_ms.to_be_bytes(), &nonce, body]);
+        RequestProof {
             ts_ms: now_ms,
             nonce,
             tag,
         }
     }
 
-    /// Checks a registration's proof: the tag first (so a stranger learns
+    /// Checks a request's proof: the tag first (so a stranger learns
     /// nothing else), then that it was made within [`PROOF_WINDOW`] of
     /// `now_ms`. Replays within the window are for the caller to refuse,
     /// by the proof's nonce.
-    pub fn check_registration(
+    pub fn check_request(
         &self,
-        proof: &RegisterProof,
+        what: Signed,
+        proof: &RequestProof,
         body: &[u8],
         now_ms: u64,
     ) -> Result<(), ProofError> {
         let parts: [&[u8]; 3] = [&proof.ts_ms.to_be_bytes(), &proof.nonce, body];
-        if !self.verify(Purpose::Register, &parts, &proof.tag) {
+        if !self.verify(what.purpose(), &parts, &proof.tag) {
             return Err(ProofError::Wrong);
         }
         let skew_ms = now_ms as i128 - proof.ts_ms as i128;
@@ -170,6 +174,25 @@ impl ClusterSecret {
             });
         }
         Ok(())
+    }
+}
+
+/// The worker-to-controller HTTP requests that carry a proof. Each has its
+/// own label, so a captured registration's proof is no leave's proof.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signed {
+    /// `POST /register`.
+    Register,
+    /// `POST /leave`.
+    Leave,
+}
+
+impl Signed {
+    fn purpose(self) -> Purpose {
+        match self {
+            Signed::Register => Purpose::Register,
+            Signed::Leave => Purpose::Leave,
+        }
     }
 }
 
@@ -183,15 +206,15 @@ pub fn random_nonce() -> Nonce {
     nonce
 }
 
-/// How far a registration's timestamp may be from the controller's clock.
+/// How far a signed request's timestamp may be from the controller's clock.
 pub const PROOF_WINDOW: Duration = Duration::from_secs(60);
 /// The scheme word of the `Authorization` header carrying a proof.
-pub const REGISTER_SCHEME: &str = "KV-HMAC-SHA256";
+pub const PROOF_SCHEME: &str = "KV-HMAC-SHA256";
 
-/// Proof of the secret for one `/register` request, carried in its
+/// Proof of the secret for one `/register` or `/leave` request, carried in its
 /// `Authorization` header as `KV-HMAC-SHA256 ts=<ms>,nonce=<hex>,mac=<hex>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegisterProof {
+pub struct RequestProof {
     /// When it was made, in milliseconds since the Unix epoch.
     pub ts_ms: u64,
     /// Random: the controller refuses a nonce it has seen.
@@ -200,11 +223,11 @@ pub struct RegisterProof {
     pub tag: Tag,
 }
 
-impl RegisterProof {
+impl RequestProof {
     /// The `Authorization` header's value.
     pub fn header_value(&self) -> String {
         format!(
-            "{REGISTER_SCHEME} ts={},nonce={},mac={}",
+            "{PROOF_SCHEME} ts={},nonce={},mac={}",
             self.ts_ms,
             hex::encode(self.nonce),
             hex::encode(self.tag)
@@ -212,9 +235,9 @@ impl RegisterProof {
     }
 
     /// Parses an `Authorization` header's value.
-    pub fn parse(header: &str) -> Result<RegisterProof, ProofError> {
+    pub fn parse(header: &str) -> Result<RequestProof, ProofError> {
         let fields = header
-            .strip_prefix(REGISTER_SCHEME)
+            .strip_prefix(PROOF_SCHEME)
             .and_then(|rest| rest.strip_prefix(' '))
             .ok_or(ProofError::Malformed)?;
         let (mut ts_ms, mut nonce, mut tag) = (None, None, None);
@@ -227,7 +250,7 @@ impl RegisterProof {
             }
         }
         match (ts_ms, nonce, tag) {
-            (Some(ts_ms), Some(nonce), Some(tag)) => Ok(RegisterProof { ts_ms, nonce, tag }),
+            (Some(ts_ms), Some(nonce), Some(tag)) => Ok(RequestProof { ts_ms, nonce, tag }),
             _ => Err(ProofError::Malformed),
         }
     }
@@ -239,7 +262,7 @@ fn from_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// Why a registration's proof is refused.
+/// Why a signed request's proof is refused.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum ProofError {
     /// This cluster has a secret and the request proves nothing.
@@ -249,7 +272,7 @@ pub enum ProofError {
     #[error("this controller has no cluster secret, but the request proves one: give every program the same --cluster-secret-file, or none")]
     Unexpected,
     /// Not a proof header at all.
-    #[error("the Authorization header is not a {REGISTER_SCHEME} proof")]
+    #[error("the Authorization header is not a {PROOF_SCHEME} proof")]
     Malformed,
     /// The tag does not match: another secret.
     #[error("the proof of the cluster secret is wrong (the secrets differ)")]
@@ -353,37 +376,50 @@ mod tests {
     fn a_registration_proof_round_trips_and_binds_body_and_time() {
         let s = secret("0123456789abcdef");
         let now = 1_764_140_000_000;
-        let proof = s.prove_registration(b"{\"id\":\"w1\"}", now);
-        let parsed = RegisterProof::parse(&proof.header_value()).unwrap();
+        let proof = s.prove_request(Signed::Register, b"{\"id\":\"w1\"}", now);
+        let parsed = RequestProof::parse(&proof.header_value()).unwrap();
         assert_eq!(parsed, proof);
         assert_eq!(
-            s.check_registration(&parsed, b"{\"id\":\"w1\"}", now + 59_000),
+            s.check_request(Signed::Register, &parsed, b"{\"id\":\"w1\"}", now + 59_000),
             Ok(())
         );
         assert_eq!(
-            s.check_registration(&parsed, b"{\"id\":\"w2\"}", now),
+            s.check_request(Signed::Register, &parsed, b"{\"id\":\"w2\"}", now),
             Err(ProofError::Wrong)
         );
         assert_eq!(
-            secret("another secret!!").check_registration(&parsed, b"{\"id\":\"w1\"}", now),
+            secret("another secret!!").check_request(
+                Signed::Register,
+                &parsed,
+                b"{\"id\":\"w1\"}",
+                now
+            ),
             Err(ProofError::Wrong)
         );
         assert_eq!(
-            s.check_registration(&parsed, b"{\"id\":\"w1\"}", now + 61_000),
+            s.check_request(Signed::Register, &parsed, b"{\"id\":\"w1\"}", now + 61_000),
             Err(ProofError::Stale { skew_ms: 61_000 })
         );
         assert_eq!(
-            s.check_registration(&parsed, b"{\"id\":\"w1\"}", now - 61_000),
+            s.check_request(Signed::Register, &parsed, b"{\"id\":\"w1\"}", now - 61_000),
             Err(ProofError::Stale { skew_ms: -61_000 })
         );
+        // A registration's proof is no leave's proof.
+        assert_eq!(
+            s.check_request(Signed::Leave, &parsed, b"{\"id\":\"w1\"}", now),
+            Err(ProofError::Wrong)
+        );
         // Two proofs of the same body differ by their nonces.
-        assert_ne!(s.prove_registration(b"x", now).nonce, proof.nonce);
+        assert_ne!(
+            s.prove_request(Signed::Register, b"x", now).nonce,
+            proof.nonce
+        );
     }
 
     #[test]
     fn malformed_proof_headers_are_refused() {
         let good = secret("0123456789abcdef")
-            .prove_registration(b"", 1)
+            .prove_request(Signed::Register, b"", 1)
             .header_value();
         for bad in [
             "",
@@ -396,7 +432,7 @@ mod tests {
             &good.replacen(' ', "", 1),
         ] {
             assert_eq!(
-                RegisterProof::parse(bad),
+                RequestProof::parse(bad),
                 Err(ProofError::Malformed),
                 "{bad}"
             );

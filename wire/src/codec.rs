@@ -217,6 +217,13 @@ mod tests {
                         wire_port: 8002,
                         generation: 3,
                     }],
+                    leaving: vec![Member {
+                        id: "worker2".into(),
+                        host: "10.0.0.2".into(),
+                        port: 8001,
+                        wire_port: 8002,
+                        generation: 1,
+                    }],
                 }),
             ),
         ]

@@ -467,13 +467,19 @@ impl Entry {
 }
 
 /// The cluster as the controller publishes it: the live workers (UP or
-/// SUSPECT) at an epoch. Every membership change bumps the epoch.
+/// SUSPECT) at an epoch, and the workers leaving it. Every membership
+/// change bumps the epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
     /// Increases with every change of the live set.
     pub epoch: u64,
-    /// The live workers, sorted by id.
+    /// The live workers, sorted by id: the ring.
     pub members: Vec<Member>,
+    /// Workers out of the ring that still hold keys while they leave:
+    /// owners compare with them too, so a key only leavers hold reaches
+    /// its owners before they count as ready.
+    #[serde(default)]
+    pub leaving: Vec<Member>,
 }
 
 impl Topology {
@@ -485,6 +491,11 @@ impl Topology {
     /// The member with this id.
     pub fn member(&self, id: &str) -> Option<&Member> {
         self.members.iter().find(|m| m.id == id)
+    }
+
+    /// Everyone the topology names: members, then leavers.
+    pub fn everyone(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().chain(&self.leaving)
     }
 }
 

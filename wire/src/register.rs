@@ -1,5 +1,5 @@
 //! The registration contract: what a worker sends to `POST /register` and
-//! what the controller answers. Both sides use these types, so the JSON
+//! `POST /leave`, and what the controller answers. Both sides use these types, so the JSON
 //! has one definition.
 
 use serde::{Deserialize, Serialize};
@@ -43,4 +43,29 @@ pub struct RegisterReply {
     pub heartbeat_interval_ms: u64,
     /// The controller's incarnation: it changes when the controller restarts.
     pub incarnation: u64,
+}
+
+/// A worker's notice that it leaves (on SIGTERM), and later that it left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {
+    /// The worker id.
+    pub id: String,
+    /// The incarnation that leaves: a leave for an older one changes nothing.
+    pub generation: u64,
+    /// `false`: it starts handing its keys over (LEAVING). `true`: it is
+    /// done and exits (DOWN, reason "left").
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// The controller's answer to a leave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveReply {
+    /// The worker id, echoed.
+    pub id: String,
+    /// Its status now: `LEAVING` or `DOWN`.
+    pub status: String,
+    /// The controller's epoch.
+    pub epoch: u64,
 }

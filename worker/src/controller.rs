@@ -1,9 +1,12 @@
 //! Talking to the controller: registration over HTTP, retried with backoff,
 //! and repeated whenever the heartbeat thread sees a new controller
-//! incarnation.
+//! incarnation; and the leave, said again after every registration while
+//! the worker is leaving (a restarted controller must hear it too).
 
 use crate::topology::Topologies;
 use kv_client::HttpClient;
+use kv_wire::auth::Signed;
+use kv_wire::register::{LeaveReply, LeaveRequest};
 use kv_wire::ClusterSecret;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::{Arc, Mutex};
@@ -100,6 +103,36 @@ pub struct Controller {
     pub secret: Option<ClusterSecret>,
 }
 
+impl Controller {
+    /// POSTs `body` as JSON to `path`, with a proof of the secret for `what`.
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        client: &HttpClient,
+        what: Signed,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, kv_client::HttpError> {
+        let url = format!("http://{}{path}", self.addr.authority());
+        // The proof covers these exact bytes.
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        let proof = self.secret.as_ref().map(|s| {
+            s.prove_request(what, &body, crate::node::now_ms())
+                .header_value()
+        });
+        client.post_authorized(&url, body, proof.as_deref()).await
+    }
+
+    /// Tells the controller that this incarnation leaves (`done: false`)
+    /// or has left (`done: true`).
+    pub async fn leave(
+        &self,
+        client: &HttpClient,
+        leave: &LeaveRequest,
+    ) -> Result<LeaveReply, kv_client::HttpError> {
+        self.post(client, Signed::Leave, "/leave", leave).await
+    }
+}
+
 pub use kv_wire::register::{RegisterReply as Registered, RegisterRequest as Registration};
 
 /// The current registration and the host it advertised.
@@ -115,70 +148,141 @@ pub struct Current {
 pub type Shared = Arc<Mutex<Option<Current>>>;
 
 /// Registers now and again whenever `reregister` is notified, until
-/// `shutdown`. The host to advertise is worked out on the first attempt
-/// when not given. With a cluster secret, each attempt proves it.
+/// `shutdown`; once `leaving`, says so after every registration. The host
+/// to advertise is worked out on the first attempt when not given. With a
+/// cluster secret, each request proves it.
+#[allow(clippy::too_many_arguments)]
 pub async fn keep_registered(
-    Controller {
-        addr: controller,
-        secret,
-    }: Controller,
+    controller: Controller,
     mut me: Registration,
     advertise_given: bool,
     registered: Shared,
     reregister: Arc<Notify>,
     topologies: Arc<Topologies>,
+    leaving: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let client = HttpClient::new();
-    let url = format!("http://{}/register", controller.authority());
     loop {
-        let mut retry = RETRY_MIN;
+        let Some(generation) = register(
+            &controller,
+            &client,
+            &mut me,
+            advertise_given,
+            &registered,
+            &topologies,
+            &shutdown,
+        )
+        .await
+        else {
+            return;
+        };
+        let mut told = false;
         loop {
-            if !advertise_given {
-                match controller.local_route_ip() {
-                    Ok(ip) => me.host = ip.to_string(),
-                    Err(e) => {
-                        warn!(controller = %controller.authority(), error = %e, "cannot work out the address to advertise yet")
-                    }
-                }
-            }
-            let held = registered.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let epoch = topologies.current().epoch();
-            me.epoch = (epoch > 0).then_some(epoch);
-            me.generation = held.as_ref().map(|c| c.reply.generation);
-            // The proof covers these exact bytes.
-            let body = serde_json::to_vec(&me).unwrap_or_default();
-            let proof = secret.as_ref().map(|s| {
-                s.prove_registration(&body, crate::node::now_ms())
-                    .header_value()
-            });
-            match client
-                .post_authorized::<Registered>(&url, body, proof.as_deref())
-                .await
-            {
-                Ok(reply) => {
-                    info!(controller = %url, member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
-                    let current = Current {
-                        reply,
-                        host: me.host.clone(),
-                    };
-                    *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(current);
+            tokio::select! {
+                () = reregister.notified() => {
+                    info!("registering again (the controller restarted, or this worker's address changed)");
                     break;
                 }
-                Err(e) => {
-                    warn!(controller = %url, error = %e, retry_in = ?retry, "registration failed")
+                () = leaving.cancelled(), if !told => {
+                    let leave = LeaveRequest { id: me.id.clone(), generation, done: false };
+                    told = tell_leave(&controller, &client, &leave, &reregister, &shutdown).await;
+                    if !told && !shutdown.is_cancelled() {
+                        break;
+                    }
                 }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(retry) => {}
                 () = shutdown.cancelled() => return,
             }
-            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+/// One registration, retried with backoff; its generation, or `None` on
+/// shutdown.
+async fn register(
+    controller: &Controller,
+    client: &HttpClient,
+    me: &mut Registration,
+    advertise_given: bool,
+    registered: &Shared,
+    topologies: &Topologies,
+    shutdown: &CancellationToken,
+) -> Option<u64> {
+    let mut retry = RETRY_MIN;
+    loop {
+        if !advertise_given {
+            match controller.addr.local_route_ip() {
+                Ok(ip) => me.host = ip.to_string(),
+                Err(e) => {
+                    warn!(controller = %controller.addr.authority(), error = %e, "cannot work out the address to advertise yet")
+                }
+            }
+        }
+        let held = registered.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let epoch = topologies.current().epoch();
+        me.epoch = (epoch > 0).then_some(epoch);
+        me.generation = held.as_ref().map(|c| c.reply.generation);
+        match controller
+            .post::<Registered>(client, Signed::Register, "/register", &*me)
+            .await
+        {
+            Ok(reply) => {
+                info!(controller = %controller.addr.authority(), member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
+                let generation = reply.generation;
+                let current = Current {
+                    reply,
+                    host: me.host.clone(),
+                };
+                *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(current);
+                return Some(generation);
+            }
+            Err(e) => {
+                warn!(controller = %controller.addr.authority(), error = %e, retry_in = ?retry, "registration failed")
+            }
         }
         tokio::select! {
-            () = reregister.notified() => info!("registering again (the controller restarted, or this worker's address changed)"),
-            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(retry) => {}
+            () = shutdown.cancelled() => return None,
         }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// Says `leave` until the controller takes it: true once it did; false
+/// if this worker must register again first (the controller does not know
+/// this incarnation) or on shutdown.
+async fn tell_leave(
+    controller: &Controller,
+    client: &HttpClient,
+    leave: &LeaveRequest,
+    reregister: &Notify,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut retry = RETRY_MIN;
+    loop {
+        match controller.leave(client, leave).await {
+            Ok(reply) => {
+                info!(status = %reply.status, epoch = reply.epoch, "the controller knows this worker is leaving");
+                return true;
+            }
+            Err(kv_client::HttpError::Status {
+                status: 404 | 409,
+                message,
+                ..
+            }) => {
+                warn!(%message, "the controller does not know this incarnation; registering again before leaving");
+                return false;
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in = ?retry, "telling the controller this worker leaves failed")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            () = reregister.notified() => return false,
+            () = shutdown.cancelled() => return false,
+        }
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 

@@ -1,4 +1,5 @@
-//! The worker's HTTP API: `PUT/GET/DELETE /kv`, `/healthz`, `/metrics`.
+//! The worker's HTTP API: `PUT/GET/DELETE /kv`, `/healthz`, `/readyz`,
+//! `/metrics`.
 //! Errors are JSON `{"error": ...}`: 4xx for the caller's fault, 503 when
 //! the cluster cannot do it now (retry), never a 500 for bad input.
 
@@ -78,6 +79,7 @@ pub fn router(node: Arc<Node>, test_hooks: bool) -> Router {
     router
         .route("/kv", get(get_kv).put(put_kv).delete(delete_kv))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -242,11 +244,25 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     )
 }
 
+/// 200 only when this worker is in the current topology and holds what it
+/// assigns it; 503 saying why not (joining, rebalancing in, leaving).
+async fn readyz(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let current = node.topologies.current();
+    let settled = node.topologies.settled();
+    let leaving = node.leaving.is_cancelled();
+    match crate::lifecycle::readiness(&node.id, leaving, &current, &settled) {
+        Ok(epoch) => Ok(Json(
+            json!({ "status": "ready", "id": node.id, "epoch": epoch }),
+        )),
+        Err(why) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why.to_string())),
+    }
+}
+
 async fn not_found(uri: Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
         format!(
-            "no route {}: a worker serves /kv, /healthz, /metrics",
+            "no route {}: a worker serves /kv, /healthz, /readyz, /metrics",
             uri.path()
         ),
     )
@@ -256,7 +272,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError(
         StatusCode::METHOD_NOT_ALLOWED,
         format!(
-            "{method} is not allowed on {}: PUT, GET and DELETE /kv; GET /healthz, /metrics",
+            "{method} is not allowed on {}: PUT, GET and DELETE /kv; GET /healthz, /readyz, /metrics",
             uri.path()
         ),
     )

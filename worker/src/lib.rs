@@ -1,12 +1,14 @@
 //! The kv worker: stores keys, serves clients over HTTP and the wire
 //! protocol, replicates at W=2, and rebalances when the topology changes.
 //!
-//! [`run`] takes bound listeners and a shutdown token; `main.rs` only
-//! parses flags and calls it, and tests start workers on ephemeral ports.
+//! [`run`] takes bound listeners and a [`Stop`] (leave, or stop now);
+//! `main.rs` only parses flags and calls it, and tests start workers on
+//! ephemeral ports.
 
 pub mod controller;
 pub mod heartbeat;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod ranges;
@@ -18,6 +20,8 @@ pub mod topology;
 pub mod wire_server;
 
 use crate::controller::{ControllerAddr, Registration};
+pub use crate::lifecycle::Stop;
+use crate::lifecycle::{drained, Drained};
 use crate::node::{Limits, Node};
 use crate::store::{MemStore, Store};
 use crate::topology::Topologies;
@@ -88,6 +92,11 @@ pub struct Config {
     /// grace, so a missed delete is repaired before its tombstone expires.
     #[arg(long, env = "KV_ANTI_ENTROPY_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub anti_entropy_interval: Duration,
+    /// The longest a leaving worker (SIGTERM, Ctrl-C) keeps handing its
+    /// keys over before it exits anyway. Keep the pod's
+    /// terminationGracePeriodSeconds above it.
+    #[arg(long, env = "KV_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     /// Test-only hooks (`POST /test/forget`: drop local copies behind the
     /// cluster's back, as a lost disk block would). Never in production.
     #[arg(long, env = "KV_TEST_HOOKS", hide = true)]
@@ -157,12 +166,10 @@ fn worker_id(config: &Config) -> Result<String, WorkerError> {
         .ok_or_else(|| WorkerError::Config("no --id given and no hostname found; pass --id".into()))
 }
 
-/// Runs the worker until `shutdown` is cancelled, then drains.
-pub async fn run(
-    config: Config,
-    listeners: Listeners,
-    shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
+/// Runs the worker until `stop` says to: once it leaves, it hands its
+/// keys over first (up to `--drain-timeout`); stopped now, it just stops.
+pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(), WorkerError> {
+    let shutdown = stop.stopping().clone();
     let id = worker_id(&config)?;
     if config.anti_entropy_interval.is_zero()
         || config.anti_entropy_interval > config.tombstone_grace / 2
@@ -213,6 +220,7 @@ pub async fn run(
             write_timeout: config.write_timeout,
             read_timeout: Duration::from_secs(1),
         },
+        leaving: stop.leaving().clone(),
     });
 
     listeners
@@ -265,7 +273,15 @@ pub async fn run(
         registered.clone(),
         reregister.clone(),
         topologies.clone(),
+        stop.leaving().clone(),
         shutdown.clone(),
+    ));
+    tracker.spawn(leave_when_told(
+        node.clone(),
+        controller.clone(),
+        registered.clone(),
+        config.drain_timeout,
+        stop.clone(),
     ));
     let heartbeats = {
         let (metrics, shutdown) = (node.metrics.clone(), shutdown.clone());
@@ -306,6 +322,100 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || heartbeats.join()).await;
     info!(%id, "worker stopped");
     served
+}
+
+/// Once `stop` says leave: waits until this worker's keys are handed
+/// over (or nobody is left to take them, or the drain timeout runs out, or
+/// a second signal), tells the controller it left, and stops the worker.
+async fn leave_when_told(
+    node: Arc<Node>,
+    controller: controller::Controller,
+    registered: controller::Shared,
+    drain_timeout: Duration,
+    stop: Stop,
+) {
+    tokio::select! {
+        () = stop.leaving().cancelled() => {}
+        () = stop.stopping().cancelled() => return,
+    }
+    let began = tokio::time::Instant::now();
+    let keys = node.store.stats().0;
+    info!(keys, drain_timeout = %humantime::format_duration(drain_timeout), "leaving: handing this worker's keys to their owners (a second signal stops at once)");
+    let mut current = node.topologies.subscribe();
+    let mut settled = node.topologies.subscribe_settled();
+    let deadline = began + drain_timeout;
+    let outcome = loop {
+        let done = drained(
+            &node.id,
+            &current.borrow_and_update(),
+            &settled.borrow_and_update(),
+        );
+        if let Some(done) = done {
+            break Some(done);
+        }
+        tokio::select! {
+            _ = current.changed() => {}
+            _ = settled.changed() => {}
+            () = tokio::time::sleep_until(deadline) => break None,
+            () = stop.stopping().cancelled() => break None,
+        }
+    };
+    let took_ms = began.elapsed().as_millis() as u64;
+    let pending = node.metrics.handoff_pending.get();
+    match outcome {
+        Some(Drained::HandedOver) => {
+            info!(
+                keys,
+                took_ms, "every key this worker held is confirmed by its owners; exiting"
+            )
+        }
+        Some(Drained::NowhereToGo) => {
+            warn!(keys = node.store.stats().0, "no other worker is left to take this worker's keys; exiting without handing them over")
+        }
+        None if node.topologies.current().member(&node.id).is_some() => {
+            warn!(keys, took_ms, "stopped before the controller took this worker out of the ring: no key was handed over")
+        }
+        None => {
+            warn!(
+                unconfirmed = pending,
+                took_ms, "stopped before the drain finished: keys not confirmed by their owners"
+            )
+        }
+    }
+    if outcome.is_some() {
+        tell_left(&node, &controller, &registered).await;
+    }
+    stop.now();
+}
+
+/// Tells the controller this worker left, so it is DOWN at once rather
+/// than after `--down-after` of silence. Best effort: silence says the same.
+async fn tell_left(
+    node: &Node,
+    controller: &controller::Controller,
+    registered: &controller::Shared,
+) {
+    let Some(generation) = registered
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|c| c.reply.generation)
+    else {
+        return;
+    };
+    let leave = kv_wire::register::LeaveRequest {
+        id: node.id.clone(),
+        generation,
+        done: true,
+    };
+    let client = kv_client::HttpClient::new();
+    match tokio::time::timeout(Duration::from_secs(1), controller.leave(&client, &leave)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warn!(error = %e, "could not tell the controller this worker left; it will notice the silence")
+        }
+        Err(_) => warn!("the controller did not answer in time; it will notice the silence"),
+    }
 }
 
 async fn purge_tombstones(store: Arc<dyn Store>, grace: Duration, shutdown: CancellationToken) {

@@ -1,4 +1,5 @@
-//! `kv-worker`: parse flags, set up logging, run until Ctrl-C or SIGTERM.
+//! `kv-worker`: parse flags, set up logging, run until Ctrl-C or SIGTERM
+//! (the first leaves the cluster, handing the keys over; the second stops).
 
 // glibc's malloc spent a third of a bulk load's CPU in allocation; mimalloc
 // keeps per-thread free lists and is several times cheaper for our small,
@@ -7,8 +8,8 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
-use kv_worker::{run, Config, Listeners};
-use tokio_util::sync::CancellationToken;
+use kv_worker::lifecycle::stop_on_signals;
+use kv_worker::{run, Config, Listeners, Stop};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -21,25 +22,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = Config::parse();
     let listeners = Listeners::bind(config.listen, config.wire_listen)?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    run(config, listeners, shutdown).await?;
+    let stop = Stop::new();
+    tokio::spawn(stop_on_signals(stop.clone()));
+    run(config, listeners, stop).await?;
     Ok(())
-}
-
-/// Cancels `shutdown` on Ctrl-C or SIGTERM (what Kubernetes sends).
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    shutdown.cancel();
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 /// How often a write is reissued with a newer version when a replica holds
 /// a newer one (a concurrent writer, or a lagging clock) before giving up.
@@ -151,6 +152,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Cancelled once this worker leaves: its copies no longer count.
+    pub leaving: CancellationToken,
 }
 
 /// The wall clock, in milliseconds since the Unix epoch.
@@ -482,7 +485,13 @@ impl Node {
     }
 
     /// Stores the copies a peer sends; reports the ones older than held.
+    /// A leaving worker refuses them: a copy on a worker about to exit must
+    /// not count towards a write's quorum (the sender falls back on the
+    /// key's other replica).
     pub fn replicate(&self, entries: Vec<Entry>) -> Response {
+        if let Some(refusal) = self.refusal_while_leaving() {
+            return refusal;
+        }
         let mut applied = 0;
         let mut stale = Vec::new();
         for (i, entry) in entries.into_iter().enumerate() {
@@ -507,6 +516,25 @@ impl Node {
             }
         }
         (applied, bytes)
+    }
+
+    /// The offered items this worker lacks (missing or older here); a
+    /// leaving worker takes no offers (it would confirm keys it is about
+    /// to take away).
+    pub fn offered(&self, items: &[(String, Version)]) -> Response {
+        self.refusal_while_leaving()
+            .unwrap_or_else(|| Response::Wanted(self.wanted(items)))
+    }
+
+    fn refusal_while_leaving(&self) -> Option<Response> {
+        self.leaving.is_cancelled().then(|| {
+            Response::Failed(Failure::new(
+                FailureKind::NotOwner {
+                    epoch: self.topologies.current().epoch(),
+                },
+                format!("{} is leaving the cluster: it takes no copies", self.id),
+            ))
+        })
     }
 
     /// The offered items this worker lacks (missing or older here).

@@ -3,8 +3,10 @@
 //! One task follows the topology. After a change settles (debounced), and
 //! every `--anti-entropy-interval` otherwise, it runs one *sync* towards
 //! the current view: compare digests of every owned arc with each
-//! co-owner and pull what is missing here, then hand off the keys this
-//! worker does not own. A sync after a change repeats its comparisons
+//! co-owner and each leaver and pull what is missing here, then hand off
+//! the keys this worker does not own (all of them, when it is leaving).
+//! A completed sync settles the view: that is what `/readyz` and a
+//! leaving worker's drain wait for. A sync after a change repeats its comparisons
 //! while they still move data (a co-owner may have been filling up at the
 //! first look); a periodic round compares once, paced, and moves nothing
 //! when nothing differs. A sync that could not reach a peer, or left keys
@@ -341,7 +343,7 @@ async fn sync_peer(
         report.differing += differ.len();
         let pulls = differ.into_iter().filter_map(|(i, theirs)| {
             let (range, my) = *mine.get(i as usize)?;
-            match decide(my, theirs) {
+            match decide(my, theirs, arcs.holder) {
                 Pull::Nothing => None,
                 how => Some((i as usize, range, how)),
             }
@@ -567,8 +569,8 @@ async fn send(node: &Node, member: &Member, entries: &[Entry], report: &mut Repo
 }
 
 /// One call, retried a few times while `member` is still in the
-/// topology: a connection that broke between batches (a peer's idle
-/// timeout, a blip) must not fail the whole sync.
+/// topology (or leaving it): a connection that broke between batches (a
+/// peer's idle timeout, a blip) must not fail the whole sync.
 async fn call<T>(
     node: &Node,
     member: &Member,
@@ -584,7 +586,7 @@ async fn call<T>(
             },
             Err(e) => e.to_string(),
         };
-        if attempt == CALL_ATTEMPTS || !node.topologies.current().has(member) {
+        if attempt == CALL_ATTEMPTS || !node.topologies.current().names(member) {
             warn!(peer = %member.id, %failure, "sync call failed; retrying later");
             return None;
         }

@@ -12,6 +12,12 @@
 //!   others after, so a worker that gained an arc receives it once, from
 //!   one holder. When a co-owner holds fewer copies, it is left to pull
 //!   from this worker rather than this worker reading its list.
+//! - **Leavers are asked too.** A worker leaving the cluster (on SIGTERM)
+//!   is out of the ring but listed in the topology while it hands over;
+//!   owners compare every arc with it last, and read its list whenever it
+//!   differs (a leaver pulls nothing itself). So a key only leavers hold —
+//!   two workers scaled down at once — reaches its owners before they
+//!   count as ready.
 //! - **Non-owners hand off.** A key held by a worker that does not own it
 //!   is offered (key and version) to its owners, sent to those still
 //!   lacking it after a few rounds (when no owner had it to pull), and
@@ -37,13 +43,22 @@ pub enum Pull {
     Diff,
 }
 
-/// What to do about an arc given this worker's digest and a co-owner's.
-pub fn decide(mine: Digest, theirs: Digest) -> Pull {
-    if mine == theirs {
+/// Who the peer holding an arc is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// A co-owner: it pulls what it lacks itself.
+    CoOwner,
+    /// A worker leaving the cluster: it pulls nothing.
+    Leaver,
+}
+
+/// What to do about an arc given this worker's digest and its holder's.
+pub fn decide(mine: Digest, theirs: Digest, holder: Holder) -> Pull {
+    if mine == theirs || theirs.count == 0 {
         Pull::Nothing
     } else if mine.count == 0 {
         Pull::All
-    } else if theirs.count < mine.count {
+    } else if theirs.count < mine.count && holder == Holder::CoOwner {
         Pull::Nothing
     } else {
         Pull::Diff
@@ -55,24 +70,33 @@ pub fn decide(mine: Digest, theirs: Digest) -> Pull {
 pub struct PeerArcs<'v> {
     /// The peer.
     pub peer: &'v Member,
+    /// Whether it owns the arcs or is leaving.
+    pub holder: Holder,
     /// Indices into [`Comparisons::arcs`].
     pub arcs: Vec<usize>,
 }
 
-/// Every comparison a worker makes for a view, in two phases: first each
-/// arc's first co-owner, then the others.
+/// Every comparison a worker makes for a view, in three phases: each
+/// arc's first co-owner, then the other co-owners, then the leavers.
 #[derive(Debug, Default)]
 pub struct Comparisons<'v> {
-    /// The arcs this worker owns, with the number of co-owners of each.
+    /// The arcs this worker owns, with the number of comparisons each
+    /// needs before it counts as verified.
     pub arcs: Vec<(HashRange, usize)>,
-    /// Phase 1 then phase 2, each keyed by peer id.
-    pub phases: [BTreeMap<&'v str, PeerArcs<'v>>; 2],
+    /// The phases in order, each keyed by peer id.
+    pub phases: [BTreeMap<&'v str, PeerArcs<'v>>; 3],
 }
 
 impl<'v> Comparisons<'v> {
     /// The comparisons `me` makes in `view`.
     pub fn new(me: &str, view: &'v View) -> Comparisons<'v> {
         let mut plan = Comparisons::default();
+        let leavers: Vec<&Member> = view
+            .topology
+            .leaving
+            .iter()
+            .filter(|m| m.id != me)
+            .collect();
         for (range, owners) in view.ring.arcs() {
             if !owners.contains(&me) {
                 continue;
@@ -83,13 +107,18 @@ impl<'v> Comparisons<'v> {
                 .filter(|id| **id != me)
                 .filter_map(|id| view.member(id))
                 .collect();
-            plan.arcs.push((range, others.len()));
-            for (i, peer) in others.into_iter().enumerate() {
-                let phase = &mut plan.phases[usize::from(i > 0)];
-                phase
+            plan.arcs.push((range, others.len() + leavers.len()));
+            let holders = others
+                .into_iter()
+                .enumerate()
+                .map(|(i, peer)| (usize::from(i > 0), peer, Holder::CoOwner))
+                .chain(leavers.iter().map(|peer| (2, *peer, Holder::Leaver)));
+            for (phase, peer, holder) in holders {
+                plan.phases[phase]
                     .entry(peer.id.as_str())
                     .or_insert_with(|| PeerArcs {
                         peer,
+                        holder,
                         arcs: Vec::new(),
                     })
                     .arcs
@@ -182,9 +211,14 @@ mod tests {
     /// Small rings (64 vnodes) keep the property test fast; the rules do
     /// not depend on the vnode count.
     fn view(epoch: u64, ids: &[&str]) -> View {
+        view_leaving(epoch, ids, &[])
+    }
+
+    fn view_leaving(epoch: u64, ids: &[&str], leaving: &[&str]) -> View {
         let topology = Topology {
             epoch,
             members: ids.iter().map(|id| member(id)).collect(),
+            leaving: leaving.iter().map(|id| member(id)).collect(),
         };
         let mut v = View::new(topology);
         v.ring = Ring::with_vnodes(ids.iter().copied(), 64);
@@ -194,15 +228,25 @@ mod tests {
     #[test]
     fn decisions() {
         let d = |count, xor| Digest { count, xor };
-        assert_eq!(decide(d(3, 1), d(3, 1)), Pull::Nothing);
-        assert_eq!(decide(d(0, 0), d(3, 1)), Pull::All);
-        assert_eq!(decide(d(3, 1), d(2, 5)), Pull::Nothing, "they pull from us");
+        let co = Holder::CoOwner;
+        assert_eq!(decide(d(3, 1), d(3, 1), co), Pull::Nothing);
+        assert_eq!(decide(d(0, 0), d(3, 1), co), Pull::All);
         assert_eq!(
-            decide(d(3, 1), d(3, 2)),
+            decide(d(3, 1), d(2, 5), co),
+            Pull::Nothing,
+            "they pull from us"
+        );
+        assert_eq!(
+            decide(d(3, 1), d(3, 2), co),
             Pull::Diff,
             "same count, other versions"
         );
-        assert_eq!(decide(d(3, 1), d(4, 2)), Pull::Diff);
+        assert_eq!(decide(d(3, 1), d(4, 2), co), Pull::Diff);
+        assert_eq!(decide(d(3, 1), d(0, 0), co), Pull::Nothing, "nothing there");
+        // A leaver pulls nothing itself: fewer copies there may still hold
+        // one missing here.
+        assert_eq!(decide(d(3, 1), d(2, 5), Holder::Leaver), Pull::Diff);
+        assert_eq!(decide(d(3, 1), d(0, 0), Holder::Leaver), Pull::Nothing);
     }
 
     #[test]
@@ -236,6 +280,30 @@ mod tests {
         }
         assert!(seen.iter().zip(&plan.arcs).all(|(s, (_, n))| s == n));
         assert!(plan.arcs.iter().all(|(_, n)| *n == 2));
+        assert!(plan.phases[2].is_empty(), "nobody is leaving");
+    }
+
+    #[test]
+    fn every_owned_arc_is_also_compared_with_each_leaver_last() {
+        let v = view_leaving(1, &["w1", "w2", "w3", "w4"], &["w5", "w6"]);
+        let plan = Comparisons::new("w1", &v);
+        assert!(plan.arcs.iter().all(|(_, n)| *n == 4));
+        let leavers: Vec<_> = plan.phases[2]
+            .values()
+            .map(|p| (p.peer.id.as_str(), p.holder, p.arcs.len()))
+            .collect();
+        let all = plan.arcs.len();
+        assert_eq!(
+            leavers,
+            [("w5", Holder::Leaver, all), ("w6", Holder::Leaver, all)]
+        );
+        assert!(plan.phases[..2]
+            .iter()
+            .flat_map(|p| p.values())
+            .all(|p| p.holder == Holder::CoOwner));
+        // A leaver compares nothing: it owns no arc.
+        let theirs = Comparisons::new("w5", &v);
+        assert!(theirs.arcs.is_empty());
     }
 
     #[test]
@@ -320,7 +388,8 @@ mod tests {
                         let theirs_all = self.stores.get(*peer).unwrap_or(&empty);
                         let mine = digest(self.stores.get(me).unwrap_or(&empty), range);
                         let theirs = digest(theirs_all, range);
-                        let wanted: Vec<(String, Version)> = match decide(mine, theirs) {
+                        let wanted: Vec<(String, Version)> = match decide(mine, theirs, arcs.holder)
+                        {
                             Pull::Nothing => Vec::new(),
                             Pull::All | Pull::Diff => in_range(theirs_all, range)
                                 .map(|((_, k), v)| (k.clone(), *v))
@@ -426,7 +495,7 @@ mod tests {
         old_rule: bool,
         initial: usize,
         first_cuts: &[usize],
-        changes: &[(bool, usize, Vec<usize>)],
+        changes: &[(Change, usize, Vec<usize>)],
         keys: usize,
     ) -> Result<(), String> {
         let mut model = Model {
@@ -442,14 +511,16 @@ mod tests {
             view(epoch, &ids.iter().map(String::as_str).collect::<Vec<_>>())
         };
         let mut v = to_view(epoch, &live);
-        // Writes reach all three owners (W=2 plus the async third copy).
+        // Writes reach all three owners (W=2 plus the async third copy),
+        // but every third only the two that acknowledged it.
         for k in 0..keys {
             let key = format!("key:{k}");
             let version = Version {
                 hlc: 1 + k as u64,
                 node: 1,
             };
-            for owner in v.owners(&key) {
+            let copies = if k % 3 == 0 { 2 } else { 3 };
+            for owner in v.owners(&key).into_iter().take(copies) {
                 apply(model.store(&owner.id), &key, version);
             }
         }
@@ -458,10 +529,33 @@ mod tests {
         // from an empty ring.
         model.rebalance(&v, first_cuts);
         let before = model.newest(&live);
-        for (join, which, cuts) in changes {
-            if *join || live.len() <= 3 {
+        for (kind, which, cuts) in changes {
+            if *kind == Change::Join || live.len() <= 4 {
                 live.insert(format!("w{next_id}"));
                 next_id += 1;
+            } else if let Change::Leave(n) = kind {
+                // Leavers stay listed while owners pull from them (and
+                // hand off nothing here: the owners alone must be enough),
+                // then go with their copies.
+                let leavers: Vec<String> = (0..*n)
+                    .map(|j| ids(&live)[(which + j) % live.len()].clone())
+                    .collect();
+                for l in &leavers {
+                    live.remove(l);
+                }
+                epoch += 1;
+                let members = ids(&live);
+                v = view_leaving(
+                    epoch,
+                    &members.iter().map(String::as_str).collect::<Vec<_>>(),
+                    &leavers.iter().map(String::as_str).collect::<Vec<_>>(),
+                );
+                model.rebalance(&v, cuts);
+                model.rebalance(&v, &[]);
+                model.rebalance(&v, &[]);
+                for l in &leavers {
+                    model.stores.remove(l);
+                }
             } else {
                 let victim = ids(&live)[which % live.len()].clone();
                 // Never kill the last live holder of a key: a failure W=2
@@ -506,7 +600,18 @@ mod tests {
         Ok(())
     }
 
-    type History = (usize, Vec<usize>, Vec<(bool, usize, Vec<usize>)>);
+    /// A change of the cluster in a history.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Change {
+        /// A worker joins.
+        Join,
+        /// A worker dies with its copies.
+        Kill,
+        /// This many workers leave at once (SIGTERM).
+        Leave(usize),
+    }
+
+    type History = (usize, Vec<usize>, Vec<(Change, usize, Vec<usize>)>);
 
     fn history() -> impl Strategy<Value = History> {
         (
@@ -514,7 +619,12 @@ mod tests {
             proptest::collection::vec(0usize..400, 0..8),
             proptest::collection::vec(
                 (
-                    any::<bool>(),
+                    prop_oneof![
+                        Just(Change::Join),
+                        Just(Change::Kill),
+                        Just(Change::Leave(1)),
+                        Just(Change::Leave(2))
+                    ],
                     any::<usize>(),
                     proptest::collection::vec(0usize..400, 0..8),
                 ),
@@ -536,9 +646,9 @@ mod tests {
     #[test]
     fn the_property_catches_the_old_planner_that_started_from_an_empty_ring() {
         // A kill while the first rebalance runs (cut after a few keys).
-        let (first_cuts, changes) = (vec![5; 4], vec![(false, 1, vec![5; 4])]);
-        let verdict = run_history(true, 4, &first_cuts, &changes, 300);
+        let (first_cuts, changes) = (vec![5; 5], vec![(Change::Kill, 1, vec![5; 5])]);
+        let verdict = run_history(true, 5, &first_cuts, &changes, 300);
         assert!(verdict.is_err(), "the old rule lost nothing: {verdict:?}");
-        run_history(false, 4, &first_cuts, &changes, 300).expect("the new rules");
+        run_history(false, 5, &first_cuts, &changes, 300).expect("the new rules");
     }
 }

@@ -3,7 +3,7 @@
 //! left the data, asked too by quorum reads while a rebalance runs).
 
 use kv_wire::{Member, Ring, Topology, REPLICATION_FACTOR};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::watch;
 
 /// A topology with its ring.
@@ -18,8 +18,10 @@ pub struct View {
 impl View {
     /// A view of `topology` (members sorted by id here, whatever the sender did).
     pub fn new(mut topology: Topology) -> View {
-        topology.members.sort_by(|a, b| a.id.cmp(&b.id));
-        topology.members.dedup_by(|a, b| a.id == b.id);
+        for list in [&mut topology.members, &mut topology.leaving] {
+            list.sort_by(|a, b| a.id.cmp(&b.id));
+            list.dedup_by(|a, b| a.id == b.id);
+        }
         let ring = topology.ring();
         View { topology, ring }
     }
@@ -52,13 +54,18 @@ impl View {
         self.member(&member.id)
             .is_some_and(|m| m.generation == member.generation)
     }
+
+    /// Whether `member` is in this view or leaving it.
+    pub fn names(&self, member: &Member) -> bool {
+        self.has(member) || self.topology.leaving.contains(member)
+    }
 }
 
 /// The current and settled views.
 #[derive(Debug)]
 pub struct Topologies {
     current: watch::Sender<Arc<View>>,
-    settled: Mutex<Arc<View>>,
+    settled: watch::Sender<Arc<View>>,
 }
 
 impl Topologies {
@@ -66,7 +73,7 @@ impl Topologies {
     pub fn new() -> Topologies {
         Topologies {
             current: watch::Sender::new(Arc::default()),
-            settled: Mutex::default(),
+            settled: watch::Sender::new(Arc::default()),
         }
     }
 
@@ -99,15 +106,17 @@ impl Topologies {
 
     /// Where the data was when the last rebalance completed.
     pub fn settled(&self) -> Arc<View> {
-        self.settled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.settled.borrow().clone()
+    }
+
+    /// Follows completed rebalances.
+    pub fn subscribe_settled(&self) -> watch::Receiver<Arc<View>> {
+        self.settled.subscribe()
     }
 
     /// Records a completed rebalance.
     pub fn settle(&self, view: Arc<View>) {
-        *self.settled.lock().unwrap_or_else(|p| p.into_inner()) = view;
+        self.settled.send_replace(view);
     }
 }
 

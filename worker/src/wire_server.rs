@@ -333,7 +333,7 @@ pub async fn answer(node: &Node, body: Request) -> Response {
         }
         Request::Offer { items } => {
             metrics.count("offer", "ok");
-            Response::Wanted(node.wanted(&items))
+            node.offered(&items)
         }
         Request::Compare { ranges } => {
             metrics.count("compare", "ok");

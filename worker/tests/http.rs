@@ -145,18 +145,7 @@ async fn a_lone_worker_refuses_writes_it_cannot_replicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_without_a_topology_says_so() {
     // The controller address answers nothing: the worker never registers.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let nowhere = Service {
-        id: "nowhere".into(),
-        http: format!("127.0.0.1:{port}").parse().unwrap(),
-        wire: format!("127.0.0.1:{port}").parse().unwrap(),
-        stop: Default::default(),
-        task: tokio::spawn(async {}),
-    };
+    let nowhere = nowhere();
     let w = start_worker("orphan", &nowhere).await;
     let (status, reply) = eventually("the worker to serve HTTP", || async {
         let url = w.url("/kv");

@@ -52,11 +52,20 @@ impl Controller {
     }
 
     pub async fn start_with(grace: Duration, secret: Option<ClusterSecret>) -> Controller {
+        Controller::start_configured(|c| {
+            c.grace = grace;
+            c.cluster_secret = secret;
+        })
+        .await
+    }
+
+    /// A controller whose configuration `adjust` changes first.
+    pub async fn start_configured(adjust: impl FnOnce(&mut Config)) -> Controller {
         let listeners = Listeners::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listeners.http.local_addr().unwrap();
         let mut config = Config::with_listen(addr);
-        config.grace = grace;
-        config.cluster_secret = secret.clone();
+        adjust(&mut config);
+        let secret = config.cluster_secret.clone();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
@@ -215,7 +224,7 @@ pub async fn register_with(
 ) -> (u16, Value) {
     let body = serde_json::json!({"id": id, "host": "127.0.0.1", "port": 1, "wire_port": wire_port, "epoch": epoch, "generation": generation}).to_string();
     let proof = secret.map(|s| {
-        s.prove_registration(body.as_bytes(), now_ms())
+        s.prove_request(kv_wire::auth::Signed::Register, body.as_bytes(), now_ms())
             .header_value()
     });
     let url = format!("http://{controller}/register");

@@ -49,7 +49,10 @@ pub struct Service {
     pub id: String,
     pub http: SocketAddr,
     pub wire: SocketAddr,
+    /// Stops it at once.
     pub stop: CancellationToken,
+    /// A worker's: leave (as on SIGTERM), or stop at once.
+    pub lifecycle: Option<kv_worker::Stop>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -66,6 +69,11 @@ impl Service {
     pub async fn kill(self) {
         self.stop.cancel();
         self.task.await.unwrap();
+    }
+
+    /// Tells a worker to leave, as SIGTERM does.
+    pub fn leave(&self) {
+        self.lifecycle.as_ref().expect("a worker").leave();
     }
 
     /// The value this worker holds locally for `key`, if any.
@@ -211,7 +219,26 @@ pub async fn start_controller_with(adjust: impl FnOnce(&mut kv_controller::Confi
         http,
         wire: http,
         stop,
+        lifecycle: None,
         task,
+    }
+}
+
+/// A controller address where nothing listens.
+pub fn nowhere() -> Service {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    Service {
+        id: "nowhere".into(),
+        http: addr,
+        wire: addr,
+        stop: Default::default(),
+        lifecycle: None,
+        task: tokio::spawn(async {}),
     }
 }
 
@@ -234,16 +261,17 @@ pub async fn start_worker_with(
     let wire = listeners.wire.local_addr().unwrap();
     let mut config = kv_worker::Config::for_test(id, &format!("http://{}", controller.http));
     adjust(&mut config);
-    let stop = CancellationToken::new();
+    let lifecycle = kv_worker::Stop::new();
     let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { kv_worker::run(config, listeners, stop).await.unwrap() }
+        let lifecycle = lifecycle.clone();
+        async move { kv_worker::run(config, listeners, lifecycle).await.unwrap() }
     });
     Service {
         id: id.into(),
         http,
         wire,
-        stop,
+        stop: lifecycle.stopping().clone(),
+        lifecycle: Some(lifecycle),
         task,
     }
 }
