@@ -95,7 +95,7 @@ def _():
         assert ports(s["spec"]["ports"]) == [(8001, "TCP"), (8002, "TCP")]
 
 
-@check("probes hit /healthz on the HTTP port; termination is graceful; resources are bounded")
+@check("probes hit the HTTP port (workers' readiness /readyz); termination is graceful; resources are bounded")
 def _():
     for f, port in [("controller-deployment.yaml", 8000)] + [(f"worker{i}-deployment.yaml", 8001) for i in range(1, 5)]:
         d = load(f)
@@ -103,7 +103,8 @@ def _():
         named = {p["name"]: p["containerPort"] for p in c["ports"]}
         for probe in ("readinessProbe", "livenessProbe"):
             get = c[probe]["httpGet"]
-            assert get["path"] == "/healthz", (f, probe)
+            want = "/readyz" if probe == "readinessProbe" and f.startswith("worker") else "/healthz"
+            assert get["path"] == want, (f, probe, get["path"])
             assert named.get(get["port"], get["port"]) == port, (f, probe, get["port"])
         assert d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 5, f
         for kind in ("requests", "limits"):
@@ -143,12 +144,57 @@ def _():
         assert secret["defaultMode"] & 0o040, f
 
 
-@check("the HPA example scales a worker Deployment on CPU")
+@check("the HPA example scales a worker Deployment on CPU, down one pod at a time after a quiet window")
 def _():
     hpa = load("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
     assert hpa["spec"]["scaleTargetRef"]["name"] in {f"worker{i}" for i in range(1, 5)}
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    down = hpa["spec"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 60, down
+    assert down["policies"] and all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"]), down
+
+
+def drain_timeout_s(c):
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    value = env.get("KV_DRAIN_TIMEOUT", "60s")
+    assert value.endswith("s") and value[:-1].isdigit(), f"KV_DRAIN_TIMEOUT {value!r}: write it in whole seconds"
+    return int(value[:-1])
+
+
+@check("worker rollouts surge one ready pod before stopping one, and never kill a worker that is still handing its keys over")
+def _():
+    for i in range(1, 5):
+        d = load(f"worker{i}-deployment.yaml")
+        strategy = d["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate", strategy
+        assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}, strategy
+        assert d["spec"]["minReadySeconds"] >= 1, d["spec"].get("minReadySeconds")
+        grace = d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > drain_timeout_s(container(d)), f"worker{i}: terminationGracePeriodSeconds {grace} is not above the drain timeout"
+
+
+@check("a PodDisruptionBudget lets voluntary disruptions take one worker at a time")
+def _():
+    pdb = load("worker-pdb.yaml")
+    assert pdb["kind"] == "PodDisruptionBudget" and pdb["metadata"]["namespace"] == "kv-system"
+    assert pdb["spec"]["maxUnavailable"] == 1, pdb["spec"]
+    assert pdb["spec"]["selector"]["matchLabels"] == {"app": "worker"}
+    for i in range(1, 5):
+        labels = load(f"worker{i}-deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app") == "worker", f"worker{i} pods are not covered by the PDB"
+
+
+@check("compose gives workers a stop grace period above their drain timeout")
+def _():
+    with open(os.path.join(os.path.dirname(K8S), "compose.yaml")) as f:
+        compose = yaml.safe_load(f)
+    anchor = compose["x-worker"]
+    grace = anchor["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > 60, grace
+    for name, service in compose["services"].items():
+        if name.startswith("worker"):
+            assert service.get("stop_grace_period", grace) == grace, name
 
 
 failed = len([e for e in results if e])
