@@ -256,20 +256,25 @@ impl Cluster {
             .collect()
     }
 
+    /// Waits until `workers` workers are UP and every running worker is
+    /// ready (`/readyz`: in the topology, its sync towards it complete), so
+    /// nothing moves any more once this returns.
     pub async fn wait_all_up(&self, workers: usize) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let up = self.nodes().await.iter().filter(|(_, s)| s == "UP").count();
-            let mut in_ring = 0;
+            let mut ready = 0;
             for (name, node) in &self.nodes {
                 if name != "controller" {
-                    let health = self
-                        .json(&format!("http://{}:{}/healthz", node.host, node.http))
+                    let url = format!("http://{}:{}/readyz", node.host, node.http);
+                    let answer = self
+                        .http
+                        .request("GET".parse().unwrap(), &url, Bytes::new())
                         .await;
-                    in_ring += usize::from(health.is_some_and(|h| h["in_ring"] == true));
+                    ready += usize::from(matches!(answer, Ok((200, _))));
                 }
             }
-            if up == workers && in_ring == workers {
+            if up == workers && ready == workers {
                 return;
             }
             assert!(
