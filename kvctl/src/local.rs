@@ -13,7 +13,6 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -306,12 +305,15 @@ pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
         .with_ansi(false)
         .init();
     let stop = kv_worker::Stop::new();
-    tokio::spawn({
+    // A thread of its own, not tokio's stdin: tokio reads stdin on its
+    // blocking pool, and a read that never returns would keep the runtime,
+    // and so the process, from ending once the node has stopped.
+    std::thread::spawn({
         let stop = stop.clone();
-        async move {
-            let mut stdin = tokio::io::stdin();
+        move || {
+            use std::io::Read;
             let mut buf = [0u8; 64];
-            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
             stop.now();
         }
     });

@@ -86,7 +86,7 @@ async fn a_restarted_controller_marks_nobody_down_and_moves_no_data_while_writes
     tokio::time::sleep(Duration::from_secs(1)).await;
     signal(cluster.nodes["controller"].pid(), "-9");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    cluster.restart("controller");
+    cluster.restart("controller").await;
     // Through the restart and the new controller's grace period.
     let watch_until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < watch_until {
@@ -128,7 +128,7 @@ async fn a_worker_restarted_empty_with_the_same_id_receives_its_share() {
     tokio::time::sleep(Duration::from_millis(500 + rng.u64(..1000))).await;
     let victim = format!("worker{}", rng.usize(1..=4));
     signal(cluster.nodes[&victim].pid(), "-9");
-    cluster.restart(&victim); // a new pod: same id, empty store, new generation
+    cluster.restart(&victim).await; // a new pod: same id, empty store, new generation
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.wait_all_up(4).await;
     let settled = settle(
@@ -262,17 +262,7 @@ async fn ten_thousand_silent_connections_cost_bounded_memory_and_keep_no_client_
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(3).await;
     let target = &cluster.nodes["worker1"];
-    let wire_port: u16 = target
-        .args
-        .iter()
-        .skip_while(|a| *a != "--wire-listen")
-        .nth(1)
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let wire_port = target.wire;
     let before = rss(target.pid());
     let mut flood = Vec::new();
     for _ in 0..10_000 {

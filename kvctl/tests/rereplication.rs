@@ -11,75 +11,20 @@
 
 mod support;
 use kv_wire::Ring;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use support::*;
 
 const KEYS: usize = 100_000;
-
-/// Loads `key:0..n` through `kvctl load --generate`.
-fn load(cluster: &Cluster, n: usize) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kvctl"))
-        .args([
-            "--controller",
-            &cluster.controller_url(),
-            "load",
-            "--generate",
-        ])
-        .args([n.to_string().as_str(), "--value-size", "100"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "load failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Copies held by `live` (tombstones included), from each `/healthz`.
-async fn copies(cluster: &Cluster, live: &[String]) -> u64 {
-    let mut sum = 0;
-    for w in live {
-        let node = &cluster.nodes[w];
-        let health = cluster
-            .json(&format!("http://{}:{}/healthz", node.host, node.http))
-            .await;
-        sum += health.and_then(|h| h["keys"].as_u64()).unwrap_or(0);
-    }
-    sum
-}
-
-async fn until(what: &str, cluster: &Cluster, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; logs in {}",
-            cluster.logs.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn down(cluster: &Cluster, victim: &str) {
-    until(&format!("{victim} DOWN"), cluster, async || {
-        cluster
-            .nodes()
-            .await
-            .iter()
-            .any(|(id, s)| id == victim && s == "DOWN")
-    })
-    .await;
-}
 
 /// Waits until `live` hold three copies of each of `n` keys, then reads
 /// every 250th key from each of its owners.
 async fn on_all_owners(cluster: &Cluster, live: &[String], n: usize, scenario: &str) {
     let started = Instant::now();
-    until("three copies of every key", cluster, async || {
-        copies(cluster, live).await == 3 * n as u64
-    })
-    .await;
+    cluster
+        .until("three copies of every key", async || {
+            cluster.copies(live).await == 3 * n as u64
+        })
+        .await;
     let ring = Ring::new(live.iter().cloned());
     for i in (0..n).step_by(250) {
         let key = format!("key:{i}");
@@ -100,21 +45,23 @@ async fn on_all_owners(cluster: &Cluster, live: &[String], n: usize, scenario: &
 async fn a_kill_while_a_joining_worker_fills_up_leaves_every_key_on_all_its_owners() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(4).await;
-    load(&cluster, KEYS);
+    cluster.load(KEYS).await;
     let four = workers(4);
-    until("three copies", &cluster, async || {
-        copies(&cluster, &four).await == 3 * KEYS as u64
-    })
-    .await;
+    cluster
+        .until("three copies", async || {
+            cluster.copies(&four).await == 3 * KEYS as u64
+        })
+        .await;
 
-    cluster.spawn_worker(5);
+    cluster.spawn_worker(5).await;
     // worker5 is pulling its share (from worker1 among others): kill that.
-    until("worker5 to start filling", &cluster, async || {
-        copies(&cluster, &["worker5".to_string()]).await > 0
-    })
-    .await;
+    cluster
+        .until("worker5 to start filling", async || {
+            cluster.copies(&["worker5".to_string()]).await > 0
+        })
+        .await;
     signal(cluster.nodes["worker1"].pid(), "-9");
-    down(&cluster, "worker1").await;
+    cluster.down("worker1").await;
     let live: Vec<String> = workers(5).into_iter().filter(|w| w != "worker1").collect();
     on_all_owners(&cluster, &live, KEYS, "kill -9 during a join").await;
 }
@@ -123,18 +70,19 @@ async fn a_kill_while_a_joining_worker_fills_up_leaves_every_key_on_all_its_owne
 async fn two_kills_in_a_row_leave_every_key_on_three_live_owners() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(5).await;
-    load(&cluster, KEYS);
+    cluster.load(KEYS).await;
     let five = workers(5);
-    until("three copies", &cluster, async || {
-        copies(&cluster, &five).await == 3 * KEYS as u64
-    })
-    .await;
+    cluster
+        .until("three copies", async || {
+            cluster.copies(&five).await == 3 * KEYS as u64
+        })
+        .await;
 
     signal(cluster.nodes["worker2"].pid(), "-9");
-    down(&cluster, "worker2").await;
+    cluster.down("worker2").await;
     // The survivors are re-replicating worker2's copies: kill another.
     signal(cluster.nodes["worker4"].pid(), "-9");
-    down(&cluster, "worker4").await;
+    cluster.down("worker4").await;
     let live = vec!["worker1".to_string(), "worker3".into(), "worker5".into()];
     on_all_owners(&cluster, &live, KEYS, "two kills in a row").await;
 }

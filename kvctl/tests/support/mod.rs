@@ -21,14 +21,6 @@ pub const KEYS_PER_WRITER: usize = 200;
 /// and rebalancing can bring them to their owners after it.
 pub const STILL_KEYS: usize = 2000;
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 pub fn signal(pid: u32, sig: &str) {
     assert!(
         Command::new("kill")
@@ -43,19 +35,26 @@ pub fn signal(pid: u32, sig: &str) {
 pub struct Node {
     pub args: Vec<String>,
     pub child: Child,
-    /// The address its HTTP port is reached at.
+    /// The address its ports are reached at.
     pub host: String,
+    /// Its HTTP port (the controller's: HTTP and heartbeats).
     pub http: u16,
+    /// Its wire port (0 for the controller).
+    pub wire: u16,
     /// The command it runs under (`ip netns exec NS`), if any.
     pub prefix: Vec<String>,
+    pub log: std::path::PathBuf,
 }
 
 impl Node {
-    pub fn spawn(
+    /// Starts `kvctl node ARGS` (its output appended to `log`) and waits
+    /// until it says which ports it listens on. Nodes bind port 0 and
+    /// report the port, so no other process can take it between a test
+    /// choosing it and the node binding it.
+    pub async fn spawn(
         prefix: Vec<String>,
         args: Vec<String>,
         host: &str,
-        http: u16,
         log: &std::path::Path,
     ) -> Node {
         let file = std::fs::OpenOptions::new()
@@ -63,6 +62,7 @@ impl Node {
             .append(true)
             .open(log)
             .unwrap();
+        let from = file.metadata().unwrap().len() as usize;
         let kvctl = env!("CARGO_BIN_EXE_kvctl").to_string();
         let mut argv: Vec<String> = prefix
             .iter()
@@ -71,7 +71,7 @@ impl Node {
             .chain(args.iter().cloned())
             .collect();
         let program = argv.remove(0);
-        let child = Command::new(program)
+        let mut child = Command::new(program)
             .args(&argv)
             .env("TOKIO_WORKER_THREADS", "1")
             .stdin(Stdio::piped()) // the node exits when the test does
@@ -79,17 +79,49 @@ impl Node {
             .stderr(file)
             .spawn()
             .unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let line = loop {
+            let text = std::fs::read(log).unwrap_or_default();
+            let fresh = String::from_utf8_lossy(&text[from.min(text.len())..]).to_string();
+            if let Some(line) = fresh.lines().find(|l| l.contains(" listening")) {
+                break line.to_string();
+            }
+            let exited = child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{argv:?} did not start ({exited:?}); its log: {}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let field = |name: &str| -> u16 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or(0)
+        };
+        let (http, wire) = match field("http_port") {
+            0 => (field("port"), 0),
+            http => (http, field("wire_port")),
+        };
+        assert!(http != 0, "no port in {line:?}");
         Node {
             args,
             child,
             host: host.to_string(),
             http,
+            wire,
             prefix,
+            log: log.to_path_buf(),
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its HTTP base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}:{}", self.host, self.http)
     }
 }
 
@@ -109,21 +141,29 @@ pub struct Cluster {
     /// The network namespaces the workers run in, if any (removed on drop,
     /// after the nodes).
     pub net: Option<Net>,
+    /// Flags every worker gets besides the harness's own.
+    pub worker_flags: Vec<String>,
 }
 
 impl Cluster {
     /// A controller and `workers` workers on loopback.
     pub async fn start(workers: usize) -> Cluster {
-        Cluster::start_on(None, workers).await
+        Cluster::start_on(None, workers, &[]).await
+    }
+
+    /// A controller and `workers` workers on loopback, each worker with
+    /// `flags` too.
+    pub async fn start_with(workers: usize, flags: &[&str]) -> Cluster {
+        Cluster::start_on(None, workers, flags).await
     }
 
     /// A controller on the host side of `net` and each worker in a network
     /// namespace of its own.
     pub async fn start_in(net: Net, workers: usize) -> Cluster {
-        Cluster::start_on(Some(net), workers).await
+        Cluster::start_on(Some(net), workers, &[]).await
     }
 
-    async fn start_on(net: Option<Net>, workers: usize) -> Cluster {
+    async fn start_on(net: Option<Net>, workers: usize, flags: &[&str]) -> Cluster {
         let logs = std::env::temp_dir().join(format!(
             "kv-faults-{}-{}",
             std::process::id(),
@@ -133,23 +173,30 @@ impl Cluster {
         let controller_host = net.as_ref().map_or("127.0.0.1".to_string(), Net::gateway);
         let mut cluster = Cluster {
             controller_host,
-            controller_port: free_port(),
+            controller_port: 0,
             nodes: HashMap::new(),
             logs,
             http: HttpClient::new(),
             net,
+            worker_flags: flags.iter().map(|f| f.to_string()).collect(),
         };
-        cluster.spawn_controller();
+        cluster.spawn_controller().await;
         for i in 1..=workers {
-            cluster.spawn_worker(i);
+            cluster.spawn_worker(i).await;
         }
         cluster.wait_all_up(workers).await;
         cluster
     }
 
-    /// Starts worker *i* (its own process; in namespace *i* when the
-    /// cluster has namespaces).
-    pub fn spawn_worker(&mut self, i: usize) {
+    /// Starts worker *i* as `worker{i}` (its own process; in namespace *i*
+    /// when the cluster has namespaces).
+    pub async fn spawn_worker(&mut self, i: usize) {
+        self.spawn_worker_as(i, &format!("worker{i}")).await;
+    }
+
+    /// Starts worker *i* under the id `id`: a new pod of worker *i*'s
+    /// Deployment, as a rolling restart makes one.
+    pub async fn spawn_worker_as(&mut self, i: usize, id: &str) {
         let (host, http, wire, prefix) = match &self.net {
             Some(net) => (
                 net.ip(i),
@@ -157,17 +204,12 @@ impl Cluster {
                 8002,
                 vec!["ip".into(), "netns".into(), "exec".into(), net.ns(i)],
             ),
-            None => (
-                "127.0.0.1".to_string(),
-                free_port(),
-                free_port(),
-                Vec::new(),
-            ),
+            None => ("127.0.0.1".to_string(), 0, 0, Vec::new()),
         };
         let args = [
             "worker",
             "--id",
-            &format!("worker{i}"),
+            id,
             "--listen",
             &format!("{host}:{http}"),
             "--wire-listen",
@@ -177,54 +219,42 @@ impl Cluster {
             "--controller",
             &self.controller_url(),
         ];
-        let node = Node::spawn(
-            prefix,
-            args.iter().map(|s| s.to_string()).collect(),
-            &host,
-            http,
-            &self.logs.join(format!("worker{i}.log")),
-        );
-        self.nodes.insert(format!("worker{i}"), node);
+        let args = args
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.worker_flags.iter().cloned())
+            .collect();
+        let node = Node::spawn(prefix, args, &host, &self.logs.join(format!("{id}.log"))).await;
+        self.nodes.insert(id.to_string(), node);
     }
 
     pub fn controller_url(&self) -> String {
         format!("http://{}:{}", self.controller_host, self.controller_port)
     }
 
-    pub fn spawn_controller(&mut self) {
+    /// Starts the controller; a restart binds the port the first one got.
+    pub async fn spawn_controller(&mut self) {
         let args = vec![
             "controller".to_string(),
             "--listen".into(),
             format!("{}:{}", self.controller_host, self.controller_port),
         ];
         let log = self.logs.join("controller.log");
-        let node = Node::spawn(
-            Vec::new(),
-            args,
-            &self.controller_host.clone(),
-            self.controller_port,
-            &log,
-        );
+        let node = Node::spawn(Vec::new(), args, &self.controller_host.clone(), &log).await;
+        self.controller_port = node.http;
         self.nodes.insert("controller".into(), node);
     }
 
-    /// Starts `name` again with the same flags (same id, a new process).
-    pub fn restart(&mut self, name: &str) {
+    /// Starts `name` again with the same flags (same id, a new process; a
+    /// worker's ports are new, as a new pod's address is).
+    pub async fn restart(&mut self, name: &str) {
         let old = self.nodes.remove(name).unwrap();
-        let (prefix, args, host, http) = (
-            old.prefix.clone(),
-            old.args.clone(),
-            old.host.clone(),
-            old.http,
-        );
+        let (prefix, args, host) = (old.prefix.clone(), old.args.clone(), old.host.clone());
         drop(old);
-        let node = Node::spawn(
-            prefix,
-            args,
-            &host,
-            http,
-            &self.logs.join(format!("{name}.log")),
-        );
+        if name == "controller" {
+            return self.spawn_controller().await;
+        }
+        let node = Node::spawn(prefix, args, &host, &self.logs.join(format!("{name}.log"))).await;
         self.nodes.insert(name.to_string(), node);
     }
 
@@ -264,15 +294,8 @@ impl Cluster {
         loop {
             let up = self.nodes().await.iter().filter(|(_, s)| s == "UP").count();
             let mut ready = 0;
-            for (name, node) in &self.nodes {
-                if name != "controller" {
-                    let url = format!("http://{}:{}/readyz", node.host, node.http);
-                    let answer = self
-                        .http
-                        .request("GET".parse().unwrap(), &url, Bytes::new())
-                        .await;
-                    ready += usize::from(matches!(answer, Ok((200, _))));
-                }
+            for name in self.nodes.keys().filter(|n| *n != "controller") {
+                ready += usize::from(self.ready(name).await);
             }
             if up == workers && ready == workers {
                 return;
@@ -286,12 +309,99 @@ impl Cluster {
         }
     }
 
+    /// Loads `key:0..n` (100-byte values) through `kvctl load --generate`.
+    pub async fn load(&self, n: usize) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+            .args(["--controller", &self.controller_url(), "load", "--generate"])
+            .args([n.to_string().as_str(), "--value-size", "100"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Copies held by `live` (tombstones included), from each `/healthz`.
+    pub async fn copies(&self, live: &[String]) -> u64 {
+        let mut sum = 0;
+        for w in live {
+            let health = self.json(&format!("{}/healthz", self.nodes[w].url())).await;
+            sum += health.and_then(|h| h["keys"].as_u64()).unwrap_or(0);
+        }
+        sum
+    }
+
+    /// Waits until `check` holds, or fails the test after [`PATIENCE`].
+    pub async fn until(&self, what: &str, mut check: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !check().await {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; logs in {}",
+                self.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the controller shows `id` DOWN.
+    pub async fn down(&self, id: &str) {
+        self.until(&format!("{id} DOWN"), async || {
+            self.nodes()
+                .await
+                .iter()
+                .any(|(n, s)| n == id && s == "DOWN")
+        })
+        .await;
+    }
+
+    /// `id`'s entry in `/nodes`.
+    pub async fn node(&self, id: &str) -> Option<Value> {
+        let nodes = self
+            .json(&format!("{}/nodes", self.controller_url()))
+            .await?;
+        nodes["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+    }
+
+    /// Whether `id`'s `/readyz` answers 200.
+    pub async fn ready(&self, id: &str) -> bool {
+        let url = format!("{}/readyz", self.nodes[id].url());
+        let answer = self
+            .http
+            .request("GET".parse().unwrap(), &url, Bytes::new())
+            .await;
+        matches!(answer, Ok((200, _)))
+    }
+
+    /// Waits until `id`'s process has exited by itself, and takes it out
+    /// of the cluster.
+    pub async fn exited(&mut self, id: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.nodes.get_mut(id).unwrap().child.try_wait().unwrap() {
+                self.nodes.remove(id);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not exit; logs in {}",
+                self.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A worker's own copy of `key`: (version, value).
     pub async fn local(&self, worker: &str, key: &str) -> Option<(Version, String)> {
         let node = self.nodes.get(worker)?;
-        let body = self
-            .json(&format!("http://{}:{}/kv?key={key}", node.host, node.http))
-            .await?;
+        let body = self.json(&format!("{}/kv?key={key}", node.url())).await?;
         Some((
             body["version"].as_str()?.parse().ok()?,
             body["value"].as_str()?.to_string(),
@@ -300,7 +410,7 @@ impl Cluster {
 
     pub async fn metric(&self, worker: &str, name: &str) -> f64 {
         let node = &self.nodes[worker];
-        let url = format!("http://{}:{}/metrics", node.host, node.http);
+        let url = format!("{}/metrics", node.url());
         let Ok((_, body)) = self
             .http
             .request("GET".parse().unwrap(), &url, Bytes::new())
@@ -322,6 +432,8 @@ pub struct History {
     pub acked: HashMap<String, (Version, String)>,
     /// Values tried since the last acknowledgement whose outcome is unknown.
     pub unknown: HashMap<String, Vec<String>>,
+    /// The first few errors the writers got, for the report.
+    pub errors: Vec<String>,
 }
 
 pub struct Load {
@@ -387,15 +499,13 @@ impl Load {
                             h.unknown.remove(&key);
                             h.acked.insert(key, (version, value));
                         }
-                        Err(_) => {
+                        Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
-                            history
-                                .lock()
-                                .unwrap()
-                                .unknown
-                                .entry(key)
-                                .or_default()
-                                .push(value);
+                            let mut h = history.lock().unwrap();
+                            if h.errors.len() < 5 {
+                                h.errors.push(format!("{key}: {e}"));
+                            }
+                            h.unknown.entry(key).or_default().push(value);
                         }
                     }
                 }
@@ -450,6 +560,71 @@ pub async fn violations(cluster: &Cluster, history: &History, live: &[String]) -
     found
 }
 
+/// Checks the `n` keys `Cluster::load` wrote, once a scenario is over:
+/// every one readable through the cluster, every 25th on each of its
+/// owners, and the `live` workers holding exactly three copies of every
+/// key there is (the loaded ones, and those of `history` that exist), so
+/// no owner lacks one and no non-owner kept one.
+pub async fn loaded_keys_intact(
+    cluster: &Cluster,
+    live: &[String],
+    n: usize,
+    history: &History,
+    scenario: &str,
+) {
+    use futures::StreamExt;
+    let client = Client::connect(
+        &cluster.controller_url(),
+        kv_client::Credentials::new("kv", "faults"),
+    )
+    .await
+    .unwrap();
+    let client = &client;
+    let keys = (0..n)
+        .map(|i| format!("key:{i}"))
+        .chain(history.acked.keys().cloned())
+        .chain(history.unknown.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>();
+    let found: Vec<(String, bool)> = futures::stream::iter(keys)
+        .map(|key| async move {
+            let got = client.get(&key).await;
+            let found = got.as_ref().is_ok_and(Option::is_some);
+            assert!(got.is_ok(), "{scenario}: reading {key}: {got:?}");
+            (key, found)
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let missing: Vec<&String> = found
+        .iter()
+        .filter(|(k, f)| !f && (k.starts_with("key:") || history.acked.contains_key(k)))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{scenario}: {} keys unreadable, such as {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let ring = Ring::new(live.iter().cloned());
+    for i in (0..n).step_by(25) {
+        let key = format!("key:{i}");
+        for owner in ring.owners(key.as_bytes(), 3) {
+            assert!(
+                cluster.local(owner, &key).await.is_some(),
+                "{scenario}: {key} missing on its owner {owner}"
+            );
+        }
+    }
+    let existing = found.iter().filter(|(_, f)| *f).count() as u64;
+    cluster
+        .until(
+            &format!("{scenario}: three copies of each of {existing} keys"),
+            async || cluster.copies(live).await == 3 * existing,
+        )
+        .await;
+}
+
 /// Waits for convergence; returns the time it took, or the violations left.
 pub async fn converge(
     cluster: &Cluster,
@@ -489,6 +664,9 @@ pub fn report(
         .as_ref()
         .map_or("never".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
     println!("FAULTS | {scenario} | seed {seed} | {ops} ops | {} acknowledged keys | {failed} unacknowledged | lost {lost} | converged in {converged}", history.acked.len());
+    for e in &history.errors {
+        println!("  write failed: {e}");
+    }
     if let Err(left) = result {
         for v in left.iter().take(20) {
             println!("  violation: {v}");
