@@ -62,8 +62,8 @@ pub struct NodeInfo {
     pub wire_port: u16,
     /// Incarnation.
     pub generation: u64,
-    /// UP, SUSPECT or DOWN.
-    pub status: String,
+    /// UP, SUSPECT, LEAVING or DOWN.
+    pub status: kv_wire::register::Status,
     /// RFC 3339 time of the last heartbeat.
     pub last_heartbeat: String,
     /// Milliseconds since the last heartbeat.
@@ -91,7 +91,8 @@ impl View {
         let members: HashMap<String, Member> = nodes
             .nodes
             .iter()
-            .filter(|n| n.status != "DOWN")
+            // A LEAVING worker still answers, but it is out of the ring.
+            .filter(|n| n.status.is_live())
             .map(|n| {
                 let member = Member {
                     id: n.id.clone(),
@@ -357,5 +358,42 @@ impl Client {
         // route by the topology we have.
         let _ = self.refresh().await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, status: &str) -> serde_json::Value {
+        serde_json::json!({"id": id, "host": "127.0.0.1", "port": 1, "wire_port": 2,
+            "generation": 1, "status": status, "last_heartbeat": "", "last_heartbeat_ms_ago": 0})
+    }
+
+    #[test]
+    fn the_ring_a_client_routes_by_holds_up_and_suspect_workers_but_not_leaving_or_down_ones() {
+        let nodes: Nodes = serde_json::from_value(serde_json::json!({"epoch": 7, "nodes": [
+            node("w1", "UP"), node("w2", "SUSPECT"), node("w3", "LEAVING"), node("w4", "DOWN"),
+        ]}))
+        .expect("a /nodes answer");
+        let view = View::from_nodes(&nodes);
+        let mut members: Vec<&str> = view.members.keys().map(String::as_str).collect();
+        members.sort_unstable();
+        assert_eq!(members, ["w1", "w2"]);
+        for i in 0..100 {
+            let owners: Vec<&str> = view
+                .owners(&format!("key:{i}"))
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect();
+            assert_eq!(owners.len(), 2);
+            assert!(!owners.contains(&"w3") && !owners.contains(&"w4"));
+        }
+    }
+
+    #[test]
+    fn an_unknown_status_in_nodes_is_an_error_not_a_guess() {
+        let answer = serde_json::json!({"epoch": 1, "nodes": [node("w1", "GONE")]});
+        assert!(serde_json::from_value::<Nodes>(answer).is_err());
     }
 }

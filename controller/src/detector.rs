@@ -16,50 +16,11 @@
 //! goes silent; either way it ends DOWN, and a heartbeat never brings a
 //! worker that left back into the ring — only a new registration does.
 
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-/// A worker's liveness as the controller sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Status {
-    /// Heard from recently.
-    Up,
-    /// Silent for a while: still owns its keys.
-    Suspect,
-    /// Leaving: out of the ring, handing its keys over.
-    Leaving,
-    /// Silent too long, or left: out of the ring.
-    Down,
-}
-
-impl Status {
-    /// Whether the worker is in the ring (UP or SUSPECT).
-    pub fn is_live(self) -> bool {
-        matches!(self, Status::Up | Status::Suspect)
-    }
-
-    /// Every status, in the order `/metrics` lists them.
-    pub const ALL: [Status; 4] = [Status::Up, Status::Suspect, Status::Leaving, Status::Down];
-
-    /// The status as `/nodes` and logs spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Up => "UP",
-            Status::Suspect => "SUSPECT",
-            Status::Leaving => "LEAVING",
-            Status::Down => "DOWN",
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use kv_wire::register::Status;
 
 /// Why a worker changed status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

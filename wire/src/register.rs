@@ -3,6 +3,7 @@
 //! has one definition.
 
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 /// A worker's registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,4 +69,46 @@ pub struct LeaveReply {
     pub status: String,
     /// The controller's epoch.
     pub epoch: u64,
+}
+
+/// A worker's liveness as the controller sees it and `/nodes` shows it.
+/// [`Status::is_live`] is the one rule of who is in the ring, for the
+/// controller and every client that builds the ring from `/nodes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    /// Heard from recently.
+    Up,
+    /// Silent for a while: still owns its keys.
+    Suspect,
+    /// Leaving: out of the ring, handing its keys over.
+    Leaving,
+    /// Silent too long, or left: out of the ring.
+    Down,
+}
+
+impl Status {
+    /// Whether the worker is in the ring (UP or SUSPECT).
+    pub fn is_live(self) -> bool {
+        matches!(self, Status::Up | Status::Suspect)
+    }
+
+    /// Every status, in the order `/metrics` lists them.
+    pub const ALL: [Status; 4] = [Status::Up, Status::Suspect, Status::Leaving, Status::Down];
+
+    /// The status as `/nodes` and logs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Up => "UP",
+            Status::Suspect => "SUSPECT",
+            Status::Leaving => "LEAVING",
+            Status::Down => "DOWN",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
