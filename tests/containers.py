@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -212,6 +213,57 @@ def disconnected_worker_converges():
     gray_failure(lambda c: ["network", "disconnect", network, c], lambda c: ["network", "connect", network, c], "network disconnect")
 
 
+def ready(worker_id):
+    return http("GET", f"{worker_url(worker_id)}/readyz")[0] == 200
+
+
+def compose_stop_of_two_workers_under_writes_loses_nothing():
+    """`docker-compose stop` (SIGTERM, then the stop grace period) of two
+    workers one after the other while a writer keeps writing through a
+    third: each leaves by itself (DOWN, reason "left"), no write fails, and
+    every acknowledged write is on every owner afterwards."""
+    numbered = [f"worker{i}" for i in range(1, 5)]
+    compose("start", *numbered)
+    eventually("4 workers UP and ready", lambda: len(live_workers()) == 4 and all(ready(w) for w in numbered))
+    leavers, via = numbered[:2], numbered[2]
+    acked, failures, stop = {}, [], threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            key, value = f"drain:{i}", f"drain-value{i}"
+            try:
+                status, reply = http("PUT", f"{worker_url(via)}/kv", {"key": key, "value": value})
+            except OSError as e:
+                status, reply = None, str(e)
+            if status == 200:
+                acked[key] = value
+            else:
+                failures.append((key, status, reply))
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(1)
+        for w in leavers:
+            start = time.monotonic()
+            compose("stop", w)
+            took = time.monotonic() - start
+            entry = next(n for n in nodes() if n["id"] == w)
+            assert entry["status"] == "DOWN" and entry.get("reason") == "left", entry
+            print(f"     docker-compose stop {w}: left in {took:.2f} s")
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, f"{len(failures)} writes failed, such as {failures[:3]}"
+    assert len(acked) > 100, f"only {len(acked)} writes"
+    eventually("every acknowledged write on every owner", lambda: every_owner_holds(acked))
+    print(f"     {len(acked)} writes during two drains, none failed, all on their owners")
+    compose("start", *leavers)
+    eventually("4 workers UP again", lambda: len(live_workers()) == 4)
+
+
 def a_worker_without_the_secret_is_kept_out():
     """A worker container on the cluster's network, with no secret: the
     controller refuses it, and both logs say why."""
@@ -247,6 +299,7 @@ def main():
             check("docker stop of the primary: DOWN, smaller mapping, value on every new owner", failure_and_rebalance)
             check("docker pause of a worker, writes meanwhile, unpause: every acknowledged write on every owner", paused_worker_converges)
             check("network disconnect of a worker, writes meanwhile, reconnect: every acknowledged write on every owner", disconnected_worker_converges)
+            check("docker-compose stop of two workers in turn under writes: both leave, nothing lost", compose_stop_of_two_workers_under_writes_loses_nothing)
             check("a worker without the cluster secret is kept out, and both logs say why", a_worker_without_the_secret_is_kept_out)
             check("a worker service scaled to two: both register", scaled_workers_register)
     finally:

@@ -366,7 +366,10 @@ async fn leave_when_told(
         Some(Drained::HandedOver) => {
             info!(
                 keys,
-                took_ms, "every key this worker held is confirmed by its owners; exiting"
+                took_ms,
+                rebalance_keys_total = node.metrics.rebalance_keys.get(),
+                rebalance_bytes_total = node.metrics.rebalance_bytes.get(),
+                "every key this worker held is confirmed by its owners; exiting"
             )
         }
         Some(Drained::NowhereToGo) => {
