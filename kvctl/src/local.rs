@@ -32,6 +32,13 @@ pub struct Args {
     /// base+100*i+2 (wire).
     #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u16).range(1..=64535))]
     base_port: u16,
+    /// Keep each worker's data in DIR/workerN (durable across restarts of
+    /// `kvctl local`); default: in memory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// With --data-dir: `always`, `interval` or `never` (see `kv-worker --help`).
+    #[arg(long, value_enum, default_value = "interval", requires = "data_dir")]
+    sync: kv_worker::disk::SyncPolicy,
 }
 
 struct Node {
@@ -100,7 +107,20 @@ pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Resul
             "--controller",
             &controller_url,
         ];
-        let flags = [&flags[..], &common[..]].concat();
+        let mut flags: Vec<String> = [&flags[..], &common[..]]
+            .concat()
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        if let Some(dir) = &args.data_dir {
+            let dir = std::path::absolute(dir.join(&name))
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            flags.extend(["--data-dir".into(), dir.display().to_string()]);
+            let sync = clap::ValueEnum::to_possible_value(&args.sync)
+                .context("every sync policy has a name")?;
+            flags.extend(["--sync".into(), sync.get_name().to_string()]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         nodes.push(spawn(&exe, &name, &flags, http, Some(wire), &logs)?);
     }
 

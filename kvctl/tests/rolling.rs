@@ -64,7 +64,7 @@ async fn nothing_lost(cluster: &Cluster, load: Load, live: &[String], scenario: 
         "{scenario}: acknowledged writes lost (seed {seed})"
     );
     assert_eq!(settled.failed, 0, "{scenario}: writes failed (seed {seed})");
-    loaded_keys_intact(cluster, live, LOADED, &settled.history, scenario).await;
+    loaded_keys_intact(cluster, live, LOADED, &settled.history, 0, scenario).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

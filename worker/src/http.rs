@@ -35,6 +35,7 @@ impl From<OpError> for ApiError {
             | OpError::ReadQuorum { .. }
             | OpError::NotOwner { .. }
             | OpError::Unavailable
+            | OpError::Storage(_)
             | OpError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())

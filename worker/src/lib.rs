@@ -6,6 +6,7 @@
 //! ephemeral ports.
 
 pub mod controller;
+pub mod disk;
 pub mod heartbeat;
 pub mod http;
 pub mod lifecycle;
@@ -97,6 +98,21 @@ pub struct Config {
     /// terminationGracePeriodSeconds above it.
     #[arg(long, env = "KV_DRAIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Keep this worker's copies in DIR (a fjall store), so they survive a
+    /// restart; without it they live in memory only. The dir belongs to
+    /// one worker id and one process at a time.
+    #[arg(long, env = "KV_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With --data-dir, when writes reach the disk: `always` (an fsync
+    /// before a copy counts towards W=2; concurrent writes share one),
+    /// `interval` (an fsync every --sync-every), `never` (when the OS
+    /// likes). In every mode a write is handed to the OS before it counts,
+    /// so a killed process loses nothing acknowledged.
+    #[arg(long, env = "KV_SYNC", value_enum, default_value = "interval")]
+    pub sync: disk::SyncPolicy,
+    /// With --sync interval, how often the data dir is fsynced.
+    #[arg(long, env = "KV_SYNC_EVERY", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub sync_every: Duration,
     /// Test-only hooks (`POST /test/forget`: drop local copies behind the
     /// cluster's back, as a lost disk block would). Never in production.
     #[arg(long, env = "KV_TEST_HOOKS", hide = true)]
@@ -119,6 +135,9 @@ pub enum WorkerError {
     /// A flag's value makes no sense.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The data dir cannot be used.
+    #[error("{0}")]
+    DataDir(#[from] disk::OpenError),
     /// A socket could not be bound or served.
     #[error("{context}: {source}")]
     Io {
@@ -201,11 +220,25 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
             .with_secret(config.cluster_secret.clone()),
         PEER_TIMEOUT,
     ));
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    if config.sync_every.is_zero() {
+        return Err(WorkerError::Config(
+            "--sync-every must be above zero".into(),
+        ));
+    }
+    let clock = Clock::new(&id);
+    let store: Arc<dyn Store> = match &config.data_dir {
+        Some(dir) => {
+            let (store, opened) = disk::DiskStore::open(dir, &id, config.sync, config.sync_every)?;
+            // Never issue a version older than one this worker already did.
+            clock.observe(opened.newest);
+            Arc::new(store)
+        }
+        None => Arc::new(MemStore::new()),
+    };
     let node = Arc::new(Node {
         id: id.clone(),
         store: store.clone(),
-        clock: Clock::new(&id),
+        clock,
         topologies: topologies.clone(),
         pool: pool.clone(),
         replicator: replication::Replicator::new(

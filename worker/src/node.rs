@@ -3,7 +3,7 @@
 
 use crate::metrics::Metrics;
 use crate::replication::{ReplicaAck, Replicator};
-use crate::store::{Applied, Store, Stored};
+use crate::store::{Applied, Store, StoreError, Stored};
 use crate::topology::{Topologies, View};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -83,6 +83,9 @@ pub enum OpError {
     /// No topology or no live worker.
     #[error("no live worker owns the key yet: the worker has no topology (is the controller up?); retry shortly")]
     Unavailable,
+    /// This worker could not store the copy (its data dir failed).
+    #[error("this worker cannot store writes: {0}; the write's outcome is unknown, retry")]
+    Storage(String),
     /// The primary could not be asked.
     #[error(
         "cannot reach the key's primary {primary}: {reason}; the write's outcome is unknown, retry"
@@ -96,12 +99,17 @@ pub enum OpError {
 }
 
 impl OpError {
+    fn storage(e: StoreError) -> OpError {
+        OpError::Storage(e.to_string())
+    }
+
     /// The error as a wire failure.
     pub fn to_failure(&self) -> Failure {
         let kind = match self {
             OpError::BadRequest(_) | OpError::TooLarge { .. } => FailureKind::BadRequest,
             OpError::WriteQuorum { .. }
             | OpError::ReadQuorum { .. }
+            | OpError::Storage(_)
             | OpError::Unreachable { .. } => FailureKind::Quorum,
             OpError::NotOwner { epoch } => FailureKind::NotOwner { epoch: *epoch },
             OpError::Unavailable => FailureKind::Unavailable,
@@ -130,6 +138,7 @@ impl OpError {
             OpError::NotOwner { .. } => "not_owner",
             OpError::Unavailable => "unavailable",
             OpError::Unreachable { .. } => "unreachable",
+            OpError::Storage(_) => "storage",
         }
     }
 }
@@ -262,13 +271,17 @@ impl Node {
         let replicas = self.replicas_if_primary(&view, key)?;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let (version, acks) = self.issue(&view, key, &value, &replicas).await;
+            let (version, acks) = self.issue(&view, key, &value, &replicas).await?;
+            // The local copy counts once it is durable; its fsync (if any)
+            // runs while the replicas answer.
+            let local = self.store.persisted();
             match tokio::time::timeout_at(deadline, quorum(acks)).await {
                 Ok(Quorum::Reached(copies)) => {
+                    local.wait().await.map_err(OpError::storage)?;
                     return Ok(Written {
                         version,
                         acks: copies as u8,
-                    })
+                    });
                 }
                 Ok(Quorum::Stale(held)) => self.clock.observe(held),
                 Ok(Quorum::Failed) | Err(_) => break,
@@ -311,15 +324,17 @@ impl Node {
         key: &str,
         value: &Option<Bytes>,
         replicas: &[&Member],
-    ) -> (Version, Vec<oneshot::Receiver<ReplicaAck>>) {
+    ) -> Result<(Version, Vec<oneshot::Receiver<ReplicaAck>>), OpError> {
         let version = self.next_version(key);
-        self.store.apply(
-            key,
-            Stored {
-                version,
-                value: value.clone(),
-            },
-        );
+        self.store
+            .apply(
+                key,
+                Stored {
+                    version,
+                    value: value.clone(),
+                },
+            )
+            .map_err(OpError::storage)?;
         let entry = Entry {
             key: key.to_string(),
             version,
@@ -337,7 +352,7 @@ impl Node {
         for replica in replicas {
             acks.push(self.replicator.send(replica, entry.clone()).await);
         }
-        (version, acks)
+        Ok((version, acks))
     }
 
     /// A version above the clock and above the copy held here.
@@ -362,10 +377,15 @@ impl Node {
                 .validate(key, value.as_ref())
                 .and_then(|()| self.replicas_if_primary(&view, key))
             {
-                Ok(replicas) => issued.push((i, self.issue(&view, key, &value, &replicas).await)),
+                Ok(replicas) => match self.issue(&view, key, &value, &replicas).await {
+                    Ok(issued_one) => issued.push((i, issued_one)),
+                    Err(e) => results[i] = Some(Err(e.to_failure())),
+                },
                 Err(e) => results[i] = Some(Err(e.to_failure())),
             }
         }
+        // One wait (one fsync, with `--sync always`) for every local copy.
+        let local = self.store.persisted();
         for (i, (version, acks)) in issued {
             results[i] = Some(
                 match tokio::time::timeout_at(deadline, quorum(acks)).await {
@@ -387,9 +407,14 @@ impl Node {
                 },
             );
         }
+        let durable = local.wait().await.map_err(OpError::storage);
         results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(OpError::Unavailable.to_failure())))
+            .map(|r| match (r, &durable) {
+                (Some(Ok(_)), Err(e)) => Err(e.to_failure()),
+                (Some(r), _) => r,
+                (None, _) => Err(OpError::Unavailable.to_failure()),
+            })
             .collect()
     }
 
@@ -474,7 +499,7 @@ impl Node {
     }
 
     /// Stores a copy a peer sent if it is newer (`None`: an invalid key).
-    fn apply_copy(&self, entry: Entry) -> Option<Applied> {
+    fn apply_copy(&self, entry: Entry) -> Option<Result<Applied, StoreError>> {
         kv_wire::validate_key(&entry.key).ok()?;
         self.clock.observe(entry.version);
         let copy = Stored {
@@ -488,7 +513,10 @@ impl Node {
     /// A leaving worker refuses them: a copy on a worker about to exit must
     /// not count towards a write's quorum (the sender falls back on the
     /// key's other replica).
-    pub fn replicate(&self, entries: Vec<Entry>) -> Response {
+    /// The answer comes once the copies are durable: only then do they
+    /// count towards a write's quorum. A copy that could not be stored
+    /// fails the whole batch (the sender counts none of it).
+    pub async fn replicate(&self, entries: Vec<Entry>) -> Response {
         if let Some(refusal) = self.refusal_while_leaving() {
             return refusal;
         }
@@ -496,12 +524,16 @@ impl Node {
         let mut stale = Vec::new();
         for (i, entry) in entries.into_iter().enumerate() {
             match self.apply_copy(entry) {
-                Some(Applied::Stored) => applied += 1,
-                Some(Applied::Older { held }) => stale.push((i as u32, held)),
-                Some(Applied::Held) | None => {}
+                Some(Ok(Applied::Stored)) => applied += 1,
+                Some(Ok(Applied::Older { held })) => stale.push((i as u32, held)),
+                Some(Ok(Applied::Held)) | None => {}
+                Some(Err(e)) => return Response::Failed(OpError::storage(e).to_failure()),
             }
         }
-        Response::Replicated { applied, stale }
+        match self.store.persisted().wait().await {
+            Ok(()) => Response::Replicated { applied, stale },
+            Err(e) => Response::Failed(OpError::storage(e).to_failure()),
+        }
     }
 
     /// Stores pulled copies that are newer than held; returns how many
@@ -510,7 +542,7 @@ impl Node {
         let (mut applied, mut bytes) = (0, 0);
         for entry in entries {
             let size = entry.size();
-            if self.apply_copy(entry) == Some(Applied::Stored) {
+            if self.apply_copy(entry) == Some(Ok(Applied::Stored)) {
                 applied += 1;
                 bytes += size;
             }
@@ -521,9 +553,16 @@ impl Node {
     /// The offered items this worker lacks (missing or older here); a
     /// leaving worker takes no offers (it would confirm keys it is about
     /// to take away).
-    pub fn offered(&self, items: &[(String, Version)]) -> Response {
-        self.refusal_while_leaving()
-            .unwrap_or_else(|| Response::Wanted(self.wanted(items)))
+    /// The answer confirms the rest, so it comes once they are durable.
+    pub async fn offered(&self, items: &[(String, Version)]) -> Response {
+        if let Some(refusal) = self.refusal_while_leaving() {
+            return refusal;
+        }
+        let wanted = self.wanted(items);
+        match self.store.persisted().wait().await {
+            Ok(()) => Response::Wanted(wanted),
+            Err(e) => Response::Failed(OpError::storage(e).to_failure()),
+        }
     }
 
     fn refusal_while_leaving(&self) -> Option<Response> {

@@ -105,13 +105,15 @@ mod tests {
     fn filled(n: usize, value_len: usize) -> MemStore {
         let store = MemStore::new();
         for i in 0..n {
-            store.apply(
-                &format!("key:{i}"),
-                Stored {
-                    version: Version { hlc: 1, node: 1 },
-                    value: Some(Bytes::from(vec![b'x'; value_len])),
-                },
-            );
+            store
+                .apply(
+                    &format!("key:{i}"),
+                    Stored {
+                        version: Version { hlc: 1, node: 1 },
+                        value: Some(Bytes::from(vec![b'x'; value_len])),
+                    },
+                )
+                .unwrap();
         }
         store
     }

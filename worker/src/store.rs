@@ -1,5 +1,5 @@
-//! The versioned in-memory store, behind a small trait so a disk engine can
-//! follow.
+//! The versioned store, behind a small trait: [`MemStore`] in memory (the
+//! default), [`crate::disk::DiskStore`] in a data dir.
 //!
 //! Every copy carries its version; [`Store::apply`] keeps whichever is newer,
 //! which makes replication, retries and rebalancing idempotent and lets the
@@ -47,12 +47,44 @@ pub enum Applied {
     },
 }
 
+/// A store could not take a write (a disk error): the write must not be
+/// acknowledged. Says what failed and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub std::sync::Arc<str>);
+
+/// Whether the copies applied before [`Store::persisted`] was called are as
+/// durable as the store promises.
+#[derive(Debug)]
+pub enum Persisted {
+    /// They are.
+    Done,
+    /// They will be once the ticket resolves.
+    Wait(crate::disk::Ticket),
+}
+
+impl Persisted {
+    /// Waits until they are (or could not be made so).
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self {
+            Persisted::Done => Ok(()),
+            Persisted::Wait(ticket) => ticket.wait().await,
+        }
+    }
+}
+
 /// A versioned key-value store.
 pub trait Store: Send + Sync + 'static {
     /// The copy of `key`, tombstones included.
     fn get(&self, key: &str) -> Option<Stored>;
-    /// Stores `copy` if it is newer than the held one.
-    fn apply(&self, key: &str, copy: Stored) -> Applied;
+    /// Stores `copy` if it is newer than the held one. An error means it is
+    /// not stored.
+    fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError>;
+    /// Durability of everything applied so far: a copy counts towards a
+    /// write's quorum, or is confirmed to a peer, only once this resolves.
+    /// Call it after the applies it covers; concurrent callers share work
+    /// (one fsync for many writes).
+    fn persisted(&self) -> Persisted;
     /// Removes `key` if it is still at `version` (a newer write since then
     /// stays). Returns whether it was removed.
     fn remove_if(&self, key: &str, version: Version) -> bool;
@@ -163,11 +195,11 @@ impl Store for MemStore {
         self.read(Self::bucket_of(hash)).map.get(key).cloned()
     }
 
-    fn apply(&self, key: &str, copy: Stored) -> Applied {
+    fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
         let hash = Ring::key_hash(key.as_bytes());
         let mut bucket = self.write(Self::bucket_of(hash));
         let Bucket { map, digest } = &mut *bucket;
-        match map.get_mut(key) {
+        Ok(match map.get_mut(key) {
             Some(held) if held.version > copy.version => Applied::Older { held: held.version },
             Some(held) if held.version == copy.version => Applied::Held,
             Some(held) => {
@@ -187,7 +219,11 @@ impl Store for MemStore {
                 self.account(1, size);
                 Applied::Stored
             }
-        }
+        })
+    }
+
+    fn persisted(&self) -> Persisted {
+        Persisted::Done
     }
 
     fn remove_if(&self, key: &str, version: Version) -> bool {
@@ -282,74 +318,97 @@ mod tests {
         }
     }
 
+    /// Runs `test` on a fresh store of each kind: the contract is the same.
+    fn each_store(test: impl Fn(&dyn Store)) {
+        test(&MemStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, _) = crate::disk::DiskStore::open(
+            dir.path(),
+            "w1",
+            crate::disk::SyncPolicy::Never,
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        test(&disk);
+    }
+
     #[test]
     fn the_newest_version_wins_whatever_the_arrival_order() {
-        let orders = [[1, 2, 3], [3, 2, 1], [2, 3, 1], [1, 3, 2]];
-        for order in orders {
-            let store = MemStore::new();
-            for hlc in order {
-                store.apply("k", copy(hlc, Some(["a", "b", "c"][hlc as usize - 1])));
+        each_store(|store| {
+            let orders = [[1, 2, 3], [3, 2, 1], [2, 3, 1], [1, 3, 2]];
+            for (n, order) in orders.iter().enumerate() {
+                let key = format!("k{n}");
+                for &hlc in order {
+                    let value = ["a", "b", "c"][hlc as usize - 1];
+                    store.apply(&key, copy(hlc, Some(value))).unwrap();
+                }
+                assert_eq!(store.get(&key), Some(copy(3, Some("c"))), "{order:?}");
             }
-            assert_eq!(store.get("k"), Some(copy(3, Some("c"))), "{order:?}");
-        }
+        });
     }
 
     #[test]
     fn apply_reports_replays_and_older_copies() {
-        let store = MemStore::new();
-        assert_eq!(store.apply("k", copy(5, Some("x"))), Applied::Stored);
-        assert_eq!(store.apply("k", copy(5, Some("x"))), Applied::Held);
-        assert_eq!(
-            store.apply("k", copy(4, Some("old"))),
-            Applied::Older { held: v(5) }
-        );
+        each_store(|store| {
+            assert_eq!(store.apply("k", copy(5, Some("x"))), Ok(Applied::Stored));
+            assert_eq!(store.apply("k", copy(5, Some("x"))), Ok(Applied::Held));
+            assert_eq!(
+                store.apply("k", copy(4, Some("old"))),
+                Ok(Applied::Older { held: v(5) })
+            );
+        });
     }
 
     #[test]
     fn a_tombstone_keeps_older_values_out_until_purged() {
-        let store = MemStore::new();
-        store.apply("k", copy(1, Some("x")));
-        store.apply("k", copy(2, None));
-        assert_eq!(
-            store.apply("k", copy(1, Some("x"))),
-            Applied::Older { held: v(2) }
-        );
-        assert_eq!(store.get("k"), Some(copy(2, None)));
-        assert_eq!(store.purge_tombstones(v(2)), 0, "not older than the cutoff");
-        assert_eq!(store.purge_tombstones(v(3)), 1);
-        assert_eq!(store.get("k"), None);
-        assert_eq!(store.stats(), (0, 0));
+        each_store(|store| {
+            store.apply("k", copy(1, Some("x"))).unwrap();
+            store.apply("k", copy(2, None)).unwrap();
+            assert_eq!(
+                store.apply("k", copy(1, Some("x"))),
+                Ok(Applied::Older { held: v(2) })
+            );
+            assert_eq!(store.get("k"), Some(copy(2, None)));
+            assert_eq!(store.purge_tombstones(v(2)), 0, "not older than the cutoff");
+            assert_eq!(store.purge_tombstones(v(3)), 1);
+            assert_eq!(store.get("k"), None);
+            assert_eq!(store.stats(), (0, 0));
+        });
     }
 
     #[test]
     fn remove_if_spares_a_newer_write() {
-        let store = MemStore::new();
-        store.apply("k", copy(1, Some("x")));
-        store.apply("k", copy(2, Some("y")));
-        assert!(!store.remove_if("k", v(1)));
-        assert!(store.remove_if("k", v(2)));
-        assert_eq!(store.get("k"), None);
+        each_store(|store| {
+            store.apply("k", copy(1, Some("x"))).unwrap();
+            store.apply("k", copy(2, Some("y"))).unwrap();
+            assert!(!store.remove_if("k", v(1)));
+            assert!(store.remove_if("k", v(2)));
+            assert_eq!(store.get("k"), None);
+        });
     }
 
     #[test]
     fn stats_count_keys_and_bytes_and_a_scan_of_everything_sees_everything() {
-        let store = MemStore::new();
-        for i in 0..1000 {
-            store.apply(&format!("key{i}"), copy(1, Some("0123456789")));
-        }
-        store.apply("key0", copy(2, Some("01234")));
-        let expected_bytes: usize = (0..1000)
-            .map(|i| format!("key{i}").len() + 10)
-            .sum::<usize>()
-            - 5;
-        assert_eq!(store.stats(), (1000, expected_bytes));
-        let mut seen = 0;
-        store.scan(HashRange::ALL, &mut |_, _| seen += 1);
-        assert_eq!(seen, 1000);
+        each_store(|store| {
+            for i in 0..1000 {
+                store
+                    .apply(&format!("key{i}"), copy(1, Some("0123456789")))
+                    .unwrap();
+            }
+            store.apply("key0", copy(2, Some("01234"))).unwrap();
+            let expected_bytes: usize = (0..1000)
+                .map(|i| format!("key{i}").len() + 10)
+                .sum::<usize>()
+                - 5;
+            assert_eq!(store.stats(), (1000, expected_bytes));
+            let mut seen = 0;
+            store.scan(HashRange::ALL, &mut |_, _| seen += 1);
+            assert_eq!(seen, 1000);
+        });
     }
 
     /// The digest of `range` computed the slow way, from a scan.
-    fn scanned_digest(store: &MemStore, range: HashRange) -> Digest {
+    fn scanned_digest(store: &dyn Store, range: HashRange) -> Digest {
         let mut d = Digest::default();
         store.scan(range, &mut |key, copy| {
             let hash = Ring::key_hash(key.as_bytes());
@@ -361,10 +420,9 @@ mod tests {
 
     #[test]
     fn digests_follow_writes_removals_and_purges_exactly() {
-        let store = MemStore::new();
         let ring = Ring::with_vnodes(["w1", "w2", "w3", "w4"], 256);
         let arcs: Vec<HashRange> = ring.arcs().into_iter().map(|(r, _)| r).collect();
-        let check = |store: &MemStore| {
+        let check = |store: &dyn Store| {
             for range in arcs.iter().chain([&HashRange::ALL]) {
                 assert_eq!(
                     store.digest(*range),
@@ -375,47 +433,54 @@ mod tests {
             let total: u64 = arcs.iter().map(|r| store.digest(*r).count).sum();
             assert_eq!(total as usize, store.stats().0, "arcs partition the store");
         };
-        for i in 0..20_000 {
-            store.apply(&format!("key:{i}"), copy(1, Some("v")));
-        }
-        check(&store);
-        for i in (0..20_000).step_by(3) {
-            store.apply(&format!("key:{i}"), copy(2, None));
-        }
-        for i in (0..20_000).step_by(7) {
-            store.apply(&format!("key:{i}"), copy(3, Some("w")));
-        }
-        check(&store);
-        for i in (0..20_000).step_by(5) {
-            let key = format!("key:{i}");
-            let version = store.get(&key).map(|c| c.version).unwrap_or_default();
-            store.remove_if(&key, version);
-        }
-        store.purge_tombstones(v(3));
-        check(&store);
-        let other = MemStore::new();
-        store.scan(HashRange::ALL, &mut |k, c| {
-            other.apply(k, c.clone());
+        each_store(|store| {
+            for i in 0..20_000 {
+                store
+                    .apply(&format!("key:{i}"), copy(1, Some("v")))
+                    .unwrap();
+            }
+            check(store);
+            for i in (0..20_000).step_by(3) {
+                store.apply(&format!("key:{i}"), copy(2, None)).unwrap();
+            }
+            for i in (0..20_000).step_by(7) {
+                store
+                    .apply(&format!("key:{i}"), copy(3, Some("w")))
+                    .unwrap();
+            }
+            check(store);
+            for i in (0..20_000).step_by(5) {
+                let key = format!("key:{i}");
+                let version = store.get(&key).map(|c| c.version).unwrap_or_default();
+                store.remove_if(&key, version);
+            }
+            store.purge_tombstones(v(3));
+            check(store);
+            let other = MemStore::new();
+            store.scan(HashRange::ALL, &mut |k, c| {
+                other.apply(k, c.clone()).unwrap();
+            });
+            assert_eq!(other.digest(HashRange::ALL), store.digest(HashRange::ALL));
+            other.apply("key:1", copy(9, Some("newer"))).unwrap();
+            assert_ne!(other.digest(HashRange::ALL), store.digest(HashRange::ALL));
         });
-        assert_eq!(other.digest(HashRange::ALL), store.digest(HashRange::ALL));
-        other.apply("key:1", copy(9, Some("newer")));
-        assert_ne!(other.digest(HashRange::ALL), store.digest(HashRange::ALL));
     }
 
     #[test]
     fn a_range_within_one_bucket_or_inverted_is_handled() {
-        let store = MemStore::new();
-        store.apply("user123", copy(1, Some("x")));
-        let h = Ring::key_hash(b"user123");
-        let point = HashRange { start: h, end: h };
-        assert_eq!(store.digest(point).count, 1);
-        let inverted = HashRange {
-            start: h,
-            end: h - 1,
-        };
-        assert_eq!(store.digest(inverted), Digest::default());
-        let mut seen = 0;
-        store.scan(inverted, &mut |_, _| seen += 1);
-        assert_eq!(seen, 0);
+        each_store(|store| {
+            store.apply("user123", copy(1, Some("x"))).unwrap();
+            let h = Ring::key_hash(b"user123");
+            let point = HashRange { start: h, end: h };
+            assert_eq!(store.digest(point).count, 1);
+            let inverted = HashRange {
+                start: h,
+                end: h - 1,
+            };
+            assert_eq!(store.digest(inverted), Digest::default());
+            let mut seen = 0;
+            store.scan(inverted, &mut |_, _| seen += 1);
+            assert_eq!(seen, 0);
+        });
     }
 }

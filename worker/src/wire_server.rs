@@ -329,11 +329,11 @@ pub async fn answer(node: &Node, body: Request) -> Response {
         }
         Request::Replicate { entries } => {
             metrics.count("replicate", "ok");
-            node.replicate(entries)
+            node.replicate(entries).await
         }
         Request::Offer { items } => {
             metrics.count("offer", "ok");
-            node.offered(&items)
+            node.offered(&items).await
         }
         Request::Compare { ranges } => {
             metrics.count("compare", "ok");

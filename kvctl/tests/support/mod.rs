@@ -141,7 +141,8 @@ pub struct Cluster {
     /// The network namespaces the workers run in, if any (removed on drop,
     /// after the nodes).
     pub net: Option<Net>,
-    /// Flags every worker gets besides the harness's own.
+    /// Flags every worker gets besides the harness's own; `{data}` stands
+    /// for a data dir of the worker's own (under the logs dir).
     pub worker_flags: Vec<String>,
 }
 
@@ -152,7 +153,7 @@ impl Cluster {
     }
 
     /// A controller and `workers` workers on loopback, each worker with
-    /// `flags` too.
+    /// `flags` too (`{data}`: its own data dir).
     pub async fn start_with(workers: usize, flags: &[&str]) -> Cluster {
         Cluster::start_on(None, workers, flags).await
     }
@@ -219,10 +220,11 @@ impl Cluster {
             "--controller",
             &self.controller_url(),
         ];
+        let data = self.logs.join("data").join(id).display().to_string();
         let args = args
             .iter()
             .map(|s| s.to_string())
-            .chain(self.worker_flags.iter().cloned())
+            .chain(self.worker_flags.iter().map(|f| f.replace("{data}", &data)))
             .collect();
         let node = Node::spawn(prefix, args, &host, &self.logs.join(format!("{id}.log"))).await;
         self.nodes.insert(id.to_string(), node);
@@ -563,13 +565,15 @@ pub async fn violations(cluster: &Cluster, history: &History, live: &[String]) -
 /// Checks the `n` keys `Cluster::load` wrote, once a scenario is over:
 /// every one readable through the cluster, every 25th on each of its
 /// owners, and the `live` workers holding exactly three copies of every
-/// key there is (the loaded ones, and those of `history` that exist), so
-/// no owner lacks one and no non-owner kept one.
+/// key there is (the loaded ones, those of `history` that exist, and
+/// `tombstones` deleted keys), so no owner lacks one and no non-owner kept
+/// one.
 pub async fn loaded_keys_intact(
     cluster: &Cluster,
     live: &[String],
     n: usize,
     history: &History,
+    tombstones: usize,
     scenario: &str,
 ) {
     use futures::StreamExt;
@@ -616,7 +620,7 @@ pub async fn loaded_keys_intact(
             );
         }
     }
-    let existing = found.iter().filter(|(_, f)| *f).count() as u64;
+    let existing = (found.iter().filter(|(_, f)| *f).count() + tombstones) as u64;
     cluster
         .until(
             &format!("{scenario}: three copies of each of {existing} keys"),

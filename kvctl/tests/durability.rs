@@ -1,0 +1,185 @@
+//! Durable workers (`--data-dir`) on real processes: the whole cluster
+//! killed with -9 under writes and started again loses nothing acknowledged
+//! and keeps deletes deleted; a worker away for a while is sent only what
+//! changed; a data dir refuses another id and a second process.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+use bytes::Bytes;
+use kv_client::{Client, Credentials};
+use kv_wire::Ring;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::*;
+
+const LOADED: usize = 20_000;
+/// Keys written and then deleted before the crash.
+const DELETED: usize = 300;
+
+async fn client(cluster: &Cluster) -> Client {
+    Client::connect(
+        &cluster.controller_url(),
+        Credentials::new("kv", "durability"),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_every_process_under_writes_then_a_restart_with_the_data_dirs_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let seed = seed();
+    let mut cluster = Cluster::start_with(4, &["--data-dir", "{data}"]).await;
+    cluster.load(LOADED).await;
+    let c = client(&cluster).await;
+    for i in 0..DELETED {
+        c.put(&format!("gone:{i}"), Bytes::from("soon deleted"))
+            .await
+            .unwrap();
+        c.delete(&format!("gone:{i}")).await.unwrap();
+    }
+    let load = Load::start(&cluster, seed).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A power cut of the whole cluster, as far as processes can tell.
+    let all: Vec<String> = cluster.nodes.keys().cloned().collect();
+    for name in &all {
+        signal(cluster.nodes[name].pid(), "-9");
+    }
+    let (history, ops, failed) = load.stop().await;
+    cluster.restart("controller").await;
+    for w in workers(4) {
+        cluster.restart(&w).await;
+    }
+    cluster.wait_all_up(4).await;
+    let result = converge(&cluster, &history, &workers(4)).await;
+    report(
+        "kill -9 of every process, restarted with their data",
+        seed,
+        ops,
+        &history,
+        failed,
+        &result,
+    );
+    assert!(result.is_ok(), "acknowledged writes lost (seed {seed})");
+    let ring = Ring::new(workers(4));
+    for i in 0..DELETED {
+        let key = format!("gone:{i}");
+        assert_eq!(c.get(&key).await.unwrap(), None, "{key} came back");
+        for owner in ring.owners(key.as_bytes(), 3) {
+            assert!(
+                cluster.local(owner, &key).await.is_none(),
+                "{key} came back on {owner}"
+            );
+        }
+    }
+    loaded_keys_intact(
+        &cluster,
+        &workers(4),
+        LOADED,
+        &history,
+        DELETED,
+        "whole-cluster kill -9",
+    )
+    .await;
+    // The restarted processes count from zero: what moved since they started.
+    let moved = moved(&cluster, &workers(4)).await;
+    println!("DURABILITY | whole-cluster kill -9 | {LOADED} loaded keys, {DELETED} deletes and the writers' history intact; {moved} copies moved after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_with_its_data_dir_is_sent_only_what_changed_while_it_was_away() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_with(4, &["--data-dir", "{data}"]).await;
+    cluster.load(LOADED).await;
+    let four = workers(4);
+    cluster
+        .until("three copies", async || {
+            cluster.copies(&four).await == 3 * LOADED as u64
+        })
+        .await;
+    signal(cluster.nodes["worker2"].pid(), "-9");
+    cluster.down("worker2").await;
+    let away = Instant::now();
+    // 1% of worker2's keys change while it is away.
+    let ring = Ring::new(four.clone());
+    let its: Vec<String> = (0..LOADED)
+        .map(|i| format!("key:{i}"))
+        .filter(|k| ring.owners(k.as_bytes(), 3).contains(&"worker2"))
+        .collect();
+    let changed: Vec<String> = its.iter().step_by(100).cloned().collect();
+    let c = client(&cluster).await;
+    let value = Bytes::from(vec![b'n'; 100]);
+    let items: Vec<(String, Bytes)> = changed.iter().map(|k| (k.clone(), value.clone())).collect();
+    for r in c.put_many(items).await {
+        r.unwrap();
+    }
+    let changed_bytes: usize = changed.iter().map(|k| k.len() + value.len()).sum();
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(away.elapsed())).await;
+    cluster.restart("worker2").await;
+    cluster.wait_all_up(4).await;
+    for key in &changed {
+        let (_, got) = cluster.local("worker2", key).await.unwrap();
+        assert_eq!(got.as_bytes(), &value[..], "{key} on worker2");
+    }
+    let pulled = cluster
+        .metric("worker2", "kv_worker_rebalance_bytes_total")
+        .await;
+    println!(
+        "DURABILITY | worker2 away 5 s, {} of its {} keys changed ({changed_bytes} bytes) | {pulled} bytes pulled into it on return ({:.3}x)",
+        changed.len(),
+        its.len(),
+        pulled / changed_bytes as f64
+    );
+    assert!(
+        pulled <= 1.1 * changed_bytes as f64,
+        "worker2 was sent {pulled} bytes for {changed_bytes} bytes of changes"
+    );
+}
+
+/// `kvctl node worker` with `args`, run to its end: (success, output).
+fn worker_run(cluster: &Cluster, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        .args([
+            "node",
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--wire-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--controller", &cluster.controller_url()])
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_refuses_another_worker_id_and_a_second_process() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_with(1, &["--data-dir", "{data}"]).await;
+    let dir = cluster
+        .logs
+        .join("data")
+        .join("worker1")
+        .display()
+        .to_string();
+    let (ok, said) = worker_run(&cluster, &["--id", "worker1", "--data-dir", &dir]);
+    assert!(!ok && said.contains("in use by another process"), "{said}");
+    signal(cluster.nodes["worker1"].pid(), "-9");
+    cluster.exited("worker1").await;
+    let (ok, said) = worker_run(&cluster, &["--id", "intruder", "--data-dir", &dir]);
+    assert!(
+        !ok && said.contains("holds the data of worker \"worker1\"")
+            && said.contains("--id worker1"),
+        "{said}"
+    );
+    let file = cluster.logs.join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let under_a_file = file.join("data").display().to_string();
+    let (ok, said) = worker_run(&cluster, &["--id", "w9", "--data-dir", &under_a_file]);
+    assert!(!ok && said.contains("cannot use the data dir"), "{said}");
+    drop(cluster);
+}

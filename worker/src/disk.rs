@@ -1,0 +1,751 @@
+//! The durable [`Store`]: copies in fjall, an embedded LSM engine with a
+//! journal, in a data dir that belongs to one worker.
+//!
+//! Layout: one fjall keyspace, each copy under `xxh3(key)` (8 bytes, big
+//! endian) followed by the key, so a ring arc is one ordered range scan;
+//! the value is the version (hlc and node, 8 bytes each, big endian), a tag
+//! byte (0: tombstone, 1: value) and the value's bytes. Digests of the 2^16
+//! buckets of the hash circle, key and byte counts are kept in memory, made
+//! by one scan at open and kept exact under each bucket's lock on every
+//! change, so comparing an arc with a co-owner reads no keys.
+//!
+//! Durability follows `--sync`. fjall hands every write to the OS before
+//! `insert` returns, so a killed process (`kill -9`, an OOM kill) loses
+//! nothing that was acknowledged in any mode; what the modes change is a
+//! power loss or a kernel crash. `always`: a copy counts (towards W=2, or
+//! as confirmed to a peer) only after an fsync that covers it; concurrent
+//! writes share one fsync (group commit, on a thread of its own).
+//! `interval`: an fsync every `--sync-every` (as Redis `appendfsync
+//! everysec`). `never`: the OS writes back when it likes.
+//!
+//! The dir holds `worker-id` (whose data this is: another id is refused),
+//! `LOCK` (held while a worker runs: a second process is refused) and
+//! `engine/` (fjall's files). fjall cuts a torn tail off its journal when
+//! it opens (a batch whose end never reached the disk) and keeps everything
+//! before it; any other damage stops the worker with a message saying how
+//! to recover.
+
+use crate::store::{Applied, Persisted, Store, StoreError, Stored};
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use kv_wire::{Digest, HashRange, Ring, Version};
+use std::fs::File;
+use std::io::Write;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// The same 2^16 buckets of the hash circle as the in-memory store.
+const BUCKET_BITS: u32 = 16;
+/// Bytes before a copy's value: hlc, node, tag.
+const HEADER: usize = 17;
+const TOMBSTONE: u8 = 0;
+const VALUE: u8 = 1;
+
+/// When writes reach the disk (`--sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyncPolicy {
+    /// fsync before a copy counts: nothing acknowledged is lost even to a
+    /// power cut.
+    Always,
+    /// fsync every `--sync-every`: a power cut loses at most that much.
+    Interval,
+    /// Never fsync: the OS writes back when it likes.
+    Never,
+}
+
+/// Why a data dir cannot be used. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The dir or a file in it cannot be created or read.
+    #[error("cannot use the data dir {path}: {source}; check that it exists, is writable by this user and has space")]
+    Io {
+        /// The file or dir.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// Another process holds the dir.
+    #[error("the data dir {dir} is in use by another process (it holds {dir}/LOCK): stop it, or give this worker another --data-dir")]
+    Locked {
+        /// The dir.
+        dir: PathBuf,
+    },
+    /// The dir holds another worker's data.
+    #[error("the data dir {dir} holds the data of worker {found:?}, not {id:?}: start it with --id {found}, or move the dir away to start {id} empty (the cluster refills it)")]
+    OtherWorker {
+        /// The dir.
+        dir: PathBuf,
+        /// The id recorded in it.
+        found: String,
+        /// The id this worker was started with.
+        id: String,
+    },
+    /// The engine's files are damaged beyond a torn tail.
+    #[error("the store in {path} is damaged ({reason}): move {dir} away and start the worker again; it rejoins empty and the cluster refills it")]
+    Damaged {
+        /// The engine's dir, or the file found damaged.
+        path: PathBuf,
+        /// The data dir.
+        dir: PathBuf,
+        /// What the engine said.
+        reason: String,
+    },
+}
+
+/// What a data dir held when it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// Copies (tombstones included).
+    pub keys: usize,
+    /// The newest version among them: the worker's clock moves past it, so
+    /// a restarted worker never issues a version older than its own.
+    pub newest: Version,
+}
+
+/// The durable store (see the module docs).
+pub struct DiskStore {
+    dir: PathBuf,
+    db: Database,
+    copies: Keyspace,
+    buckets: Vec<Mutex<Digest>>,
+    keys: AtomicI64,
+    bytes: AtomicI64,
+    tombstones: AtomicI64,
+    syncer: Arc<Syncer>,
+    /// Held for as long as the store is open.
+    _lock: File,
+}
+
+impl std::fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskStore").field("dir", &self.dir).finish()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The bucket of a key hash.
+fn bucket_of(hash: u64) -> usize {
+    (hash >> (64 - BUCKET_BITS)) as usize
+}
+
+/// The hashes bucket `b` covers.
+fn bucket_range(b: usize) -> HashRange {
+    let start = (b as u64) << (64 - BUCKET_BITS);
+    HashRange {
+        start,
+        end: start | (u64::MAX >> BUCKET_BITS),
+    }
+}
+
+fn encode_key(hash: u64, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&hash.to_be_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn encode_copy(copy: &Stored) -> Vec<u8> {
+    let value = copy.value.as_deref().unwrap_or_default();
+    let mut v = Vec::with_capacity(HEADER + value.len());
+    v.extend_from_slice(&copy.version.hlc.to_be_bytes());
+    v.extend_from_slice(&copy.version.node.to_be_bytes());
+    v.push(if copy.value.is_some() {
+        VALUE
+    } else {
+        TOMBSTONE
+    });
+    v.extend_from_slice(value);
+    v
+}
+
+/// A stored pair back: (hash, key, copy), or why it is not one.
+fn decode(key: &[u8], value: Bytes) -> Result<(u64, String, Stored), String> {
+    if key.len() < 8 || value.len() < HEADER {
+        return Err(format!(
+            "an entry of {} + {} bytes is too short",
+            key.len(),
+            value.len()
+        ));
+    }
+    let u64_at = |b: &[u8], at: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[at..at + 8]);
+        u64::from_be_bytes(a)
+    };
+    let hash = u64_at(key, 0);
+    let name = std::str::from_utf8(&key[8..])
+        .map_err(|_| "a key is not UTF-8".to_string())?
+        .to_string();
+    let version = Version {
+        hlc: u64_at(&value, 0),
+        node: u64_at(&value, 8),
+    };
+    let value = match value[16] {
+        TOMBSTONE => None,
+        VALUE => Some(value.slice(HEADER..)),
+        tag => return Err(format!("unknown tag {tag}")),
+    };
+    Ok((hash, name, Stored { version, value }))
+}
+
+impl DiskStore {
+    /// Opens (or creates) the data dir `dir` for worker `id`: checks whose
+    /// it is, locks it, recovers the engine (cutting a torn journal tail),
+    /// and scans every copy once for the digests and counts.
+    pub fn open(
+        dir: &Path,
+        id: &str,
+        policy: SyncPolicy,
+        every: Duration,
+    ) -> Result<(DiskStore, Opened), OpenError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        }
+        claim(dir, id)?;
+        let engine = dir.join("engine");
+        let damaged = |e: fjall::Error| OpenError::Damaged {
+            path: engine.clone(),
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let db = Database::builder(&engine).open().map_err(damaged)?;
+        let copies = db
+            .keyspace("copies", KeyspaceCreateOptions::default)
+            .map_err(damaged)?;
+        let store = DiskStore {
+            dir: dir.to_path_buf(),
+            syncer: Syncer::start(db.clone(), policy, every),
+            db,
+            copies,
+            buckets: (0..1usize << BUCKET_BITS)
+                .map(|_| Mutex::default())
+                .collect(),
+            keys: AtomicI64::new(0),
+            bytes: AtomicI64::new(0),
+            tombstones: AtomicI64::new(0),
+            _lock: lock,
+        };
+        let opened = store.load().map_err(|reason| OpenError::Damaged {
+            path: engine.clone(),
+            dir: dir.to_path_buf(),
+            reason,
+        })?;
+        info!(dir = %dir.display(), keys = opened.keys, sync = ?policy, "data dir opened");
+        Ok((store, opened))
+    }
+
+    /// Builds the digests and counts from one scan of everything.
+    fn load(&self) -> Result<Opened, String> {
+        let mut opened = Opened::default();
+        let (mut keys, mut bytes, mut tombstones) = (0i64, 0i64, 0i64);
+        for guard in self.copies.iter() {
+            let (k, v) = guard.into_inner().map_err(|e| e.to_string())?;
+            let (hash, key, copy) = decode(&k, v.into())?;
+            self.bucket(bucket_of(hash)).add(hash, copy.version);
+            keys += 1;
+            bytes += copy.size(&key) as i64;
+            tombstones += i64::from(copy.value.is_none());
+            opened.newest = opened.newest.max(copy.version);
+        }
+        self.keys.store(keys, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.tombstones.store(tombstones, Ordering::Relaxed);
+        opened.keys = keys as usize;
+        Ok(opened)
+    }
+
+    // A panic while a bucket's lock was held leaves a digest that is at
+    // worst off by the one change; keep serving (anti-entropy copes).
+    fn bucket(&self, b: usize) -> MutexGuard<'_, Digest> {
+        self.buckets[b].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        error!(dir = %self.dir.display(), error = %e, "the data dir failed to {what}");
+        StoreError(format!("the data dir {} failed to {what}: {e}", self.dir.display()).into())
+    }
+
+    fn read(&self, hash: u64, key: &str) -> Result<Option<Stored>, StoreError> {
+        let Some(v) = self
+            .copies
+            .get(encode_key(hash, key))
+            .map_err(|e| self.failed("read", e))?
+        else {
+            return Ok(None);
+        };
+        let k = encode_key(hash, key);
+        decode(&k, v.into())
+            .map(|(_, _, copy)| Some(copy))
+            .map_err(|e| self.failed("decode a copy", e))
+    }
+
+    fn account(&self, keys: i64, bytes: i64, tombstones: i64) {
+        self.keys.fetch_add(keys, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.tombstones.fetch_add(tombstones, Ordering::Relaxed);
+    }
+
+    /// Visits the pairs stored in `range`, decoded; stops at the first
+    /// engine error (logged), since a scan has no way to report it.
+    fn each(&self, range: HashRange, visit: &mut dyn FnMut(u64, &str, &Stored)) {
+        if !range.is_valid() {
+            return;
+        }
+        let start = Bound::Included(range.start.to_be_bytes().to_vec());
+        let end = match range.end.checked_add(1) {
+            Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        for guard in self.copies.range::<Vec<u8>, _>((start, end)) {
+            match guard
+                .into_inner()
+                .map_err(|e| e.to_string())
+                .and_then(|(k, v)| decode(&k, v.into()))
+            {
+                Ok((hash, key, copy)) => visit(hash, &key, &copy),
+                Err(e) => {
+                    self.failed("scan", e);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Records `id` as the dir's owner, or refuses another.
+fn claim(dir: &Path, id: &str) -> Result<(), OpenError> {
+    let path = dir.join("worker-id");
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found.trim_end() == id => Ok(()),
+        Ok(found) => Err(OpenError::OtherWorker {
+            dir: dir.to_path_buf(),
+            found: found.trim_end().to_string(),
+            id: id.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut file = File::create(&path).map_err(io(&path))?;
+            file.write_all(format!("{id}\n").as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io(&path))
+        }
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+impl Store for DiskStore {
+    fn get(&self, key: &str) -> Option<Stored> {
+        // A read error is logged by `read`; the key then looks absent here,
+        // which costs a pull or a quorum read from another owner, not data.
+        self.read(Ring::key_hash(key.as_bytes()), key)
+            .ok()
+            .flatten()
+    }
+
+    fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
+        let hash = Ring::key_hash(key.as_bytes());
+        let mut digest = self.bucket(bucket_of(hash));
+        let held = self.read(hash, key)?;
+        match &held {
+            Some(h) if h.version > copy.version => return Ok(Applied::Older { held: h.version }),
+            Some(h) if h.version == copy.version => return Ok(Applied::Held),
+            _ => {}
+        }
+        self.copies
+            .insert(encode_key(hash, key), encode_copy(&copy))
+            .map_err(|e| self.failed("store a write", e))?;
+        self.syncer.written();
+        let tomb = |c: &Stored| i64::from(c.value.is_none());
+        match held {
+            Some(h) => {
+                digest.remove(hash, h.version);
+                digest.add(hash, copy.version);
+                drop(digest);
+                self.account(
+                    0,
+                    copy.size(key) as i64 - h.size(key) as i64,
+                    tomb(&copy) - tomb(&h),
+                );
+            }
+            None => {
+                digest.add(hash, copy.version);
+                drop(digest);
+                self.account(1, copy.size(key) as i64, tomb(&copy));
+            }
+        }
+        Ok(Applied::Stored)
+    }
+
+    fn remove_if(&self, key: &str, version: Version) -> bool {
+        let hash = Ring::key_hash(key.as_bytes());
+        let mut digest = self.bucket(bucket_of(hash));
+        let Ok(Some(held)) = self.read(hash, key) else {
+            return false;
+        };
+        if held.version != version {
+            return false;
+        }
+        if let Err(e) = self.copies.remove(encode_key(hash, key)) {
+            self.failed("remove a copy", e);
+            return false;
+        }
+        digest.remove(hash, version);
+        drop(digest);
+        self.account(
+            -1,
+            -(held.size(key) as i64),
+            -i64::from(held.value.is_none()),
+        );
+        true
+    }
+
+    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored)) {
+        self.each(range, &mut |_, key, copy| visit(key, copy));
+    }
+
+    fn digest(&self, range: HashRange) -> Digest {
+        let mut total = Digest::default();
+        if !range.is_valid() {
+            return total;
+        }
+        for b in bucket_of(range.start)..=bucket_of(range.end) {
+            let covered = bucket_range(b);
+            if range.start <= covered.start && covered.end <= range.end {
+                total.merge(*self.bucket(b));
+            } else {
+                let part = HashRange {
+                    start: range.start.max(covered.start),
+                    end: range.end.min(covered.end),
+                };
+                self.each(part, &mut |hash, _, copy| total.add(hash, copy.version));
+            }
+        }
+        total
+    }
+
+    fn purge_tombstones(&self, before: Version) -> usize {
+        if self.tombstones.load(Ordering::Relaxed) <= 0 {
+            return 0;
+        }
+        let mut expired = Vec::new();
+        self.each(HashRange::ALL, &mut |_, key, copy| {
+            if copy.value.is_none() && copy.version < before {
+                expired.push((key.to_string(), copy.version));
+            }
+        });
+        expired
+            .into_iter()
+            .filter(|(key, version)| self.remove_if(key, *version))
+            .count()
+    }
+
+    fn stats(&self) -> (usize, usize) {
+        let keys = self.keys.load(Ordering::Relaxed).max(0) as usize;
+        let bytes = self.bytes.load(Ordering::Relaxed).max(0) as usize;
+        (keys, bytes)
+    }
+
+    fn persisted(&self) -> Persisted {
+        self.syncer.ticket()
+    }
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        self.syncer.stop();
+        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+            error!(dir = %self.dir.display(), error = %e, "the last fsync of the data dir failed");
+        }
+    }
+}
+
+/// How far writes are known to be on disk.
+#[derive(Debug, Clone, Default)]
+pub struct Synced {
+    /// Every write numbered up to this is on disk.
+    upto: u64,
+    /// An fsync failed for the writes up to this.
+    failed_upto: u64,
+    error: Option<Arc<str>>,
+}
+
+/// A wait for the writes before it to be on disk (see [`Store::persisted`]).
+#[derive(Debug)]
+pub struct Ticket {
+    n: u64,
+    synced: watch::Receiver<Synced>,
+}
+
+impl Ticket {
+    /// Resolves once write `n` is on disk, or its fsync failed.
+    pub async fn wait(mut self) -> Result<(), StoreError> {
+        let n = self.n;
+        let outcome = self
+            .synced
+            .wait_for(|s| s.failed_upto >= n || s.upto >= n)
+            .await
+            .map(|s| s.clone());
+        match outcome {
+            Ok(s) if s.failed_upto >= n => {
+                Err(StoreError(s.error.unwrap_or_else(|| {
+                    "an fsync of the data dir failed".into()
+                })))
+            }
+            Ok(_) => Ok(()),
+            Err(_) => Err(StoreError("the store is closing".into())),
+        }
+    }
+}
+
+/// Numbers writes and runs the fsyncs: at once, for everything written
+/// so far, whenever a ticket waits (`always`), or every interval.
+struct Syncer {
+    policy: SyncPolicy,
+    written: AtomicU64,
+    /// The highest write a ticket waits for, and whether to stop.
+    wanted: Mutex<(u64, bool)>,
+    wake: Condvar,
+    synced: watch::Sender<Synced>,
+}
+
+impl Syncer {
+    fn start(db: Database, policy: SyncPolicy, every: Duration) -> Arc<Syncer> {
+        let syncer = Arc::new(Syncer {
+            policy,
+            written: AtomicU64::new(0),
+            wanted: Mutex::new((0, false)),
+            wake: Condvar::new(),
+            synced: watch::Sender::new(Synced::default()),
+        });
+        if policy != SyncPolicy::Never {
+            let s = syncer.clone();
+            let spawned = std::thread::Builder::new()
+                .name("kv-fsync".into())
+                .spawn(move || s.run(&db, every));
+            if let Err(e) = spawned {
+                // Without the thread `always` could never acknowledge:
+                // tickets then fail rather than wait forever.
+                error!(error = %e, "cannot start the fsync thread");
+                syncer.synced.send_modify(|s| {
+                    s.failed_upto = u64::MAX;
+                    s.error = Some("the fsync thread could not start".into());
+                });
+            }
+        }
+        syncer
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (u64, bool)> {
+        self.wanted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn written(&self) {
+        self.written.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn ticket(&self) -> Persisted {
+        if self.policy != SyncPolicy::Always {
+            // fjall handed the write to the OS inside `insert`.
+            return Persisted::Done;
+        }
+        let n = self.written.load(Ordering::Acquire);
+        let synced = self.synced.subscribe();
+        if synced.borrow().upto >= n {
+            return Persisted::Done;
+        }
+        let mut wanted = self.lock();
+        if wanted.0 < n {
+            wanted.0 = n;
+            self.wake.notify_one();
+        }
+        Persisted::Wait(Ticket { n, synced })
+    }
+
+    fn stop(&self) {
+        self.lock().1 = true;
+        self.wake.notify_one();
+    }
+
+    fn run(&self, db: &Database, every: Duration) {
+        let mut last_error: Option<String> = None;
+        loop {
+            {
+                let mut wanted = self.lock();
+                let idle = |w: &mut (u64, bool)| !w.1 && w.0 <= self.synced.borrow().upto;
+                wanted = match self.policy {
+                    SyncPolicy::Interval => {
+                        self.wake
+                            .wait_timeout(wanted, every)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    _ => self
+                        .wake
+                        .wait_while(wanted, idle)
+                        .unwrap_or_else(|p| p.into_inner()),
+                };
+                if wanted.1 {
+                    return;
+                }
+            }
+            // Everything numbered so far was inserted before this load.
+            let target = self.written.load(Ordering::Acquire);
+            if target <= self.synced.borrow().upto {
+                continue; // an interval with nothing new
+            }
+            match db.persist(PersistMode::SyncAll) {
+                Ok(()) => {
+                    if last_error.take().is_some() {
+                        info!("fsync of the data dir works again");
+                    }
+                    self.synced.send_modify(|s| s.upto = s.upto.max(target));
+                }
+                Err(e) => {
+                    let message = format!("an fsync of the data dir failed: {e}");
+                    if last_error.as_deref() != Some(message.as_str()) {
+                        error!(error = %e, "fsync of the data dir failed: writes are not acknowledged; restart the worker, and move its data dir away if this persists");
+                    }
+                    self.synced.send_modify(|s| {
+                        s.failed_upto = s.failed_upto.max(target);
+                        s.error = Some(message.clone().into());
+                    });
+                    last_error = Some(message);
+                    // A failing disk should not spin a core.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(hlc: u64, value: Option<&'static str>) -> Stored {
+        Stored {
+            version: Version { hlc, node: 1 },
+            value: value.map(|v| Bytes::from_static(v.as_bytes())),
+        }
+    }
+
+    fn open(dir: &Path, id: &str) -> Result<(DiskStore, Opened), OpenError> {
+        DiskStore::open(dir, id, SyncPolicy::Always, Duration::from_millis(200))
+    }
+
+    #[test]
+    fn copies_values_tombstones_digests_and_counts_survive_a_reopen() {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let dir = tmp.path().to_path_buf();
+        let (digest, stats) = {
+            let (store, opened) = open(&dir, "w1").expect("open");
+            assert_eq!(opened, Opened::default());
+            for i in 0..5000 {
+                store
+                    .apply(&format!("key:{i}"), copy(10 + i, Some("value")))
+                    .expect("apply");
+            }
+            for i in (0..5000).step_by(4) {
+                store
+                    .apply(&format!("key:{i}"), copy(100_000, None))
+                    .expect("delete");
+            }
+            (store.digest(HashRange::ALL), store.stats())
+        };
+        let (store, opened) = open(&dir, "w1").expect("reopen");
+        assert_eq!(opened.keys, 5000);
+        assert_eq!(
+            opened.newest,
+            Version {
+                hlc: 100_000,
+                node: 1
+            }
+        );
+        assert_eq!(store.stats(), stats);
+        assert_eq!(store.digest(HashRange::ALL), digest);
+        assert_eq!(store.get("key:1"), Some(copy(11, Some("value"))));
+        assert_eq!(store.get("key:4"), Some(copy(100_000, None)));
+        assert_eq!(
+            store.purge_tombstones(Version {
+                hlc: 100_001,
+                node: 0
+            }),
+            1250
+        );
+        drop(store);
+        let (store, opened) = open(&dir, "w1").expect("reopen after purge");
+        assert_eq!(opened.keys, 3750);
+        assert_eq!(store.get("key:4"), None);
+        drop(store);
+    }
+
+    #[test]
+    fn another_id_and_a_second_opener_are_refused_with_what_to_do() {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let dir = tmp.path().to_path_buf();
+        let (store, _) = open(&dir, "worker1").expect("open");
+        let second = open(&dir, "worker1").expect_err("a second opener");
+        assert!(matches!(second, OpenError::Locked { .. }), "{second}");
+        assert!(second.to_string().contains("another process"), "{second}");
+        drop(store);
+        let other = open(&dir, "worker2").expect_err("another id");
+        let message = other.to_string();
+        assert!(
+            message.contains("\"worker1\"")
+                && message.contains("--id worker1")
+                && message.contains("move the dir away"),
+            "{message}"
+        );
+        open(&dir, "worker1").expect("its own id, once the first closed");
+    }
+
+    #[tokio::test]
+    async fn with_sync_always_a_ticket_resolves_after_an_fsync_that_covers_it() {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let dir = tmp.path().to_path_buf();
+        let (store, _) = open(&dir, "w1").expect("open");
+        let store = Arc::new(store);
+        // Many writers at once share fsyncs; every ticket resolves.
+        let writers: Vec<_> = (0..64)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..20 {
+                        store
+                            .apply(&format!("w{w}:{i}"), copy(1, Some("v")))
+                            .expect("apply");
+                        store.persisted().wait().await.expect("durable");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.expect("writer");
+        }
+        assert!(store.syncer.synced.borrow().upto >= 64 * 20);
+    }
+}
