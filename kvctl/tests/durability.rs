@@ -183,3 +183,109 @@ async fn a_data_dir_refuses_another_worker_id_and_a_second_process() {
     assert!(!ok && said.contains("cannot use the data dir"), "{said}");
     drop(cluster);
 }
+
+/// Where the data of a preallocated journal file ends (after its last
+/// non-zero byte).
+fn data_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_journal_tail_after_a_crash_is_cut_off_and_logged_and_nothing_before_it_is_lost() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_with(3, &["--data-dir", "{data}", "--sync", "always"]).await;
+    let c = client(&cluster).await;
+    let items: Vec<(String, Bytes)> = (0..2000)
+        .map(|i| (format!("torn:{i}"), Bytes::from(format!("value-{i}"))))
+        .collect();
+    for r in c.put_many(items).await {
+        r.unwrap();
+    }
+    signal(cluster.nodes["worker1"].pid(), "-9");
+    cluster.exited("worker1").await;
+    // A write that died half-way: a batch that starts and never ends,
+    // after the last complete one of the newest journal.
+    let engine = cluster.logs.join("data/worker1/engine");
+    let journal = std::fs::read_dir(&engine)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+        .max_by_key(|p| {
+            let stem = p.file_stem().unwrap().to_string_lossy().to_string();
+            stem.parse::<u64>().unwrap_or(0)
+        })
+        .expect("a journal file");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let end = data_end(&bytes);
+    assert!(
+        end > 64,
+        "the journal holds no writes: {}",
+        journal.display()
+    );
+    let torn: Vec<u8> = bytes[..48].to_vec();
+    bytes.splice(end..(end + torn.len()).min(bytes.len()), torn);
+    std::fs::write(&journal, &bytes).unwrap();
+
+    cluster.restart("worker1").await;
+    cluster.wait_all_up(3).await;
+    let log = std::fs::read_to_string(cluster.logs.join("worker1.log")).unwrap();
+    let restarted = log.rsplit("worker listening").nth(1).unwrap_or(&log);
+    assert!(
+        log.contains("a torn tail was cut off the journal"),
+        "the cut was not logged; see {}",
+        cluster.logs.display()
+    );
+    // What the worker itself held when it opened its dir, before any peer
+    // could send it anything: every key written before the crash.
+    let opened = restarted
+        .lines()
+        .rev()
+        .find(|l| l.contains("data dir opened"))
+        .expect("an open line");
+    assert!(opened.contains("keys=2000"), "{opened}");
+    for i in (0..2000).step_by(97) {
+        let key = format!("torn:{i}");
+        let (_, value) = cluster.local("worker1", &key).await.unwrap();
+        assert_eq!(value, format!("value-{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_damaged_far_from_its_end_stops_the_worker_with_the_way_out() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start_with(3, &["--data-dir", "{data}", "--sync", "always"]).await;
+    let c = client(&cluster).await;
+    // 24 MB of journal: damage a quarter of the way in leaves more after
+    // it than any torn write could.
+    for i in 0..24 {
+        // Random bytes: the journal compresses what it can.
+        let value: Vec<u8> = (0..1 << 20).map(|_| fastrand::u8(..)).collect();
+        c.put(&format!("big:{i}"), Bytes::from(value))
+            .await
+            .unwrap();
+    }
+    signal(cluster.nodes["worker1"].pid(), "-9");
+    cluster.exited("worker1").await;
+    let dir = cluster.logs.join("data/worker1");
+    let journal = dir.join("engine/0.jnl");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let at = data_end(&bytes) / 4;
+    for b in &mut bytes[at..at + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&journal, &bytes).unwrap();
+    let dir = dir.display().to_string();
+    let way_out = format!("move {dir} away");
+    let (ok, said) = worker_run(&cluster, &["--id", "worker1", "--data-dir", &dir]);
+    assert!(!ok, "a damaged store was served: {said}");
+    assert!(
+        said.contains("is damaged") && said.contains("0.jnl") && said.contains(&way_out),
+        "{said}"
+    );
+    // And it stays refused until someone moves the dir away.
+    let (ok, said) = worker_run(&cluster, &["--id", "worker1", "--data-dir", &dir]);
+    assert!(
+        !ok && said.contains("is damaged") && said.contains(&way_out),
+        "{said}"
+    );
+}

@@ -37,12 +37,16 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// The same 2^16 buckets of the hash circle as the in-memory store.
 const BUCKET_BITS: u32 = 16;
 /// Bytes before a copy's value: hlc, node, tag.
 const HEADER: usize = 17;
+/// The longest journal tail a crash can tear: the writes since the last
+/// fsync (a fraction of a second of them with `--sync interval`). A longer
+/// cut means damage further in, which stops the worker instead.
+const TORN_TAIL_MAX: u64 = 8 * 1024 * 1024;
 const TOMBSTONE: u8 = 0;
 const VALUE: u8 = 1;
 
@@ -233,7 +237,26 @@ impl DiskStore {
             dir: dir.to_path_buf(),
             reason: e.to_string(),
         };
+        let marker = dir.join("DAMAGED");
+        if let Ok(reason) = std::fs::read_to_string(&marker) {
+            return Err(OpenError::Damaged {
+                path: marker,
+                dir: dir.to_path_buf(),
+                reason: reason.trim().to_string(),
+            });
+        }
+        let ends = journal_ends(&engine);
         let db = Database::builder(&engine).open().map_err(damaged)?;
+        if let Err((journal, reason)) = check_torn_tails(ends) {
+            // fjall has cut the journal already: the marker keeps the
+            // worker from serving what is left until someone looks.
+            let _ = std::fs::write(&marker, format!("{}: {reason}\n", journal.display()));
+            return Err(OpenError::Damaged {
+                path: journal,
+                dir: dir.to_path_buf(),
+                reason,
+            });
+        }
         let copies = db
             .keyspace("copies", KeyspaceCreateOptions::default)
             .map_err(damaged)?;
@@ -335,6 +358,67 @@ impl DiskStore {
             }
         }
     }
+}
+
+/// Where the data of each journal file in `engine` ends: after its last
+/// non-zero byte (fjall preallocates journals with zeros). Empty when there
+/// is no engine yet.
+fn journal_ends(engine: &Path) -> Vec<(PathBuf, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 64 * 1024;
+    let Ok(entries) = std::fs::read_dir(engine) else {
+        return Vec::new();
+    };
+    let mut ends = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|x| x != "jnl") {
+            continue;
+        }
+        let Ok(mut file) = File::open(&path) else {
+            continue;
+        };
+        let mut at = file.metadata().map_or(0, |m| m.len());
+        let mut buf = vec![0u8; CHUNK as usize];
+        let end = loop {
+            if at == 0 {
+                break 0;
+            }
+            let from = at.saturating_sub(CHUNK);
+            let len = (at - from) as usize;
+            if file.seek(SeekFrom::Start(from)).is_err()
+                || file.read_exact(&mut buf[..len]).is_err()
+            {
+                break at; // unreadable: claim nothing about it
+            }
+            if let Some(i) = buf[..len].iter().rposition(|b| *b != 0) {
+                break from + i as u64 + 1;
+            }
+            at = from;
+        };
+        ends.push((path, end));
+    }
+    ends
+}
+
+/// Checks each journal whose data fjall cut short while recovering (it cuts
+/// at the first record that does not decode). A short cut is a torn tail,
+/// the writes in flight when the process or machine died: logged. A cut
+/// longer than [`TORN_TAIL_MAX`] is damage further in: the journal and why.
+fn check_torn_tails(ends: Vec<(PathBuf, u64)>) -> Result<(), (PathBuf, String)> {
+    for (path, end) in ends {
+        let len = std::fs::metadata(&path).map_or(end, |m| m.len());
+        let cut = end.saturating_sub(len);
+        if cut > TORN_TAIL_MAX {
+            return Err((
+                path,
+                format!("{cut} bytes of its journal after byte {len} do not decode, more than a torn write leaves"),
+            ));
+        }
+        if cut > 0 {
+            warn!(file = %path.display(), cut_bytes = cut, "a torn tail was cut off the journal (writes that never fully reached the disk before a crash); the rest is intact, and the cluster's other copies bring back what was cut");
+        }
+    }
+    Ok(())
 }
 
 /// Records `id` as the dir's owner, or refuses another.

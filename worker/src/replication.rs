@@ -14,6 +14,7 @@ use crate::topology::{Topologies, View};
 use kv_client::Pool;
 use kv_wire::{Entry, Member, Request, Response, Version};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -63,8 +64,16 @@ impl Item {
 
 struct Link {
     member: Member,
+    handle: LinkHandle,
+}
+
+/// What senders of copies to one peer share with its link task.
+#[derive(Clone)]
+struct LinkHandle {
     queue: mpsc::UnboundedSender<Item>,
     budget: Arc<Semaphore>,
+    /// Set while the peer's last batch failed.
+    failing: Arc<AtomicBool>,
 }
 
 /// The replication links of this worker.
@@ -95,14 +104,36 @@ impl Replicator {
 
     /// Queues a copy of `entry` for `peer`; waits while the peer's budget
     /// is spent. The receiver hears the first attempt's outcome.
+    ///
+    /// A peer that keeps failing (a full disk, say) stays in the ring, so
+    /// its spent budget would stall every write it replicates: then the
+    /// copy is not queued and fails at once, and the write falls back on
+    /// its other replica; anti-entropy brings the peer what it missed.
     pub async fn send(&self, peer: &Member, entry: Entry) -> oneshot::Receiver<ReplicaAck> {
         let (tx, rx) = oneshot::channel();
-        let (queue, budget) = self.link(peer);
+        let LinkHandle {
+            queue,
+            budget,
+            failing,
+        } = self.link(peer);
         let size = entry.size() + ITEM_OVERHEAD;
         let permits = size.min(LINK_BUDGET) as u32;
-        let Ok(permit) = budget.acquire_many_owned(permits).await else {
-            let _ = tx.send(ReplicaAck::Failed("replication link closed".into()));
-            return rx;
+        let permit = if failing.load(Ordering::Relaxed) {
+            budget
+                .try_acquire_many_owned(permits)
+                .map_err(|_| format!("{} keeps failing and its backlog is full", peer.id))
+        } else {
+            budget
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| "replication link closed".to_string())
+        };
+        let permit = match permit {
+            Ok(permit) => permit,
+            Err(why) => {
+                let _ = tx.send(ReplicaAck::Failed(why));
+                return rx;
+            }
         };
         let item = Item {
             entry,
@@ -122,7 +153,7 @@ impl Replicator {
     /// Never waits: with the peer's budget spent, the hint is dropped and
     /// counted.
     pub fn hint(&self, peer: &Member, entry: Entry) {
-        let (queue, budget) = self.link(peer);
+        let LinkHandle { queue, budget, .. } = self.link(peer);
         let size = entry.size() + ITEM_OVERHEAD;
         match budget.try_acquire_many_owned(size.min(LINK_BUDGET) as u32) {
             Ok(permit) => {
@@ -139,18 +170,23 @@ impl Replicator {
         }
     }
 
-    fn link(&self, peer: &Member) -> (mpsc::UnboundedSender<Item>, Arc<Semaphore>) {
+    fn link(&self, peer: &Member) -> LinkHandle {
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(link) = links.get(&peer.id) {
-            if link.member == *peer && !link.queue.is_closed() {
-                return (link.queue.clone(), link.budget.clone());
+            if link.member == *peer && !link.handle.queue.is_closed() {
+                return link.handle.clone();
             }
         }
         let (queue, rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Semaphore::new(LINK_BUDGET));
+        let handle = LinkHandle {
+            queue,
+            budget: Arc::new(Semaphore::new(LINK_BUDGET)),
+            failing: Arc::new(AtomicBool::new(false)),
+        };
         tokio::spawn(run_link(
             peer.clone(),
             rx,
+            handle.failing.clone(),
             self.pool.clone(),
             self.topologies.clone(),
             self.metrics.clone(),
@@ -160,11 +196,10 @@ impl Replicator {
             peer.id.clone(),
             Link {
                 member: peer.clone(),
-                queue: queue.clone(),
-                budget: budget.clone(),
+                handle: handle.clone(),
             },
         );
-        (queue, budget)
+        handle
     }
 }
 
@@ -172,6 +207,7 @@ impl Replicator {
 async fn run_link(
     peer: Member,
     mut queue: mpsc::UnboundedReceiver<Item>,
+    failing: Arc<AtomicBool>,
     pool: Arc<Pool>,
     topologies: Arc<Topologies>,
     metrics: Arc<Metrics>,
@@ -206,6 +242,7 @@ async fn run_link(
         match pool.call(&peer, Request::Replicate { entries }).await {
             Ok(Response::Replicated { stale, .. }) => {
                 metrics.replicated(count, bytes);
+                failing.store(false, Ordering::Relaxed);
                 let mut stale: HashMap<u32, Version> = stale.into_iter().collect();
                 for (i, item) in batch.iter_mut().enumerate() {
                     match stale.remove(&(i as u32)) {
@@ -222,6 +259,7 @@ async fn run_link(
                     Ok(unexpected) => format!("unexpected answer {unexpected:?}"),
                 };
                 metrics.replication_failures.inc();
+                failing.store(true, Ordering::Relaxed);
                 debug!(peer = %peer.id, %reason, entries = count, "replication batch failed; retrying");
                 for item in &mut batch {
                     item.answer(ReplicaAck::Failed(reason.clone()));
@@ -230,9 +268,24 @@ async fn run_link(
                 for item in batch.into_iter().rev() {
                     backlog.push_front(item);
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(retry) => {}
-                    () = shutdown.cancelled() => return,
+                // While backing off, copies that arrive are answered at
+                // once as not delivered (and kept for the retry): a write
+                // then falls back on its other replica instead of waiting
+                // out the backoff behind a peer that keeps failing (a full
+                // disk, say).
+                let until = tokio::time::Instant::now() + retry;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        next = queue.recv() => match next {
+                            Some(mut item) => {
+                                item.answer(ReplicaAck::Failed(reason.clone()));
+                                backlog.push_back(item);
+                            }
+                            None => return,
+                        },
+                        () = shutdown.cancelled() => return,
+                    }
                 }
                 retry = (retry * 2).min(RETRY_MAX);
                 // A peer that is out of the current topology may only be

@@ -141,6 +141,9 @@ pub struct Cluster {
     /// The network namespaces the workers run in, if any (removed on drop,
     /// after the nodes).
     pub net: Option<Net>,
+    /// Nodes whose process exited ([`Cluster::exited`]), kept so they can
+    /// be started again.
+    pub gone: HashMap<String, Node>,
     /// Flags every worker gets besides the harness's own; `{data}` stands
     /// for a data dir of the worker's own (under the logs dir).
     pub worker_flags: Vec<String>,
@@ -179,6 +182,7 @@ impl Cluster {
             logs,
             http: HttpClient::new(),
             net,
+            gone: HashMap::new(),
             worker_flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         cluster.spawn_controller().await;
@@ -250,7 +254,11 @@ impl Cluster {
     /// Starts `name` again with the same flags (same id, a new process; a
     /// worker's ports are new, as a new pod's address is).
     pub async fn restart(&mut self, name: &str) {
-        let old = self.nodes.remove(name).unwrap();
+        let old = self
+            .nodes
+            .remove(name)
+            .or_else(|| self.gone.remove(name))
+            .unwrap();
         let (prefix, args, host) = (old.prefix.clone(), old.args.clone(), old.host.clone());
         drop(old);
         if name == "controller" {
@@ -388,7 +396,8 @@ impl Cluster {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.nodes.get_mut(id).unwrap().child.try_wait().unwrap() {
-                self.nodes.remove(id);
+                let node = self.nodes.remove(id).unwrap();
+                self.gone.insert(id.to_string(), node);
                 return status;
             }
             assert!(
