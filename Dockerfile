@@ -24,6 +24,9 @@ ENTRYPOINT ["/kv-controller"]
 
 FROM scratch AS worker-from-host
 COPY dist/kv-worker /kv-worker
+# The data dir's mount point, owned by the worker's user: a volume mounted
+# there (compose's named volumes) starts out writable by it.
+COPY --chown=65534:65534 dist/data /var/lib/kv
 USER 65534:65534
 EXPOSE 8001/tcp 8002/tcp
 ENTRYPOINT ["/kv-worker"]
@@ -36,7 +39,7 @@ COPY . .
 RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
  && RUSTFLAGS='-C target-feature=+crt-static' cargo build --profile dist --locked \
       --target "$target" -p kv-controller -p kv-worker \
- && mkdir /dist \
+ && mkdir -p /dist/data \
  && cp "target/$target/dist/kv-controller" "target/$target/dist/kv-worker" /dist/
 
 FROM scratch AS controller
@@ -47,6 +50,7 @@ ENTRYPOINT ["/kv-controller"]
 
 FROM scratch AS worker
 COPY --from=build /dist/kv-worker /kv-worker
+COPY --from=build --chown=65534:65534 /dist/data /var/lib/kv
 USER 65534:65534
 EXPOSE 8001/tcp 8002/tcp
 ENTRYPOINT ["/kv-worker"]

@@ -264,6 +264,26 @@ def compose_stop_of_two_workers_under_writes_loses_nothing():
     eventually("4 workers UP again", lambda: len(live_workers()) == 4)
 
 
+def every_worker_killed_then_up_keeps_its_data():
+    """`docker-compose kill` of all four workers at once (no peer is left
+    to refill anyone), then `up`: every acknowledged write is back on every
+    owner, from the workers' volumes."""
+    numbered = [f"worker{i}" for i in range(1, 5)]
+    acked = write_keys("durable:", 200, "worker1")
+    assert len(acked) == 200, f"only {len(acked)} of 200 writes acknowledged"
+    compose("kill", *numbered)
+    eventually("all four DOWN", lambda: all(status_of(w) == "DOWN" for w in numbered))
+    start = time.monotonic()
+    compose("up", "-d", *numbered)
+    eventually("4 workers UP and ready", lambda: len(live_workers()) == 4 and all(ready(w) for w in numbered))
+    eventually("every acknowledged write on every owner", lambda: every_owner_holds(acked))
+    pulled = 0
+    for w in numbered:
+        metrics = urllib.request.urlopen(f"{worker_url(w)}/metrics", timeout=5).read().decode()
+        pulled += sum(float(l.split()[1]) for l in metrics.splitlines() if l.startswith("kv_worker_rebalance_keys_total "))
+    print(f"     kill of every worker, then up: {len(acked)} writes on all their owners {time.monotonic() - start:.2f} s after up; {pulled:.0f} copies moved")
+
+
 def a_worker_without_the_secret_is_kept_out():
     """A worker container on the cluster's network, with no secret: the
     controller refuses it, and both logs say why."""
@@ -301,6 +321,7 @@ def main():
             check("docker pause of a worker, writes meanwhile, unpause: every acknowledged write on every owner", paused_worker_converges)
             check("network disconnect of a worker, writes meanwhile, reconnect: every acknowledged write on every owner", disconnected_worker_converges)
             check("docker-compose stop of two workers in turn under writes: both leave, nothing lost", compose_stop_of_two_workers_under_writes_loses_nothing)
+            check("docker-compose kill of every worker, then up: the data is back from their volumes", every_worker_killed_then_up_keeps_its_data)
             check("a worker without the cluster secret is kept out, and both logs say why", a_worker_without_the_secret_is_kept_out)
             check("a worker service scaled to two: both register", scaled_workers_register)
     finally:

@@ -197,6 +197,108 @@ def _():
             assert service.get("stop_grace_period", grace) == grace, name
 
 
+def data_dir_on(c, pod, kind):
+    """The volume of the pod's KV_DATA_DIR mount; asserts there is one."""
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    path = env.get("KV_DATA_DIR")
+    assert path, "no KV_DATA_DIR: the worker keeps its data in memory"
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+    assert path in mounts, f"KV_DATA_DIR {path} is not a mounted volume (the root filesystem is read-only)"
+    return mounts[path]
+
+
+@check("Deployment workers keep their data in KV_DATA_DIR on an emptyDir (a crashed container restarts with it)")
+def _():
+    for i in range(1, 5):
+        d = load(f"worker{i}-deployment.yaml")
+        pod = d["spec"]["template"]["spec"]
+        name = data_dir_on(container(d), pod, "Deployment")
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[name], f"worker{i}: {volumes[name]}"
+
+
+DURABLE = os.path.join(K8S, "durable")
+
+
+def load_durable(name):
+    with open(os.path.join(DURABLE, name)) as f:
+        return yaml.safe_load(f)
+
+
+def key(doc):
+    return (doc["kind"], doc["metadata"]["name"])
+
+
+@check("k8s/durable/ is k8s/ with the worker Deployments, their Services and the HPA replaced by a StatefulSet")
+def _():
+    k = load_durable("kustomization.yaml")
+    assert "../" in k["resources"], k["resources"]
+    own = [r for r in k["resources"] if r != "../"]
+    present = sorted(f for f in os.listdir(DURABLE) if f.endswith(".yaml") and f != "kustomization.yaml")
+    assert sorted(own) == present, f"lists {own}, folder has {present}"
+    base = {key(load(f)): load(f) for f in load("kustomization.yaml")["resources"]}
+    deleted = set()
+    for p in k["patches"]:
+        doc = yaml.safe_load(p["patch"])
+        assert doc["$patch"] == "delete", doc
+        assert doc["metadata"]["namespace"] == "kv-system", doc
+        assert key(doc) in base, f"the patch deletes {key(doc)}, which k8s/ does not have"
+        assert base[key(doc)]["apiVersion"] == doc["apiVersion"], doc
+        deleted.add(key(doc))
+    want = {("Deployment", f"worker{i}") for i in range(1, 5)} | {("Service", f"worker{i}") for i in range(1, 5)}
+    want.add(key(load("hpa.yaml")))
+    assert deleted == want, f"deletes {sorted(deleted)}, not {sorted(want)}"
+    result = {n: d for n, d in base.items() if n not in deleted}
+    for f in own:
+        result[key(load_durable(f))] = load_durable(f)
+    pdb = key(load("worker-pdb.yaml"))
+    expected = {("Namespace", "kv-system"), ("Deployment", "controller"), ("Service", "controller"), pdb,
+                ("StatefulSet", "worker"), ("Service", "worker")}
+    assert set(result) == expected, sorted(result)
+
+
+@check("the StatefulSet: stable ids from pod names, a claimed volume per pod at KV_DATA_DIR, a headless Service, the lifecycle settings")
+def _():
+    sts, svc = load_durable("worker-statefulset.yaml"), load_durable("worker-service.yaml")
+    assert sts["kind"] == "StatefulSet" and sts["metadata"]["namespace"] == "kv-system"
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"] and svc["spec"]["clusterIP"] == "None"
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert labels.get("app") == "worker", "the PDB must cover the StatefulSet's pods"
+    c = container(sts)
+    pod = sts["spec"]["template"]["spec"]
+    assert c["image"] == "distributed-kv-worker:latest" and c["imagePullPolicy"] == "Never"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["KV_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["KV_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    name = data_dir_on(c, pod, "StatefulSet")
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    assert name in claims, f"the data dir's volume {name} is not a volumeClaimTemplate"
+    assert claims[name]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["terminationGracePeriodSeconds"] > drain_timeout_s(c)
+    assert sts["spec"]["updateStrategy"]["type"] == "RollingUpdate" and sts["spec"]["minReadySeconds"] >= 1
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], "the volume must be writable by the pod's group"
+    secret = {v["name"]: v for v in pod["volumes"]}["cluster-secret"]["secret"]
+    assert secret["secretName"] == "kv-cluster-secret"
+    assert ports(c["ports"]) == [(8001, "TCP"), (8002, "TCP")]
+
+
+@check("compose gives each worker a named volume at its KV_DATA_DIR")
+def _():
+    with open(os.path.join(os.path.dirname(K8S), "compose.yaml")) as f:
+        compose = yaml.safe_load(f)
+    for i in range(1, 5):
+        service = compose["services"][f"worker{i}"]
+        path = service["environment"].get("KV_DATA_DIR")
+        assert path, f"worker{i}: no KV_DATA_DIR"
+        volumes = dict(v.split(":", 1)[::-1] for v in service.get("volumes", []))
+        assert path in volumes, f"worker{i}: {path} is not a volume"
+        assert volumes[path] in (compose.get("volumes") or {}), f"worker{i}: {volumes[path]} is not a named volume"
+
+
 failed = len([e for e in results if e])
 print(f"k8s manifests: {len(results) - failed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
