@@ -5,18 +5,20 @@
 //! endian) followed by the key, so a ring arc is one ordered range scan;
 //! the value is the version (hlc and node, 8 bytes each, big endian), a tag
 //! byte (0: tombstone, 1: value) and the value's bytes. Digests of the 2^16
-//! buckets of the hash circle, key and byte counts are kept in memory, made
-//! by one scan at open and kept exact under each bucket's lock on every
-//! change, so comparing an arc with a co-owner reads no keys.
+//! buckets of the hash circle (with each copy's fingerprint, 16 bytes a
+//! copy, for the buckets an arc's ends cut), key and byte counts are kept
+//! in memory, made by one scan at open and kept exact under each bucket's
+//! lock on every change, so comparing an arc with a co-owner reads nothing
+//! from the engine.
 //!
 //! Durability follows `--sync`. fjall hands every write to the OS before
 //! `insert` returns, so a killed process (`kill -9`, an OOM kill) loses
 //! nothing that was acknowledged in any mode; what the modes change is a
 //! power loss or a kernel crash. `always`: a copy counts (towards W=2, or
-//! as confirmed to a peer) only after an fsync that covers it; concurrent
-//! writes share one fsync (group commit, on a thread of its own).
-//! `interval`: an fsync every `--sync-every` (as Redis `appendfsync
-//! everysec`). `never`: the OS writes back when it likes.
+//! as confirmed to a peer) only after an fsync that covers it, which a
+//! thread of its own runs for every write made so far at once (group
+//! commit). `interval`: an fsync every `--sync-every` (as Redis
+//! `appendfsync everysec`). `never`: the OS writes back when it likes.
 //!
 //! The dir holds `worker-id` (whose data this is: another id is refused),
 //! `LOCK` (held while a worker runs: a second process is refused) and
@@ -25,9 +27,12 @@
 //! before it; any other damage stops the worker with a message saying how
 //! to recover.
 
-use crate::store::{Applied, Persisted, Store, StoreError, Stored};
+use crate::store::{
+    bucket_of, buckets_of, Applied, Persisted, Store, StoreError, Stored, BUCKET_BITS,
+};
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use kv_wire::digest::fingerprint;
 use kv_wire::{Digest, HashRange, Ring, Version};
 use std::fs::File;
 use std::io::Write;
@@ -39,8 +44,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-/// The same 2^16 buckets of the hash circle as the in-memory store.
-const BUCKET_BITS: u32 = 16;
 /// Bytes before a copy's value: hlc, node, tag.
 const HEADER: usize = 17;
 /// The longest journal tail a crash can tear: the writes since the last
@@ -48,6 +51,10 @@ const HEADER: usize = 17;
 /// cut means damage further in, which stops the worker instead.
 const TORN_TAIL_MAX: u64 = 8 * 1024 * 1024;
 const TOMBSTONE: u8 = 0;
+/// The keyspace's memtable (see `open`).
+const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
+/// How often a failing engine is logged.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 const VALUE: u8 = 1;
 
 /// When writes reach the disk (`--sync`).
@@ -60,6 +67,43 @@ pub enum SyncPolicy {
     Interval,
     /// Never fsync: the OS writes back when it likes.
     Never,
+}
+
+/// What the store keeps in memory of one bucket: the digest of its copies,
+/// and each copy's place and fingerprint (16 bytes a copy), so that a range
+/// cutting through the bucket (an arc's ends) is digested without reading
+/// the engine either.
+#[derive(Debug, Default)]
+struct Summary {
+    digest: Digest,
+    prints: Vec<(u64, u64)>,
+}
+
+impl Summary {
+    fn add(&mut self, hash: u64, version: Version) {
+        self.digest.add(hash, version);
+        self.prints.push((hash, fingerprint(hash, version)));
+    }
+
+    fn remove(&mut self, hash: u64, version: Version) {
+        self.digest.remove(hash, version);
+        let print = (hash, fingerprint(hash, version));
+        if let Some(i) = self.prints.iter().position(|p| *p == print) {
+            self.prints.swap_remove(i);
+        }
+    }
+
+    /// The digest of this bucket's copies inside `range`.
+    fn within(&self, range: HashRange) -> Digest {
+        let mut d = Digest::default();
+        for (hash, print) in &self.prints {
+            if range.contains(*hash) {
+                d.count += 1;
+                d.xor ^= print;
+            }
+        }
+        d
+    }
 }
 
 /// Why a data dir cannot be used. Each says what to do.
@@ -116,11 +160,13 @@ pub struct DiskStore {
     dir: PathBuf,
     db: Database,
     copies: Keyspace,
-    buckets: Vec<Mutex<Digest>>,
+    buckets: Vec<Mutex<Summary>>,
     keys: AtomicI64,
     bytes: AtomicI64,
     tombstones: AtomicI64,
     syncer: Arc<Syncer>,
+    /// When an engine failure was last logged (Unix ms).
+    last_failure_log: AtomicU64,
     /// Held for as long as the store is open.
     _lock: File,
 }
@@ -135,20 +181,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
     move |source| OpenError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// The bucket of a key hash.
-fn bucket_of(hash: u64) -> usize {
-    (hash >> (64 - BUCKET_BITS)) as usize
-}
-
-/// The hashes bucket `b` covers.
-fn bucket_range(b: usize) -> HashRange {
-    let start = (b as u64) << (64 - BUCKET_BITS);
-    HashRange {
-        start,
-        end: start | (u64::MAX >> BUCKET_BITS),
     }
 }
 
@@ -173,8 +205,9 @@ fn encode_copy(copy: &Stored) -> Vec<u8> {
     v
 }
 
-/// A stored pair back: (hash, key, copy), or why it is not one.
-fn decode(key: &[u8], value: Bytes) -> Result<(u64, String, Stored), String> {
+/// What a stored pair says without copying it: the key's hash, the
+/// version, and whether it is a tombstone; or why it is not a pair.
+fn decode_header(key: &[u8], value: &[u8]) -> Result<(u64, Version, bool), String> {
     if key.len() < 8 || value.len() < HEADER {
         return Err(format!(
             "an entry of {} + {} bytes is too short",
@@ -187,19 +220,24 @@ fn decode(key: &[u8], value: Bytes) -> Result<(u64, String, Stored), String> {
         a.copy_from_slice(&b[at..at + 8]);
         u64::from_be_bytes(a)
     };
-    let hash = u64_at(key, 0);
+    let version = Version {
+        hlc: u64_at(value, 0),
+        node: u64_at(value, 8),
+    };
+    match value[16] {
+        TOMBSTONE => Ok((u64_at(key, 0), version, true)),
+        VALUE => Ok((u64_at(key, 0), version, false)),
+        tag => Err(format!("unknown tag {tag}")),
+    }
+}
+
+/// A stored pair back: (hash, key, copy), or why it is not one.
+fn decode(key: &[u8], value: Bytes) -> Result<(u64, String, Stored), String> {
+    let (hash, version, tombstone) = decode_header(key, &value)?;
     let name = std::str::from_utf8(&key[8..])
         .map_err(|_| "a key is not UTF-8".to_string())?
         .to_string();
-    let version = Version {
-        hlc: u64_at(&value, 0),
-        node: u64_at(&value, 8),
-    };
-    let value = match value[16] {
-        TOMBSTONE => None,
-        VALUE => Some(value.slice(HEADER..)),
-        tag => return Err(format!("unknown tag {tag}")),
-    };
+    let value = (!tombstone).then(|| value.slice(HEADER..));
     Ok((hash, name, Stored { version, value }))
 }
 
@@ -246,6 +284,9 @@ impl DiskStore {
             });
         }
         let ends = journal_ends(&engine);
+        // fjall hands each insert's journal entry to the OS before it
+        // returns (measured: cheaper than waking a thread to do it for a
+        // group of writes), so only `always` waits for anything.
         let db = Database::builder(&engine).open().map_err(damaged)?;
         if let Err((journal, reason)) = check_torn_tails(ends) {
             // fjall has cut the journal already: the marker keeps the
@@ -257,8 +298,12 @@ impl DiskStore {
                 reason,
             });
         }
+        // A smaller memtable than fjall's 64 MiB: its journal is what a
+        // restart replays before serving, so this bounds the restart time.
         let copies = db
-            .keyspace("copies", KeyspaceCreateOptions::default)
+            .keyspace("copies", || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
             .map_err(damaged)?;
         let store = DiskStore {
             dir: dir.to_path_buf(),
@@ -271,6 +316,7 @@ impl DiskStore {
             keys: AtomicI64::new(0),
             bytes: AtomicI64::new(0),
             tombstones: AtomicI64::new(0),
+            last_failure_log: AtomicU64::new(0),
             _lock: lock,
         };
         let opened = store.load().map_err(|reason| OpenError::Damaged {
@@ -286,14 +332,16 @@ impl DiskStore {
     fn load(&self) -> Result<Opened, String> {
         let mut opened = Opened::default();
         let (mut keys, mut bytes, mut tombstones) = (0i64, 0i64, 0i64);
+        // Runs before the worker serves anything, so its buckets' locks
+        // are free: no decoding of keys or values, only their headers.
         for guard in self.copies.iter() {
             let (k, v) = guard.into_inner().map_err(|e| e.to_string())?;
-            let (hash, key, copy) = decode(&k, v.into())?;
-            self.bucket(bucket_of(hash)).add(hash, copy.version);
+            let (hash, version, tombstone) = decode_header(&k, &v)?;
+            self.bucket(bucket_of(hash)).add(hash, version);
             keys += 1;
-            bytes += copy.size(&key) as i64;
-            tombstones += i64::from(copy.value.is_none());
-            opened.newest = opened.newest.max(copy.version);
+            bytes += (k.len() - 8 + v.len() - HEADER) as i64;
+            tombstones += i64::from(tombstone);
+            opened.newest = opened.newest.max(version);
         }
         self.keys.store(keys, Ordering::Relaxed);
         self.bytes.store(bytes, Ordering::Relaxed);
@@ -304,24 +352,31 @@ impl DiskStore {
 
     // A panic while a bucket's lock was held leaves a digest that is at
     // worst off by the one change; keep serving (anti-entropy copes).
-    fn bucket(&self, b: usize) -> MutexGuard<'_, Digest> {
+    fn bucket(&self, b: usize) -> MutexGuard<'_, Summary> {
         self.buckets[b].lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The error for a failed engine call, logged at most once per
+    /// [`FAILURE_LOG_EVERY`] (a full disk fails every write).
     fn failed(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
-        error!(dir = %self.dir.display(), error = %e, "the data dir failed to {what}");
+        let now = kv_wire::version::unix_ms(std::time::SystemTime::now());
+        let last = self.last_failure_log.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= FAILURE_LOG_EVERY.as_millis() as u64
+            && self
+                .last_failure_log
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            error!(dir = %self.dir.display(), error = %e, "the data dir failed to {what} (further failures are not logged for 10 s)");
+        }
         StoreError(format!("the data dir {} failed to {what}: {e}", self.dir.display()).into())
     }
 
     fn read(&self, hash: u64, key: &str) -> Result<Option<Stored>, StoreError> {
-        let Some(v) = self
-            .copies
-            .get(encode_key(hash, key))
-            .map_err(|e| self.failed("read", e))?
-        else {
+        let k = encode_key(hash, key);
+        let Some(v) = self.copies.get(&k).map_err(|e| self.failed("read", e))? else {
             return Ok(None);
         };
-        let k = encode_key(hash, key);
         decode(&k, v.into())
             .map(|(_, _, copy)| Some(copy))
             .map_err(|e| self.failed("decode a copy", e))
@@ -513,20 +568,14 @@ impl Store for DiskStore {
 
     fn digest(&self, range: HashRange) -> Digest {
         let mut total = Digest::default();
-        if !range.is_valid() {
-            return total;
-        }
-        for b in bucket_of(range.start)..=bucket_of(range.end) {
-            let covered = bucket_range(b);
-            if range.start <= covered.start && covered.end <= range.end {
-                total.merge(*self.bucket(b));
+        // The same 2^16 buckets as the in-memory store.
+        for (b, whole) in buckets_of(range) {
+            let bucket = self.bucket(b);
+            total.merge(if whole {
+                bucket.digest
             } else {
-                let part = HashRange {
-                    start: range.start.max(covered.start),
-                    end: range.end.min(covered.end),
-                };
-                self.each(part, &mut |hash, _, copy| total.add(hash, copy.version));
-            }
+                bucket.within(range)
+            });
         }
         total
     }
@@ -625,20 +674,18 @@ impl Syncer {
             wake: Condvar::new(),
             synced: watch::Sender::new(Synced::default()),
         });
-        if policy != SyncPolicy::Never {
-            let s = syncer.clone();
-            let spawned = std::thread::Builder::new()
-                .name("kv-fsync".into())
-                .spawn(move || s.run(&db, every));
-            if let Err(e) = spawned {
-                // Without the thread `always` could never acknowledge:
-                // tickets then fail rather than wait forever.
-                error!(error = %e, "cannot start the fsync thread");
-                syncer.synced.send_modify(|s| {
-                    s.failed_upto = u64::MAX;
-                    s.error = Some("the fsync thread could not start".into());
-                });
-            }
+        let s = syncer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kv-fsync".into())
+            .spawn(move || s.run(&db, every));
+        if let Err(e) = spawned {
+            // Without the thread `always` could never acknowledge: tickets
+            // then fail rather than wait forever.
+            error!(error = %e, "cannot start the fsync thread");
+            syncer.synced.send_modify(|s| {
+                s.failed_upto = u64::MAX;
+                s.error = Some("the fsync thread could not start".into());
+            });
         }
         syncer
     }
@@ -674,38 +721,49 @@ impl Syncer {
         self.wake.notify_one();
     }
 
+    /// With `always`, fsyncs everything written so far as soon as a ticket
+    /// waits (one fsync for all the writes made meanwhile); with
+    /// `interval`, every `every`.
     fn run(&self, db: &Database, every: Duration) {
+        let mut next_fsync = std::time::Instant::now() + every;
+        let mut fsynced = 0;
         let mut last_error: Option<String> = None;
         loop {
-            {
-                let mut wanted = self.lock();
+            let acks_wait = {
+                let wanted = self.lock();
                 let idle = |w: &mut (u64, bool)| !w.1 && w.0 <= self.synced.borrow().upto;
-                wanted = match self.policy {
-                    SyncPolicy::Interval => {
-                        self.wake
-                            .wait_timeout(wanted, every)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0
-                    }
-                    _ => self
-                        .wake
+                let wanted = if self.policy == SyncPolicy::Interval {
+                    let left = next_fsync.saturating_duration_since(std::time::Instant::now());
+                    self.wake
+                        .wait_timeout_while(wanted, left, idle)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                } else {
+                    self.wake
                         .wait_while(wanted, idle)
-                        .unwrap_or_else(|p| p.into_inner()),
+                        .unwrap_or_else(|p| p.into_inner())
                 };
                 if wanted.1 {
                     return;
                 }
-            }
+                wanted.0 > self.synced.borrow().upto
+            };
             // Everything numbered so far was inserted before this load.
             let target = self.written.load(Ordering::Acquire);
-            if target <= self.synced.borrow().upto {
-                continue; // an interval with nothing new
+            let fsync_due =
+                self.policy == SyncPolicy::Interval && std::time::Instant::now() >= next_fsync;
+            if fsync_due {
+                next_fsync = std::time::Instant::now() + every;
+            }
+            if !(acks_wait || fsync_due && target > fsynced) {
+                continue;
             }
             match db.persist(PersistMode::SyncAll) {
                 Ok(()) => {
                     if last_error.take().is_some() {
                         info!("fsync of the data dir works again");
                     }
+                    fsynced = target;
                     self.synced.send_modify(|s| s.upto = s.upto.max(target));
                 }
                 Err(e) => {

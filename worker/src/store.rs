@@ -106,7 +106,34 @@ pub trait Store: Send + Sync + 'static {
 /// a few whole buckets, whose digests are kept up to date, and two partial
 /// ones, which are scanned. Each bucket has its own lock, so writers rarely
 /// contend.
-const BUCKET_BITS: u32 = 16;
+pub(crate) const BUCKET_BITS: u32 = 16;
+
+/// The bucket of a key hash.
+pub(crate) fn bucket_of(hash: u64) -> usize {
+    (hash >> (64 - BUCKET_BITS)) as usize
+}
+
+/// The hashes bucket `b` covers.
+pub(crate) fn bucket_range(b: usize) -> HashRange {
+    let start = (b as u64) << (64 - BUCKET_BITS);
+    HashRange {
+        start,
+        end: start | (u64::MAX >> BUCKET_BITS),
+    }
+}
+
+/// The buckets `range` touches, each with whether it lies wholly inside.
+pub(crate) fn buckets_of(range: HashRange) -> impl Iterator<Item = (usize, bool)> {
+    let (first, last) = if range.is_valid() {
+        (bucket_of(range.start), bucket_of(range.end))
+    } else {
+        (1, 0)
+    };
+    (first..=last).map(move |b| {
+        let covered = bucket_range(b);
+        (b, range.start <= covered.start && covered.end <= range.end)
+    })
+}
 
 /// One bucket: its copies (foldhash, randomly seeded per process: several
 /// times faster than SipHash on short keys, still unpredictable to clients
@@ -137,19 +164,6 @@ impl MemStore {
         }
     }
 
-    fn bucket_of(hash: u64) -> usize {
-        (hash >> (64 - BUCKET_BITS)) as usize
-    }
-
-    /// The hashes bucket `b` covers.
-    fn bucket_range(b: usize) -> HashRange {
-        let start = (b as u64) << (64 - BUCKET_BITS);
-        HashRange {
-            start,
-            end: start | (u64::MAX >> BUCKET_BITS),
-        }
-    }
-
     // A writer that panicked mid-insert leaves a HashMap that is still
     // valid; keep serving rather than poison every later request.
     fn read(&self, bucket: usize) -> RwLockReadGuard<'_, Bucket> {
@@ -168,19 +182,6 @@ impl MemStore {
         self.keys.fetch_add(keys, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
-
-    /// The buckets `range` touches, each with whether it lies wholly inside.
-    fn buckets_of(range: HashRange) -> impl Iterator<Item = (usize, bool)> {
-        let (first, last) = if range.is_valid() {
-            (Self::bucket_of(range.start), Self::bucket_of(range.end))
-        } else {
-            (1, 0)
-        };
-        (first..=last).map(move |b| {
-            let covered = Self::bucket_range(b);
-            (b, range.start <= covered.start && covered.end <= range.end)
-        })
-    }
 }
 
 impl Default for MemStore {
@@ -192,12 +193,12 @@ impl Default for MemStore {
 impl Store for MemStore {
     fn get(&self, key: &str) -> Option<Stored> {
         let hash = Ring::key_hash(key.as_bytes());
-        self.read(Self::bucket_of(hash)).map.get(key).cloned()
+        self.read(bucket_of(hash)).map.get(key).cloned()
     }
 
     fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
         let hash = Ring::key_hash(key.as_bytes());
-        let mut bucket = self.write(Self::bucket_of(hash));
+        let mut bucket = self.write(bucket_of(hash));
         let Bucket { map, digest } = &mut *bucket;
         Ok(match map.get_mut(key) {
             Some(held) if held.version > copy.version => Applied::Older { held: held.version },
@@ -228,7 +229,7 @@ impl Store for MemStore {
 
     fn remove_if(&self, key: &str, version: Version) -> bool {
         let hash = Ring::key_hash(key.as_bytes());
-        let mut bucket = self.write(Self::bucket_of(hash));
+        let mut bucket = self.write(bucket_of(hash));
         if bucket
             .map
             .get(key)
@@ -245,7 +246,7 @@ impl Store for MemStore {
     }
 
     fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored)) {
-        for (b, whole) in Self::buckets_of(range) {
+        for (b, whole) in buckets_of(range) {
             let bucket = self.read(b);
             for (key, copy) in &bucket.map {
                 if whole || range.contains(Ring::key_hash(key.as_bytes())) {
@@ -257,7 +258,7 @@ impl Store for MemStore {
 
     fn digest(&self, range: HashRange) -> Digest {
         let mut digest = Digest::default();
-        for (b, whole) in Self::buckets_of(range) {
+        for (b, whole) in buckets_of(range) {
             let bucket = self.read(b);
             if whole {
                 digest.merge(bucket.digest);
