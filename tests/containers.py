@@ -164,13 +164,18 @@ def container(worker_id):
 
 
 def write_keys(prefix, count, via):
-    """Writes keys through `via`; returns {key: value} of the acknowledged ones."""
-    acked = {}
+    """Writes keys through `via`; returns {key: value} of the acknowledged
+    ones. Prints the first few failures, so a failed count says why."""
+    acked, failed = {}, []
     for i in range(count):
         key, value = f"{prefix}{i}", f"{prefix}value{i}"
-        status, _ = http("PUT", f"{worker_url(via)}/kv", {"key": key, "value": value})
+        status, reply = http("PUT", f"{worker_url(via)}/kv", {"key": key, "value": value})
         if status == 200:
             acked[key] = value
+        else:
+            failed.append((key, status, reply))
+    if failed:
+        print(f"     {len(failed)} of {count} writes through {via} failed, such as {failed[:3]}")
     return acked
 
 
@@ -261,7 +266,9 @@ def compose_stop_of_two_workers_under_writes_loses_nothing():
     eventually("every acknowledged write on every owner", lambda: every_owner_holds(acked))
     print(f"     {len(acked)} writes during two drains, none failed, all on their owners")
     compose("start", *leavers)
-    eventually("4 workers UP again", lambda: len(live_workers()) == 4)
+    # UP is the controller's view; a restarted worker takes writes once it
+    # holds a topology, which /readyz says (the next check writes at once).
+    eventually("4 workers UP and ready again", lambda: len(live_workers()) == 4 and all(ready(w) for w in leavers))
 
 
 def every_worker_killed_then_up_keeps_its_data():
