@@ -1,5 +1,5 @@
 //! The admin HTTP API: `/register`, `/leave`, `/nodes`, `/mapping`,
-//! `/healthz`, `/metrics`. Every error is JSON `{"error": ...}` saying what was wrong and
+//! `/cluster`, `/cluster/key`, `/ui`, `/healthz`, `/metrics`. Every error is JSON `{"error": ...}` saying what was wrong and
 //! what to do; bad input is always a 4xx, never a 500 or a dropped
 //! connection.
 
@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kv_wire::auth::Signed;
@@ -64,6 +64,9 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/leave", post(leave))
         .route("/nodes", get(nodes))
         .route("/mapping", get(mapping))
+        .route("/cluster", get(cluster))
+        .route("/cluster/key", get(cluster_key))
+        .route("/ui", get(ui))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -151,7 +154,7 @@ async fn leave(
 }
 
 /// A worker as JSON.
-fn node_json(node: &NodeView<'_>) -> serde_json::Value {
+pub(crate) fn node_json(node: &NodeView<'_>) -> serde_json::Value {
     let w = &node.worker.member;
     let mut json = json!({
         "id": w.id,
@@ -230,6 +233,38 @@ async fn mapping(
     })))
 }
 
+/// The cluster, gathered from the workers (at most once a second).
+async fn cluster(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.gatherer.cluster(&shared).await).into_response()
+}
+
+/// A key's owners, primary first, each with the version it holds.
+async fn cluster_key(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<MappingQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query?;
+    let key = query.key.ok_or_else(|| {
+        ApiError::bad_request("missing query parameter \"key\": use /cluster/key?key=K")
+    })?;
+    kv_wire::validate_key(&key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    if shared.published().ring().is_empty() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no worker is live: start workers or wait for them to register".into(),
+        ));
+    }
+    Ok(Json(shared.gatherer.lookup(&shared, &key).await))
+}
+
+/// The dashboard: one page, everything embedded, fed by `/cluster`.
+async fn ui() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Html(include_str!("ui.html")),
+    )
+}
+
 async fn healthz(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let epoch = shared.membership().epoch();
     Json(json!({ "status": "ok", "epoch": epoch, "incarnation": shared.incarnation }))
@@ -248,13 +283,13 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        format!("no route {}: the controller serves /register, /leave, /nodes, /mapping?key=K, /healthz, /metrics", uri.path()),
+        format!("no route {}: the controller serves /register, /leave, /nodes, /mapping?key=K, /cluster, /cluster/key?key=K, /ui, /healthz, /metrics", uri.path()),
     )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
     ApiError(
         StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}: POST /register, /leave; GET /nodes, /mapping, /healthz, /metrics", uri.path()),
+        format!("{method} is not allowed on {}: POST /register, /leave; GET /nodes, /mapping, /cluster, /cluster/key, /ui, /healthz, /metrics", uri.path()),
     )
 }

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod bus;
+pub mod cluster;
 pub mod detector;
 pub mod heartbeat;
 pub mod http;
@@ -60,6 +61,10 @@ pub struct Config {
     /// replaced pods do not pile up.
     #[arg(long, env = "KV_FORGET_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
     pub forget_after: Duration,
+    /// How long `/cluster` reuses what the workers said before asking them
+    /// again: any number of viewers cost one gathering per period.
+    #[arg(long, env = "KV_CLUSTER_REFRESH", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub cluster_refresh: Duration,
     /// The cluster's name, checked in every wire hello.
     #[arg(long, env = "KV_CLUSTER", default_value = "kv")]
     pub cluster: String,

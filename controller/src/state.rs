@@ -2,6 +2,7 @@
 //! published topology that the bus and `/mapping` read.
 
 use crate::auth::Guard;
+use crate::cluster::{Events, Gatherer, What};
 use crate::detector::Status;
 use crate::membership::{
     HeartbeatOutcome, LeaveError, Membership, NamedTransition, RegisterError, Registered,
@@ -9,6 +10,7 @@ use crate::membership::{
 };
 use crate::metrics::{Metrics, StatusLabel, To};
 use crate::Config;
+use kv_client::Credentials;
 use kv_wire::heartbeat::Heartbeat;
 use kv_wire::register::LeaveRequest;
 use kv_wire::{Ring, Topology};
@@ -25,12 +27,19 @@ pub struct Published {
     /// The topology (epoch 0 and no members before the first publication).
     pub topology: Topology,
     ring: OnceLock<Ring>,
+    shares: OnceLock<Vec<f64>>,
 }
 
 impl Published {
     /// The ring over the topology's members.
     pub fn ring(&self) -> &Ring {
         self.ring.get_or_init(|| self.topology.ring())
+    }
+
+    /// Each ring worker's share as primary ([`Ring::primary_shares`]),
+    /// worked out once per publication.
+    pub fn shares(&self) -> &[f64] {
+        self.shares.get_or_init(|| self.ring().primary_shares())
     }
 }
 
@@ -48,6 +57,10 @@ pub struct Shared {
     pub heartbeat_port: u16,
     /// The cluster secret, if any, and the checks made with it.
     pub guard: Guard,
+    /// Recent status changes, registrations and epochs, for `/cluster`.
+    pub events: Events,
+    /// Asks workers for `/cluster`.
+    pub gatherer: Gatherer,
 }
 
 impl Shared {
@@ -68,6 +81,12 @@ impl Shared {
             heartbeat_interval: config.heartbeat_interval,
             heartbeat_port,
             guard: Guard::new(config.cluster_secret.clone()),
+            events: Events::default(),
+            gatherer: Gatherer::new(
+                Credentials::new(config.cluster.clone(), "controller")
+                    .with_secret(config.cluster_secret.clone()),
+                config.cluster_refresh,
+            ),
         }
     }
 
@@ -105,6 +124,10 @@ impl Shared {
             .membership()
             .register(reg, Instant::now(), SystemTime::now())?;
         info!(node = %id, member = registered.member, generation = registered.generation, "worker registered");
+        self.events.push(What::Registered {
+            worker: id,
+            generation: registered.generation,
+        });
         Ok(registered)
     }
 
@@ -130,6 +153,7 @@ impl Shared {
             .get_or_create(&To { to: t.to.as_str() })
             .inc();
         info!(node = %c.id, from = %t.from, to = %t.to, why = %t.why, epoch = m.epoch(), "worker status changed");
+        self.events.status(&c.id, t.from, t.to, t.why);
     }
 
     /// Feeds a heartbeat; returns what it did and the epoch for the ack.
@@ -170,9 +194,14 @@ impl Shared {
                 "topology published"
             );
             self.metrics.epoch.set(topology.epoch as i64);
+            self.events.push(What::Epoch {
+                epoch: topology.epoch,
+                live: topology.members.len(),
+                leaving: topology.leaving.len(),
+            });
             self.published.send_replace(Arc::new(Published {
                 topology,
-                ring: OnceLock::new(),
+                ..Published::default()
             }));
         }
     }

@@ -32,6 +32,10 @@ async fn every_bad_input_gets_a_json_error_with_the_right_status() {
         ("POST", c.url("/leave"), br#"{"id":"w"}"#.to_vec(), 400, "missing field"),
         ("POST", c.url("/leave"), br#"{"id":"nobody","generation":1}"#.to_vec(), 404, "register first"),
         ("GET", c.url("/leave"), vec![], 405, "not allowed"),
+        ("GET", c.url("/cluster/key"), vec![], 400, "missing query parameter \"key\""),
+        ("GET", c.url("/cluster/key?key="), vec![], 400, "key must not be empty"),
+        ("GET", c.url("/cluster/key?key=user123"), vec![], 503, "no worker is live"),
+        ("POST", c.url("/cluster"), vec![], 405, "not allowed"),
     ];
     for (method, url, body, status, says) in cases {
         let (got, reply) = http(method, &url, body).await;
@@ -184,4 +188,67 @@ async fn down_workers_are_forgotten_after_forget_after_with_their_reason_shown_u
     assert_eq!(c.status("worker1").await.as_deref(), Some("UP"));
     drop((stays, goes));
     c.stop().await;
+}
+
+#[tokio::test]
+async fn slow_workers_do_not_stall_cluster_and_are_shown_as_slow() {
+    // Every request gathers afresh.
+    let c = Controller::start_configured(|config| {
+        config.grace = Duration::ZERO;
+        config.cluster_refresh = Duration::ZERO;
+    })
+    .await;
+    // Fake workers heartbeat but never answer how they are doing.
+    let mut fakes = Vec::new();
+    for i in 0..3 {
+        fakes.push(FakeWorker::start(&c, &format!("slow{i}")).await);
+    }
+    eventually("three UP in /cluster", || async {
+        let (_, body) = c.get("/cluster").await;
+        (body["counts"]["UP"] == 3).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (status, body) = c.get("/cluster").await;
+    let took = started.elapsed();
+    assert_eq!(status, 200, "{body}");
+    // Every worker is asked at once, each for at most 500 ms.
+    assert!(
+        took < Duration::from_secs(3),
+        "/cluster took {took:?} with three slow workers"
+    );
+    let workers = body["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 3, "{body}");
+    for w in workers {
+        assert_eq!(w["status"], "UP", "{w}");
+        assert_eq!(w["answer"], "slow", "{w}");
+        assert!(
+            w["error"].as_str().unwrap().contains("no answer within"),
+            "{w}"
+        );
+        assert!(w["share"].as_f64().unwrap() > 0.2, "{w}");
+    }
+    assert_eq!(body["ring"]["segments"].as_array().unwrap().len(), 360);
+    let kinds: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"registered") && kinds.contains(&"epoch"),
+        "{kinds:?}"
+    );
+    // The key lookup names the owners even when none of them answers.
+    let (status, lookup) = c.get("/cluster/key?key=user123").await;
+    assert_eq!(status, 200, "{lookup}");
+    let owners = lookup["owners"].as_array().unwrap();
+    assert_eq!(owners.len(), 3, "{lookup}");
+    assert!(owners.iter().all(|o| o["error"].is_string()), "{lookup}");
+    // The page itself.
+    let (status, page) = http_raw("GET", &c.url("/ui"), Default::default()).await;
+    assert_eq!(status, 200);
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    assert!(page.contains("fetch(\"/cluster\"") && page.contains("setInterval(refresh, 1000)"));
+    drop(fakes);
 }

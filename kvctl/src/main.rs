@@ -10,6 +10,7 @@ mod bench;
 mod load;
 mod local;
 mod resp;
+mod status;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -81,6 +82,17 @@ enum Command {
     Local(local::Args),
     /// List the workers the controller knows.
     Nodes {
+        /// Print the controller's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The cluster at a glance, like `nodetool status`: every worker's
+    /// status, keys, bytes, share of the ring, epoch, readiness, ops/s and
+    /// rebalance, and the latest events (from the controller's `/cluster`).
+    Status {
+        /// Redraw every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
         /// Print the controller's JSON.
         #[arg(long)]
         json: bool,
@@ -191,6 +203,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Status { watch, json } => status::run(&target.controller, watch, json).await,
         Command::Mapping { key, json } => {
             let mapping = connect(&target).await?.mapping(&key).await?;
             if json {

@@ -9,6 +9,7 @@
 //! - [`heartbeat`]: the compact UDP heartbeat and its ack;
 //! - [`register`]: the JSON of the controller's `/register`;
 //! - [`ring`]: the consistent-hash ring every process computes identically;
+//! - [`stats`]: what a worker reports of itself for the dashboard;
 //! - [`version`]: hybrid-logical-clock versions, compared last-writer-wins.
 //!
 //! No sockets, tasks or clocks live here: callers bring the I/O and the time
@@ -23,6 +24,7 @@ pub mod heartbeat;
 pub mod message;
 pub mod register;
 pub mod ring;
+pub mod stats;
 pub mod version;
 
 pub use auth::ClusterSecret;

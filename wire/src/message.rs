@@ -342,6 +342,9 @@ pub enum Request {
         /// The keys.
         keys: Vec<String>,
     },
+    /// The controller asks how the worker is doing (for `/cluster`);
+    /// answered by [`Response::Stats`].
+    Stats,
 }
 
 /// A worker's answer.
@@ -399,6 +402,8 @@ pub enum Response {
     },
     /// The request failed.
     Failed(Failure),
+    /// The answer to [`Request::Stats`].
+    Stats(Box<crate::stats::WorkerStats>),
 }
 
 /// Why a request failed, and what to do.

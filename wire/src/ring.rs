@@ -137,6 +137,46 @@ impl Ring {
         self.owners(key, n).contains(&id)
     }
 
+    /// Each worker's share of the circle as primary, in [`Ring::nodes`]
+    /// order (fractions summing to 1; empty for an empty ring). A token
+    /// owns the hashes from the previous token (exclusive) up to itself.
+    pub fn primary_shares(&self) -> Vec<f64> {
+        let mut widths = vec![0u128; self.nodes.len()];
+        let Some(&last) = self.tokens.last() else {
+            return Vec::new();
+        };
+        let mut previous = last;
+        for (i, (&token, &node)) in self.tokens.iter().zip(&self.token_nodes).enumerate() {
+            // The first token also owns the wrap from above the last one.
+            let width = if i == 0 {
+                (1u128 << 64) - u128::from(last) + u128::from(token)
+            } else {
+                u128::from(token - previous)
+            };
+            widths[node as usize] += width;
+            previous = token;
+        }
+        let whole = (1u128 << 64) as f64;
+        widths.iter().map(|&w| w as f64 / whole).collect()
+    }
+
+    /// The circle cut into `segments` equal parts, and the primary of
+    /// each part's midpoint as an index into [`Ring::nodes`]: a picture of
+    /// the ring small enough to draw (empty for an empty ring).
+    pub fn picture(&self, segments: usize) -> Vec<u32> {
+        if self.tokens.is_empty() || segments == 0 {
+            return Vec::new();
+        }
+        let step = (1u128 << 64) / segments as u128;
+        (0..segments as u128)
+            .map(|i| {
+                let mid = (i * step + step / 2) as u64;
+                let at = self.tokens.partition_point(|&t| t < mid) % self.tokens.len();
+                self.token_nodes[at]
+            })
+            .collect()
+    }
+
     /// The circle cut into arcs, each a [`HashRange`] with its owners
     /// (primary first, up to the replication factor), in hash order. Every
     /// hash lies in exactly one; a key's owners are those of the arc holding
@@ -208,6 +248,56 @@ impl Ring {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn primary_shares_sum_to_one_and_match_where_keys_land() {
+        assert!(Ring::default().primary_shares().is_empty());
+        assert_eq!(Ring::new(["solo"]).primary_shares(), vec![1.0]);
+        let ring = Ring::with_vnodes(workers(5), 64);
+        let shares = ring.primary_shares();
+        assert!(
+            (shares.iter().sum::<f64>() - 1.0).abs() < 1e-9,
+            "{shares:?}"
+        );
+        let mut landed = vec![0usize; 5];
+        let keys = 200_000;
+        for i in 0..keys {
+            let primary = ring.primary(format!("key{i}").as_bytes()).expect("primary");
+            landed[ring
+                .nodes()
+                .iter()
+                .position(|n| n == primary)
+                .expect("node")] += 1;
+        }
+        for (share, count) in shares.iter().zip(&landed) {
+            let seen = *count as f64 / keys as f64;
+            assert!(
+                (share - seen).abs() < 0.01,
+                "share {share} but {seen} of keys"
+            );
+        }
+    }
+
+    #[test]
+    fn the_picture_shows_the_primary_of_each_segment() {
+        assert!(Ring::default().picture(8).is_empty());
+        let ring = Ring::with_vnodes(workers(3), 16);
+        let picture = ring.picture(360);
+        assert_eq!(picture.len(), 360);
+        let step = u64::MAX / 360;
+        for (i, &node) in picture.iter().enumerate() {
+            let mid = i as u64 * step + step / 2;
+            assert_eq!(ring.owner_indices(mid, 1), vec![node], "segment {i}");
+        }
+        // Every worker appears, in proportion to its share.
+        for (n, share) in ring.primary_shares().iter().enumerate() {
+            let drawn = picture.iter().filter(|&&p| p == n as u32).count() as f64 / 360.0;
+            assert!(
+                (drawn - share).abs() < 0.05,
+                "{drawn} drawn for a share of {share}"
+            );
+        }
+    }
 
     fn workers(n: usize) -> Vec<String> {
         (1..=n).map(|i| format!("worker{i}")).collect()

@@ -248,10 +248,7 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
 /// 200 only when this worker is in the current topology and holds what it
 /// assigns it; 503 saying why not (joining, rebalancing in, leaving).
 async fn readyz(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value>, ApiError> {
-    let current = node.topologies.current();
-    let settled = node.topologies.settled();
-    let leaving = node.leaving.is_cancelled();
-    match crate::lifecycle::readiness(&node.id, leaving, &current, &settled) {
+    match node.readiness() {
         Ok(epoch) => Ok(Json(
             json!({ "status": "ready", "id": node.id, "epoch": epoch }),
         )),

@@ -12,6 +12,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node;
+pub mod progress;
 pub mod ranges;
 pub mod rebalance;
 pub mod replication;
@@ -254,6 +255,7 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
             read_timeout: Duration::from_secs(1),
         },
         leaving: stop.leaving().clone(),
+        progress: progress::Progress::default(),
     });
 
     listeners

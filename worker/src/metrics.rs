@@ -73,6 +73,9 @@ pub struct Metrics {
     pub epoch: Gauge,
     /// Wire hellos and heartbeat acks refused for the cluster secret.
     pub auth_refusals: Family<Refused, Counter>,
+    /// Client operations served: puts (bulk items included), deletes and
+    /// quorum reads, whatever their outcome.
+    pub ops: Counter,
 }
 
 impl Metrics {
@@ -102,6 +105,7 @@ impl Metrics {
             bytes: Gauge::default(),
             epoch: Gauge::default(),
             auth_refusals: Family::default(),
+            ops: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,12 +202,20 @@ impl Metrics {
             "Wire hellos and heartbeat acks refused for the cluster secret, by what and why",
             m.auth_refusals.clone(),
         );
+        registry.register(
+            "client_ops",
+            "Client operations served: puts (bulk items included), deletes and quorum reads",
+            m.ops.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Counts one request.
     pub fn count(&self, op: &'static str, outcome: &'static str) {
         self.requests.get_or_create(&Op { op, outcome }).inc();
+        if matches!(op, "put" | "delete" | "get_quorum") {
+            self.ops.inc();
+        }
     }
 
     /// Counts a replicated batch.

@@ -163,6 +163,8 @@ pub struct Node {
     pub limits: Limits,
     /// Cancelled once this worker leaves: its copies no longer count.
     pub leaving: CancellationToken,
+    /// Where its rebalancing stands.
+    pub progress: crate::progress::Progress,
 }
 
 /// The wall clock, in milliseconds since the Unix epoch.
@@ -171,6 +173,32 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Node {
+    /// Why this worker is not ready (as `/readyz` says), or `Ok` with the
+    /// epoch it is ready at.
+    pub fn readiness(&self) -> Result<u64, crate::lifecycle::NotReady> {
+        let current = self.topologies.current();
+        let settled = self.topologies.settled();
+        let leaving = self.leaving.is_cancelled();
+        crate::lifecycle::readiness(&self.id, leaving, &current, &settled)
+    }
+
+    /// What the controller's `/cluster` shows of this worker.
+    pub fn stats(&self) -> kv_wire::stats::WorkerStats {
+        let (keys, bytes) = self.store.stats();
+        let (keys, bytes) = (keys as u64, bytes as u64);
+        let (rebalance, recent) = self.progress.snapshot((keys, bytes));
+        kv_wire::stats::WorkerStats {
+            keys,
+            bytes,
+            epoch: self.topologies.current().epoch(),
+            settled_epoch: self.topologies.settled().epoch(),
+            not_ready: self.readiness().err().map(|why| why.to_string()),
+            ops: self.metrics.ops.get(),
+            rebalance,
+            recent,
+        }
+    }
+
     /// Checks a key and value against the contract.
     pub fn validate(&self, key: &str, value: Option<&Bytes>) -> Result<(), OpError> {
         kv_wire::validate_key(key).map_err(|e| OpError::BadRequest(format!("invalid key: {e}")))?;

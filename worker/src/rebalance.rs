@@ -150,12 +150,14 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         }
         unfinished = true;
         let began = Instant::now();
+        node.progress.begin(view.epoch(), crate::node::now_ms());
         let report = tokio::select! {
             report = sync(&node, &view, why) => report,
             // A newer topology: start over towards it. What was pulled so
             // far stays (copies apply idempotently).
             _ = changes.changed() => {
                 info!(to = view.epoch(), "topology changed during a rebalance; starting over");
+                node.progress.interrupted();
                 changes.mark_changed();
                 continue;
             }
@@ -163,6 +165,7 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         };
         let took = began.elapsed();
         record(&node, &view, why, &report, took);
+        node.progress.end(why, &report, took, crate::node::now_ms());
         if report.complete() {
             node.topologies.settle(view);
             unfinished = false;
@@ -341,20 +344,31 @@ async fn sync_peer(
         };
         report.compared += chunk.len();
         report.differing += differ.len();
-        let pulls = differ.into_iter().filter_map(|(i, theirs)| {
-            let (range, my) = *mine.get(i as usize)?;
-            match decide(my, theirs, arcs.holder) {
-                Pull::Nothing => None,
-                how => Some((i as usize, range, how)),
-            }
-        });
+        // Each pull with the copies the peer holds beyond ours: what the
+        // progress shows still to come.
+        let pulls: Vec<_> = differ
+            .into_iter()
+            .filter_map(|(i, theirs)| {
+                let (range, my) = *mine.get(i as usize)?;
+                let expected = theirs.count.saturating_sub(my.count);
+                match decide(my, theirs, arcs.holder) {
+                    Pull::Nothing => None,
+                    how => Some((i as usize, range, how, expected)),
+                }
+            })
+            .collect();
+        node.progress.expect(pulls.iter().map(|p| p.3).sum());
         let mut failed = HashSet::new();
         let mut results = stream::iter(pulls)
-            .map(|(i, range, how)| async move { (i, pull(node, peer, range, how).await) })
+            .map(|(i, range, how, expected)| async move {
+                (i, expected, pull(node, peer, range, how).await)
+            })
             .buffer_unordered(PULLS_IN_FLIGHT);
-        while let Some((i, pulled)) = results.next().await {
+        while let Some((i, expected, pulled)) = results.next().await {
+            let (keys, bytes) = pulled.unwrap_or_default();
+            node.progress.pulled(expected, keys as u64, bytes as u64);
             match pulled {
-                Some((keys, bytes)) => {
+                Some(_) => {
                     report.pulled += keys;
                     report.pulled_bytes += bytes;
                 }
@@ -470,6 +484,7 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
     }
     report.foreign = handoff.len();
     node.metrics.handoff_pending.set(handoff.len() as i64);
+    node.progress.to_hand(handoff.len() as u64);
     if handoff.is_empty() {
         return;
     }
@@ -525,6 +540,7 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
         node.metrics
             .handoff_pending
             .set(handoff.unconfirmed() as i64);
+        node.progress.to_hand(handoff.unconfirmed() as u64);
         match pause {
             Some(pause) if handoff.unconfirmed() > 0 => tokio::time::sleep(*pause).await,
             _ => break,
@@ -560,8 +576,10 @@ async fn send(node: &Node, member: &Member, entries: &[Entry], report: &mut Repo
     )
     .await;
     if sent.is_some() {
+        let bytes = entries.iter().map(Entry::size).sum::<usize>();
         report.handed += entries.len();
-        report.handed_bytes += entries.iter().map(Entry::size).sum::<usize>();
+        report.handed_bytes += bytes;
+        node.progress.handed(entries.len() as u64, bytes as u64);
     } else {
         report.failures += 1;
     }

@@ -351,6 +351,10 @@ pub async fn answer(node: &Node, body: Request) -> Response {
             metrics.count("fetch", "ok");
             crate::ranges::fetch(node.store.as_ref(), keys)
         }
+        Request::Stats => {
+            metrics.count("stats", "ok");
+            Response::Stats(Box::new(node.stats()))
+        }
         Request::Topology(topology) => {
             metrics.count("topology", "ok");
             let epoch = node.topologies.offer(topology);
