@@ -107,7 +107,7 @@ pub fn render(c: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<8} {:<16} {:<22} {:>12} {:>10} {:>6} {:>7} {:<5} {:>8}  REBALANCE",
+        "{:<12} {:<16} {:<22} {:>12} {:>10} {:>6} {:>7} {:<5} {:>8}  REBALANCE",
         "STATUS", "WORKER", "ADDRESS", "KEYS", "BYTES", "SHARE", "EPOCH", "READY", "OPS/S"
     );
     for w in c["workers"].as_array().into_iter().flatten() {
@@ -148,7 +148,7 @@ pub fn render(c: &Value) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<8} {:<16} {:<22} {:>12} {:>10} {:>6} {:>7} {:<5} {:>8}  {rebalance}",
+            "{:<12} {:<16} {:<22} {:>12} {:>10} {:>6} {:>7} {:<5} {:>8}  {rebalance}",
             status,
             text(&w["id"]),
             format!("{}:{}", text(&w["host"]), w["port"]),
