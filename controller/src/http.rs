@@ -184,19 +184,27 @@ async fn nodes(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 }
 
 #[derive(Deserialize)]
-struct MappingQuery {
+struct KeyQuery {
     key: Option<String>,
+}
+
+/// The valid `?key=` of a request to `route`.
+fn key_of(query: Result<Query<KeyQuery>, QueryRejection>, route: &str) -> Result<String, ApiError> {
+    let Query(query) = query?;
+    let key = query.key.ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "missing query parameter \"key\": use {route}?key=K"
+        ))
+    })?;
+    kv_wire::validate_key(&key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    Ok(key)
 }
 
 async fn mapping(
     State(shared): State<Arc<Shared>>,
-    query: Result<Query<MappingQuery>, QueryRejection>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(query) = query?;
-    let key = query.key.ok_or_else(|| {
-        ApiError::bad_request("missing query parameter \"key\": use /mapping?key=K")
-    })?;
-    kv_wire::validate_key(&key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let key = key_of(query, "/mapping")?;
     let published = shared.published();
     if published.topology.epoch == 0 {
         return Err(ApiError(
@@ -241,13 +249,9 @@ async fn cluster(State(shared): State<Arc<Shared>>) -> Response {
 /// A key's owners, primary first, each with the version it holds.
 async fn cluster_key(
     State(shared): State<Arc<Shared>>,
-    query: Result<Query<MappingQuery>, QueryRejection>,
+    query: Result<Query<KeyQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(query) = query?;
-    let key = query.key.ok_or_else(|| {
-        ApiError::bad_request("missing query parameter \"key\": use /cluster/key?key=K")
-    })?;
-    kv_wire::validate_key(&key).map_err(|e| ApiError::bad_request(format!("invalid key: {e}")))?;
+    let key = key_of(query, "/cluster/key")?;
     if shared.published().ring().is_empty() {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
