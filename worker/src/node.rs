@@ -199,6 +199,22 @@ impl Node {
         }
     }
 
+    /// The current view, for a request. A worker that has just started
+    /// has no topology until the controller pushes one (right after it
+    /// registers, though a client may already see it UP): a request that
+    /// arrives meanwhile waits for it, up to the write timeout, instead of
+    /// being turned away with "no topology".
+    async fn view(&self) -> Arc<View> {
+        let view = self.topologies.current();
+        if view.epoch() > 0 {
+            return view;
+        }
+        let mut changes = self.topologies.subscribe();
+        let first = changes.wait_for(|v| v.epoch() > 0);
+        let _ = tokio::time::timeout(self.limits.write_timeout, first).await;
+        self.topologies.current()
+    }
+
     /// Checks a key and value against the contract.
     pub fn validate(&self, key: &str, value: Option<&Bytes>) -> Result<(), OpError> {
         kv_wire::validate_key(key).map_err(|e| OpError::BadRequest(format!("invalid key: {e}")))?;
@@ -218,7 +234,7 @@ impl Node {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let view = self.topologies.current();
+            let view = self.view().await;
             let primary = view
                 .owners(&key)
                 .first()
@@ -295,7 +311,7 @@ impl Node {
     /// when the primary dies.
     pub async fn coordinate(&self, key: &str, value: Option<Bytes>) -> Result<Written, OpError> {
         self.validate(key, value.as_ref())?;
-        let view = self.topologies.current();
+        let view = self.view().await;
         let replicas = self.replicas_if_primary(&view, key)?;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         for _ in 0..MAX_WRITE_ATTEMPTS {
@@ -395,7 +411,7 @@ impl Node {
     /// own: all are issued before any is awaited, so their copies share
     /// replication batches.
     pub async fn put_many(&self, items: Vec<(String, Bytes)>) -> Vec<Result<Version, Failure>> {
-        let view = self.topologies.current();
+        let view = self.view().await;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         let mut results: Vec<Option<Result<Version, Failure>>> = vec![None; items.len()];
         let mut issued = Vec::with_capacity(items.len());
@@ -455,7 +471,7 @@ impl Node {
     /// rebalance runs, its previous owners too.
     pub async fn get_quorum(&self, key: &str) -> Result<Option<Stored>, OpError> {
         self.validate(key, None)?;
-        let current = self.topologies.current();
+        let current = self.view().await;
         let settled = self.topologies.settled();
         let owners: Vec<Member> = current.owners(key).into_iter().cloned().collect();
         if owners.is_empty() {

@@ -146,7 +146,11 @@ async fn a_lone_worker_refuses_writes_it_cannot_replicate() {
 async fn a_worker_without_a_topology_says_so() {
     // The controller address answers nothing: the worker never registers.
     let nowhere = nowhere();
-    let w = start_worker("orphan", &nowhere).await;
+    // A request waits for the first topology up to the write timeout.
+    let w = start_worker_with("orphan", &nowhere, |c| {
+        c.write_timeout = std::time::Duration::from_millis(200)
+    })
+    .await;
     let (status, reply) = eventually("the worker to serve HTTP", || async {
         let url = w.url("/kv");
         let request = tokio::time::timeout(
@@ -162,6 +166,72 @@ async fn a_worker_without_a_topology_says_so() {
         "{reply}"
     );
     w.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_arrives_before_the_first_topology_waits_for_it() {
+    let cluster = Cluster::start(2).await;
+    // A worker whose controller never answers has no topology: it stands
+    // for one that has just started, which clients may see UP before the
+    // controller's push reaches it.
+    let late = start_worker_with("late", &nowhere(), |c| {
+        c.write_timeout = std::time::Duration::from_secs(20)
+    })
+    .await;
+    eventually("the late worker to serve HTTP", || async {
+        (late.get("/healthz").await.0 == 200).then_some(())
+    })
+    .await;
+    let url = late.url("/kv");
+    let put = tokio::spawn(async move { http("PUT", &url, put_body("early", "bird")).await });
+    // Let the write reach the worker before its topology does (without the
+    // wait it would fail with "no topology" at once, and this test with it).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!put.is_finished(), "{:?}", put.await);
+    // The controller's topology, pushed as the controller pushes it.
+    let (_, nodes) = cluster.controller.get("/nodes").await;
+    let members = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| kv_wire::Member {
+            id: n["id"].as_str().unwrap().into(),
+            host: n["host"].as_str().unwrap().into(),
+            port: n["port"].as_u64().unwrap() as u16,
+            wire_port: n["wire_port"].as_u64().unwrap() as u16,
+            generation: n["generation"].as_u64().unwrap(),
+        })
+        .collect();
+    let topology = kv_wire::Topology {
+        epoch: nodes["epoch"].as_u64().unwrap(),
+        members,
+        leaving: Vec::new(),
+    };
+    let credentials = kv_client::Credentials::new("kv", "controller");
+    let conn = kv_client::Connection::connect(
+        &late.wire.to_string(),
+        &credentials,
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    conn.call(kv_wire::Request::Topology(topology))
+        .await
+        .unwrap();
+    let (status, reply) = put.await.unwrap();
+    assert_eq!(status, 200, "{reply}");
+    let owners = cluster.mapping("early").await;
+    eventually("the write on every owner", || async {
+        for owner in &owners {
+            if cluster.worker(owner).local("early").await.as_deref() != Some("bird") {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    late.kill().await;
+    cluster.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
