@@ -293,6 +293,8 @@ impl Gatherer {
     pub async fn cluster(&self, shared: &Shared) -> Value {
         let last = self.gather(shared).await;
         let published = shared.published();
+        // Rendered under the membership lock (the views borrow from it):
+        // a few milliseconds for 1,000 workers, which heartbeats wait out.
         let m = shared.membership();
         let nodes = m.nodes(Instant::now());
         render(&Gathered {
