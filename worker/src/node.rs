@@ -10,6 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use kv_client::Pool;
 use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::{Clock, Entry, Member, Request, Response, Version, READ_QUORUM, WRITE_QUORUM};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
@@ -21,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 const MAX_WRITE_ATTEMPTS: usize = 4;
 /// How often a routed write follows a "not the owner" answer.
 const MAX_ROUTE_ATTEMPTS: usize = 3;
+/// How long a quorum read waits on the R owners it asked before asking
+/// the rest too: a slow (paused, overloaded) owner costs at most this.
+const READ_HEDGE: Duration = Duration::from_millis(50);
 
 /// Limits and timeouts of the data path.
 #[derive(Debug, Clone)]
@@ -488,17 +492,36 @@ impl Node {
                 .collect()
         };
         let needed = READ_QUORUM.min(owners.len());
-        let mut asks: FuturesUnordered<_> = owners
-            .iter()
-            .map(|m| (true, m))
-            .chain(previous.iter().map(|m| (false, m)))
-            .map(|(is_owner, m)| async move { (is_owner, self.read_copy(m, key).await) })
+        // R owners are asked, this worker first when it is one (its copy
+        // costs no call), then in ring order (the first replica holds every
+        // acknowledged write too); the others only when one of those fails
+        // or is slow. Previous owners are always asked.
+        let mut first: Vec<&Member> = owners.iter().collect();
+        if let Some(me) = first.iter().position(|m| m.id == self.id) {
+            let me = first.remove(me);
+            first.insert(0, me);
+        }
+        let mut spare: VecDeque<&Member> = first.split_off(needed).into();
+        let mut asks: FuturesUnordered<_> = first
+            .into_iter()
+            .map(|m| self.read_copy_of(true, m, key))
+            .chain(previous.iter().map(|m| self.read_copy_of(false, m, key)))
             .collect();
         let deadline = tokio::time::Instant::now() + self.limits.read_timeout;
+        let hedge = tokio::time::sleep(READ_HEDGE);
+        tokio::pin!(hedge);
         let (mut answered, mut failed, mut previous_left) = (0, 0, previous.len());
         let mut newest: Option<Stored> = None;
-        while let Ok(Some((is_owner, copy))) = tokio::time::timeout_at(deadline, asks.next()).await
-        {
+        loop {
+            let next = tokio::select! {
+                next = asks.next() => next,
+                () = &mut hedge, if !spare.is_empty() => {
+                    asks.extend(spare.drain(..).map(|m| self.read_copy_of(true, m, key)));
+                    continue;
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            };
+            let Some((is_owner, copy)) = next else { break };
             if !is_owner {
                 previous_left -= 1;
             }
@@ -509,7 +532,11 @@ impl Node {
                         newest = copy;
                     }
                 }
-                Err(_) => failed += usize::from(is_owner),
+                Err(_) if is_owner => {
+                    failed += 1;
+                    asks.extend(spare.pop_front().map(|m| self.read_copy_of(true, m, key)));
+                }
+                Err(_) => {}
             }
             if answered >= needed && previous_left == 0 {
                 break;
@@ -523,6 +550,16 @@ impl Node {
         } else {
             Err(OpError::ReadQuorum { answered, needed })
         }
+    }
+
+    /// [`Node::read_copy`], tagged with whether `member` is a current owner.
+    async fn read_copy_of(
+        &self,
+        is_owner: bool,
+        member: &Member,
+        key: &str,
+    ) -> (bool, Result<Option<Stored>, OpError>) {
+        (is_owner, self.read_copy(member, key).await)
     }
 
     async fn read_copy(&self, member: &Member, key: &str) -> Result<Option<Stored>, OpError> {

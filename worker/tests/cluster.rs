@@ -174,3 +174,30 @@ async fn ten_thousand_keys_survive_a_failure_on_all_three_owners_and_a_join_reba
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_read_asks_the_third_owner_when_one_of_the_first_two_is_dead() {
+    let mut cluster = Cluster::start(3).await;
+    let (status, reply) = http(
+        "PUT",
+        &cluster.workers[0].url("/kv"),
+        put_body("hedged", "v1"),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let owners = cluster.mapping("hedged").await;
+    eventually("the third copy", || async {
+        (cluster.worker(&owners[2]).local("hedged").await.as_deref() == Some("v1")).then_some(())
+    })
+    .await;
+    // The first replica dies; the controller has not noticed yet, so the
+    // primary asks it (with itself) first, and must fall back on the third.
+    cluster.stop(&owners[1]).await;
+    let url = cluster
+        .worker(&owners[0])
+        .url("/kv?key=hedged&consistency=quorum");
+    let (status, reply) = http("GET", &url, "").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["value"], "v1", "{reply}");
+    cluster.shutdown().await;
+}
