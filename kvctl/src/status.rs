@@ -84,8 +84,11 @@ pub fn render(c: &Value) -> String {
         "settled".to_string()
     } else {
         let r = &c["rebalance"];
+        let workers = r["workers"].as_u64().unwrap_or(0);
         format!(
-            "rebalancing: {} copies moved, about {} ({}) to go",
+            "rebalancing: {workers} worker{} catching up to epoch {}; {} copies moved, about {} ({}) to go",
+            if workers == 1 { "" } else { "s" },
+            c["epoch"],
             count(&r["keys_moved"]),
             count(&r["keys_to_go"]),
             bytes(&r["bytes_to_go"])
@@ -237,7 +240,7 @@ mod tests {
         });
         let page = render(&cluster);
         let lines: Vec<&str> = page.lines().collect();
-        assert!(lines[0].starts_with("epoch 7 · 2 UP, 0 SUSPECT, 0 LEAVING, 1 DOWN · secret on · rebalancing: 500 copies moved, about 1,500 (150.0 KB) to go"), "{page}");
+        assert!(lines[0].starts_with("epoch 7 · 2 UP, 0 SUSPECT, 0 LEAVING, 1 DOWN · secret on · rebalancing: 1 worker catching up to epoch 7; 500 copies moved, about 1,500 (150.0 KB) to go"), "{page}");
         let row = |id: &str| {
             lines
                 .iter()
