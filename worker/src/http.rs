@@ -36,6 +36,7 @@ impl From<OpError> for ApiError {
             | OpError::NotOwner { .. }
             | OpError::Unavailable
             | OpError::Storage(_)
+            | OpError::Primary(_)
             | OpError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())

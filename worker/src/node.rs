@@ -90,6 +90,11 @@ pub enum OpError {
     /// This worker could not store the copy (its data dir failed).
     #[error("this worker cannot store writes: {0}; the write's outcome is unknown, retry")]
     Storage(String),
+    /// The key's primary answered with a failure: passed on as it said
+    /// it (a quorum failure there reads as SPEC words it, whichever
+    /// worker the client wrote through).
+    #[error("{0}")]
+    Primary(String),
     /// The primary could not be asked.
     #[error(
         "cannot reach the key's primary {primary}: {reason}; the write's outcome is unknown, retry"
@@ -114,6 +119,7 @@ impl OpError {
             OpError::WriteQuorum { .. }
             | OpError::ReadQuorum { .. }
             | OpError::Storage(_)
+            | OpError::Primary(_)
             | OpError::Unreachable { .. } => FailureKind::Quorum,
             OpError::NotOwner { epoch } => FailureKind::NotOwner { epoch: *epoch },
             OpError::Unavailable => FailureKind::Unavailable,
@@ -126,10 +132,7 @@ impl OpError {
             FailureKind::NotOwner { epoch } => OpError::NotOwner { epoch },
             FailureKind::Unavailable => OpError::Unavailable,
             FailureKind::BadRequest => OpError::BadRequest(f.message),
-            FailureKind::Quorum | FailureKind::Busy => OpError::Unreachable {
-                primary: "the primary".into(),
-                reason: f.message,
-            },
+            FailureKind::Quorum | FailureKind::Busy => OpError::Primary(f.message),
         }
     }
 
@@ -138,7 +141,9 @@ impl OpError {
         match self {
             OpError::BadRequest(_) => "bad_request",
             OpError::TooLarge { .. } => "too_large",
-            OpError::WriteQuorum { .. } | OpError::ReadQuorum { .. } => "quorum",
+            OpError::WriteQuorum { .. } | OpError::ReadQuorum { .. } | OpError::Primary(_) => {
+                "quorum"
+            }
             OpError::NotOwner { .. } => "not_owner",
             OpError::Unavailable => "unavailable",
             OpError::Unreachable { .. } => "unreachable",

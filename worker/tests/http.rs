@@ -169,6 +169,26 @@ async fn a_worker_without_a_topology_says_so() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_failure_on_the_primary_reaches_a_client_of_another_worker_as_spec_words_it() {
+    let mut cluster = Cluster::start(4).await;
+    let owners = cluster.mapping("lonely").await;
+    let via = cluster
+        .workers
+        .iter()
+        .find(|w| !owners.contains(&w.id))
+        .unwrap()
+        .url("/kv");
+    // Both replicas die; before the controller notices, the primary can
+    // store the write only on itself.
+    cluster.stop(&owners[1]).await;
+    cluster.stop(&owners[2]).await;
+    let (status, reply) = http("PUT", &via, put_body("lonely", "v")).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_eq!(reply["error"], "write quorum not reached: 1 of 2");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_arrives_before_the_first_topology_waits_for_it() {
     let cluster = Cluster::start(2).await;
     // A worker whose controller never answers has no topology: it stands
