@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod node;
 pub mod progress;
+pub mod quorum;
 pub mod ranges;
 pub mod rebalance;
 pub mod replication;

@@ -2,6 +2,7 @@
 //! and quorum), and applying what peers send.
 
 use crate::metrics::Metrics;
+use crate::quorum::{Asked, ReadQuorum};
 use crate::replication::{ReplicaAck, Replicator};
 use crate::store::{Applied, Store, StoreError, Stored};
 use crate::topology::{Topologies, View};
@@ -10,7 +11,6 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use kv_client::Pool;
 use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::{Clock, Entry, Member, Request, Response, Version, READ_QUORUM, WRITE_QUORUM};
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use thiserror::Error;
@@ -497,74 +497,40 @@ impl Node {
                 .collect()
         };
         let needed = READ_QUORUM.min(owners.len());
-        // R owners are asked, this worker first when it is one (its copy
-        // costs no call), then in ring order (the first replica holds every
-        // acknowledged write too); the others only when one of those fails
-        // or is slow. Previous owners are always asked.
-        let mut first: Vec<&Member> = owners.iter().collect();
-        if let Some(me) = first.iter().position(|m| m.id == self.id) {
-            let me = first.remove(me);
-            first.insert(0, me);
-        }
-        let mut spare: VecDeque<&Member> = first.split_off(needed).into();
+        let (mut read, first) = ReadQuorum::new(&self.id, &owners, &previous, needed);
         let mut asks: FuturesUnordered<_> = first
             .into_iter()
-            .map(|m| self.read_copy_of(true, m, key))
-            .chain(previous.iter().map(|m| self.read_copy_of(false, m, key)))
+            .map(|(asked, m)| self.read_copy_of(asked, m, key))
             .collect();
         let deadline = tokio::time::Instant::now() + self.limits.read_timeout;
         let hedge = tokio::time::sleep(READ_HEDGE);
         tokio::pin!(hedge);
-        let (mut answered, mut failed, mut previous_left) = (0, 0, previous.len());
-        let mut newest: Option<Stored> = None;
-        loop {
+        while !read.done() {
             let next = tokio::select! {
                 next = asks.next() => next,
-                () = &mut hedge, if !spare.is_empty() => {
-                    asks.extend(spare.drain(..).map(|m| self.read_copy_of(true, m, key)));
+                () = &mut hedge, if read.has_spares() => {
+                    let rest = read.hedge();
+                    asks.extend(rest.into_iter().map(|m| self.read_copy_of(Asked::Owner, m, key)));
                     continue;
                 }
                 () = tokio::time::sleep_until(deadline) => break,
             };
-            let Some((is_owner, copy)) = next else { break };
-            if !is_owner {
-                previous_left -= 1;
-            }
-            match copy {
-                Ok(copy) => {
-                    answered += usize::from(is_owner);
-                    if copy.as_ref().map(|c| c.version) > newest.as_ref().map(|c| c.version) {
-                        newest = copy;
-                    }
-                }
-                Err(_) if is_owner => {
-                    failed += 1;
-                    asks.extend(spare.pop_front().map(|m| self.read_copy_of(true, m, key)));
-                }
-                Err(_) => {}
-            }
-            if answered >= needed && previous_left == 0 {
-                break;
-            }
-            if owners.len() - failed < needed {
-                break;
-            }
+            let Some((asked, copy)) = next else { break };
+            let instead = read.answer(asked, copy.ok());
+            asks.extend(instead.map(|m| self.read_copy_of(Asked::Owner, m, key)));
         }
-        if answered >= needed {
-            Ok(newest)
-        } else {
-            Err(OpError::ReadQuorum { answered, needed })
-        }
+        read.finish()
+            .map_err(|(answered, needed)| OpError::ReadQuorum { answered, needed })
     }
 
-    /// [`Node::read_copy`], tagged with whether `member` is a current owner.
+    /// [`Node::read_copy`], tagged with whom it asked.
     async fn read_copy_of(
         &self,
-        is_owner: bool,
+        asked: Asked,
         member: &Member,
         key: &str,
-    ) -> (bool, Result<Option<Stored>, OpError>) {
-        (is_owner, self.read_copy(member, key).await)
+    ) -> (Asked, Result<Option<Stored>, OpError>) {
+        (asked, self.read_copy(member, key).await)
     }
 
     async fn read_copy(&self, member: &Member, key: &str) -> Result<Option<Stored>, OpError> {
