@@ -2,7 +2,7 @@
 //! and quorum), and applying what peers send.
 
 use crate::metrics::Metrics;
-use crate::quorum::{Asked, ReadQuorum};
+use crate::quorum::{Asked, Quorum, ReadQuorum, WriteQuorum};
 use crate::replication::{ReplicaAck, Replicator};
 use crate::store::{Applied, Store, StoreError, Stored};
 use crate::topology::{Topologies, View};
@@ -650,43 +650,22 @@ fn unexpected(peer: &Member, answer: &Response) -> OpError {
     }
 }
 
-enum Quorum {
-    /// Copies (the primary's included) that hold the write.
-    Reached(usize),
-    /// A replica holds a newer version.
-    Stale(Version),
-    /// Both replicas failed.
-    Failed,
-}
-
-/// Waits for the first replica's answer; if it fails outright, for the
-/// second's. Counts the second when it has already answered too.
-async fn quorum(mut acks: Vec<oneshot::Receiver<ReplicaAck>>) -> Quorum {
-    let mut second = if acks.len() > 1 {
-        Some(acks.remove(1))
-    } else {
-        None
-    };
-    let first = acks
-        .remove(0)
-        .await
-        .unwrap_or(ReplicaAck::Failed("link stopped".into()));
-    match first {
-        ReplicaAck::Applied => {
-            let both = matches!(
-                second.as_mut().map(|s| s.try_recv()),
-                Some(Ok(ReplicaAck::Applied))
-            );
-            Quorum::Reached(if both { 3 } else { 2 })
+/// Waits for the replicas' acknowledgements until [`WriteQuorum`] says
+/// how the write ended.
+async fn quorum(acks: Vec<oneshot::Receiver<ReplicaAck>>) -> Quorum {
+    let mut write = WriteQuorum::new(acks.len());
+    let mut answers: FuturesUnordered<_> = acks
+        .into_iter()
+        .enumerate()
+        .map(|(i, ack)| async move {
+            let ack = ack.await;
+            (i, ack.unwrap_or(ReplicaAck::Failed("link stopped".into())))
+        })
+        .collect();
+    while let Some((i, ack)) = answers.next().await {
+        if let Some(outcome) = write.answer(i, ack) {
+            return outcome;
         }
-        ReplicaAck::Stale(held) => Quorum::Stale(held),
-        ReplicaAck::Failed(_) => match second {
-            Some(second) => match second.await {
-                Ok(ReplicaAck::Applied) => Quorum::Reached(2),
-                Ok(ReplicaAck::Stale(held)) => Quorum::Stale(held),
-                _ => Quorum::Failed,
-            },
-            None => Quorum::Failed,
-        },
     }
+    Quorum::Failed
 }

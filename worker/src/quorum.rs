@@ -1,7 +1,16 @@
-//! The rules of a quorum read, apart from the calls: which owners to ask
-//! first, whom to ask when one fails or is slow, which copy wins, and when
-//! the read is done. `Node::get_quorum` does the asking and the waiting;
-//! the tests below feed answers in any order.
+//! The rules of quorums, apart from the calls: for a write, when the
+//! replicas' acknowledgements make it acknowledged ([`WriteQuorum`]); for
+//! a read, which owners to ask first, whom to ask when one fails or is
+//! slow, which copy wins, and when the read is done ([`ReadQuorum`]).
+//! `Node` does the asking and the waiting; the tests below feed answers
+//! in any order.
+//!
+//! A write is acknowledged once the primary and its *first* replica hold
+//! it (or, when the first replica fails outright, the second): so every
+//! acknowledged write is on the primary and the first replica whenever
+//! that replica answers, which is what rebalancing counts on when the
+//! primary dies. A replica holding a newer version makes the primary
+//! reissue the write above it.
 //!
 //! R owners are asked: this worker first when it is one (its copy costs no
 //! call), then the others in ring order — the first replica holds every
@@ -11,9 +20,61 @@
 //! current one leaves out may hold the newest copy: they are always asked,
 //! and waited for, but do not count towards R.
 
+use crate::replication::ReplicaAck;
 use crate::store::Stored;
-use kv_wire::Member;
+use kv_wire::{Member, Version};
 use std::collections::VecDeque;
+
+/// How a write's replication ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quorum {
+    /// Copies (the primary's included) that hold the write.
+    Reached(usize),
+    /// A replica holds a newer version.
+    Stale(Version),
+    /// No replica that could make the quorum holds it.
+    Failed,
+}
+
+/// One write's acknowledgements from its replicas (first replica first).
+#[derive(Debug)]
+pub struct WriteQuorum {
+    acks: Vec<Option<ReplicaAck>>,
+}
+
+impl WriteQuorum {
+    /// A write replicated to `replicas` replicas (one or two).
+    pub fn new(replicas: usize) -> WriteQuorum {
+        WriteQuorum {
+            acks: vec![None; replicas],
+        }
+    }
+
+    /// Replica `i` (0: the first) answered; the outcome once it is known.
+    pub fn answer(&mut self, i: usize, ack: ReplicaAck) -> Option<Quorum> {
+        if let Some(slot) = self.acks.get_mut(i) {
+            *slot = Some(ack);
+        }
+        self.outcome()
+    }
+
+    /// The outcome, if the answers so far decide it.
+    pub fn outcome(&self) -> Option<Quorum> {
+        let held_too = |i: usize| matches!(self.acks.get(i), Some(Some(ReplicaAck::Applied)));
+        match self.acks.first()? {
+            None => None,
+            Some(ReplicaAck::Applied) => Some(Quorum::Reached(2 + usize::from(held_too(1)))),
+            Some(ReplicaAck::Stale(held)) => Some(Quorum::Stale(*held)),
+            Some(ReplicaAck::Failed(_)) => match self.acks.get(1) {
+                None => Some(Quorum::Failed),
+                Some(None) => None,
+                Some(Some(ReplicaAck::Applied)) => Some(Quorum::Reached(2)),
+                Some(Some(ReplicaAck::Stale(held))) => Some(Quorum::Stale(*held)),
+                Some(Some(ReplicaAck::Failed(_))) => Some(Quorum::Failed),
+            },
+        }
+    }
+}
 
 /// Whom a read asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +205,62 @@ mod tests {
             version: Version { hlc, node: 1 },
             value: Some(Bytes::from(format!("v{hlc}"))),
         })
+    }
+
+    fn failed() -> ReplicaAck {
+        ReplicaAck::Failed("refused".into())
+    }
+
+    #[test]
+    fn a_write_is_acknowledged_with_its_first_replica_or_the_second_when_the_first_fails() {
+        let mut w = WriteQuorum::new(2);
+        assert_eq!(
+            w.answer(1, ReplicaAck::Applied),
+            None,
+            "the first replica is awaited"
+        );
+        assert_eq!(w.answer(0, ReplicaAck::Applied), Some(Quorum::Reached(3)));
+        let mut w = WriteQuorum::new(2);
+        assert_eq!(w.answer(0, ReplicaAck::Applied), Some(Quorum::Reached(2)));
+        let mut w = WriteQuorum::new(2);
+        assert_eq!(w.answer(0, failed()), None);
+        assert_eq!(w.answer(1, ReplicaAck::Applied), Some(Quorum::Reached(2)));
+        let mut w = WriteQuorum::new(2);
+        assert_eq!(w.answer(1, failed()), None);
+        assert_eq!(w.answer(0, failed()), Some(Quorum::Failed));
+    }
+
+    #[test]
+    fn a_newer_version_on_a_replica_that_decides_makes_the_write_stale() {
+        let held = Version { hlc: 9, node: 2 };
+        let mut w = WriteQuorum::new(2);
+        assert_eq!(
+            w.answer(0, ReplicaAck::Stale(held)),
+            Some(Quorum::Stale(held))
+        );
+        let mut w = WriteQuorum::new(2);
+        w.answer(0, failed());
+        assert_eq!(
+            w.answer(1, ReplicaAck::Stale(held)),
+            Some(Quorum::Stale(held))
+        );
+        // The second replica's answer does not decide while the first may.
+        let mut w = WriteQuorum::new(2);
+        assert_eq!(w.answer(1, ReplicaAck::Stale(held)), None);
+    }
+
+    #[test]
+    fn with_one_replica_it_alone_decides() {
+        let mut w = WriteQuorum::new(1);
+        assert_eq!(w.outcome(), None);
+        assert_eq!(w.answer(0, failed()), Some(Quorum::Failed));
+        let mut w = WriteQuorum::new(1);
+        assert_eq!(w.answer(0, ReplicaAck::Applied), Some(Quorum::Reached(2)));
+        assert_eq!(
+            w.answer(5, ReplicaAck::Applied),
+            Some(Quorum::Reached(2)),
+            "no such replica"
+        );
     }
 
     fn ids<'a>(asks: &[(Asked, &'a Member)]) -> Vec<(Asked, &'a str)> {
