@@ -67,7 +67,14 @@ async fn every_bad_input_gets_a_json_error_with_the_right_status() {
 
 #[tokio::test]
 async fn nodes_and_mapping_follow_the_contract() {
-    let c = Controller::start(Duration::ZERO).await;
+    // worker5 registers but never sends a heartbeat: with the default
+    // down-after it would turn SUSPECT 0.5 s later, on a slow machine
+    // before /nodes is read. A minute keeps every status here UP.
+    let c = Controller::start_configured(|config| {
+        config.grace = Duration::ZERO;
+        config.down_after = Duration::from_secs(60);
+    })
+    .await;
     let mut workers = Vec::new();
     for id in ["worker3", "worker1", "worker4", "worker2"] {
         workers.push(FakeWorker::start(&c, id).await);
