@@ -38,7 +38,7 @@ use std::fs::File;
 use std::io::Write;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -167,6 +167,11 @@ pub struct DiskStore {
     syncer: Arc<Syncer>,
     /// When an engine failure was last logged (Unix ms).
     last_failure_log: AtomicU64,
+    /// The last write failed, and why: what `/readyz` says until a write
+    /// succeeds again.
+    failing: Mutex<Option<String>>,
+    /// Whether `failing` holds a reason.
+    is_failing: AtomicBool,
     /// Held for as long as the store is open.
     _lock: File,
 }
@@ -317,6 +322,8 @@ impl DiskStore {
             bytes: AtomicI64::new(0),
             tombstones: AtomicI64::new(0),
             last_failure_log: AtomicU64::new(0),
+            failing: Mutex::new(None),
+            is_failing: AtomicBool::new(false),
             _lock: lock,
         };
         let opened = store.load().map_err(|reason| OpenError::Damaged {
@@ -514,9 +521,32 @@ impl Store for DiskStore {
             Some(h) if h.version == copy.version => return Ok(Applied::Held),
             _ => {}
         }
-        self.copies
+        let stored = self
+            .copies
             .insert(encode_key(hash, key), encode_copy(&copy))
-            .map_err(|e| self.failed("store a write", e))?;
+            .map_err(|e| match e {
+                // fjall refuses every write after one failed (its journal
+                // may be torn): reopening the data dir is the way back.
+                fjall::Error::Poisoned => self.failed(
+                    "store a write",
+                    "the engine takes no more writes after a failed one; restart the worker once its disk has room",
+                ),
+                e => self.failed("store a write", e),
+            });
+        // The lock is taken only while failing or on a failure: a healthy
+        // write checks one flag.
+        match stored {
+            Ok(()) if self.is_failing.load(Ordering::Relaxed) => {
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.is_failing.store(false, Ordering::Relaxed);
+            }
+            Ok(()) => {}
+            Err(e) => {
+                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                self.is_failing.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         self.syncer.written();
         let tomb = |c: &Stored| i64::from(c.value.is_none());
         match held {
@@ -600,6 +630,13 @@ impl Store for DiskStore {
         let keys = self.keys.load(Ordering::Relaxed).max(0) as usize;
         let bytes = self.bytes.load(Ordering::Relaxed).max(0) as usize;
         (keys, bytes)
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn persisted(&self) -> Persisted {

@@ -99,6 +99,8 @@ pub enum NotReady {
     },
     /// Leaving the cluster.
     Leaving,
+    /// Its data dir fails writes (a full disk, say).
+    Storage(String),
 }
 
 impl fmt::Display for NotReady {
@@ -116,6 +118,7 @@ impl fmt::Display for NotReady {
                 "rebalancing in: pulling its share of epoch {epoch} (its data matches epoch {settled})"
             ),
             NotReady::Leaving => f.write_str("leaving: handing its keys over to their owners"),
+            NotReady::Storage(why) => write!(f, "storage failing: {why}"),
         }
     }
 }

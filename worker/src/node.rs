@@ -185,6 +185,9 @@ impl Node {
     /// Why this worker is not ready (as `/readyz` says), or `Ok` with the
     /// epoch it is ready at.
     pub fn readiness(&self) -> Result<u64, crate::lifecycle::NotReady> {
+        if let Some(why) = self.store.failing() {
+            return Err(crate::lifecycle::NotReady::Storage(why));
+        }
         let current = self.topologies.current();
         let settled = self.topologies.settled();
         let leaving = self.leaving.is_cancelled();

@@ -99,6 +99,11 @@ pub trait Store: Send + Sync + 'static {
     fn purge_tombstones(&self, before: Version) -> usize;
     /// Keys held (tombstones included) and bytes of keys and values.
     fn stats(&self) -> (usize, usize);
+    /// Why the store cannot take writes now (its last write failed and
+    /// none has succeeded since), or `None` while it can.
+    fn failing(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The store splits the hash circle into 2^16 buckets by the top bits of a

@@ -1,5 +1,6 @@
 //! A worker whose data dir fills up: writes it cannot store fail with a
-//! clear error, and nothing is acknowledged that is not on two owners.
+//! clear error, nothing is acknowledged that is not on two owners, and its
+//! `/readyz` says the storage fails and what to do.
 //!
 //! The full disk is a 4 MiB tmpfs mounted for the test, which needs root
 //! (CI runs as root); without it the test fails and says so.
@@ -88,6 +89,16 @@ async fn a_full_data_dir_fails_writes_clearly_and_nothing_unstored_is_acknowledg
         &refused[..refused.len().min(3)]
     );
     assert!(acked.len() > 100, "the healthy workers kept acknowledging");
+    // The full worker says so where Kubernetes looks.
+    let (status, ready) = cluster.worker("worker3").get("/readyz").await;
+    assert_eq!(status, 503, "{ready}");
+    let why = ready["error"].as_str().unwrap_or_default();
+    assert!(why.starts_with("storage failing: the data dir"), "{why}");
+    // The engine takes no write after a failed one: the way out is said.
+    assert!(
+        why.contains("restart the worker once its disk has room"),
+        "{why}"
+    );
     // Every acknowledged write is on two owners at least, and on its
     // primary: the primary's own copy is one of the two that count.
     let ring = ring(&cluster);
