@@ -3,9 +3,11 @@
 //! and the latest events.
 
 use anyhow::{Context, Result};
+use indicatif::{DecimalBytes, HumanCount};
 use kv_client::HttpClient;
 use serde_json::Value;
-use std::fmt::Write;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 /// Events printed under the table.
@@ -24,11 +26,17 @@ pub async fn run(controller: &str, watch: bool, json: bool) -> Result<()> {
         } else {
             render(&cluster)
         };
-        if watch {
+        let page = if watch {
             // Home the cursor and clear the screen, then redraw.
-            print!("\x1b[H\x1b[2J{text}\n(refreshing every second; Ctrl-C to stop)\n");
+            format!("\x1b[H\x1b[2J{text}\n(refreshing every second; Ctrl-C to stop)\n")
         } else {
-            println!("{text}");
+            format!("{text}\n")
+        };
+        let mut out = std::io::stdout().lock();
+        match out.write_all(page.as_bytes()).and_then(|()| out.flush()) {
+            // The reader went away (`kvctl status | head`): nothing to say.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other.context("cannot write to standard output")?,
         }
         if !watch {
             return Ok(());
@@ -40,36 +48,16 @@ pub async fn run(controller: &str, watch: bool, json: bool) -> Result<()> {
     }
 }
 
+/// A JSON count with thousands separators ("" when absent).
 fn count(v: &Value) -> String {
-    let Some(n) = v.as_u64() else {
-        return String::new();
-    };
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    v.as_u64()
+        .map_or(String::new(), |n| HumanCount(n).to_string())
 }
 
+/// JSON bytes in decimal units ("" when absent).
 fn bytes(v: &Value) -> String {
-    let Some(mut n) = v.as_f64() else {
-        return String::new();
-    };
-    let units = ["B", "KB", "MB", "GB", "TB"];
-    let mut unit = 0;
-    while n >= 1000.0 && unit < units.len() - 1 {
-        n /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{n:.1} {}", units[unit])
-    }
+    v.as_u64()
+        .map_or(String::new(), |n| DecimalBytes(n).to_string())
 }
 
 fn text(v: &Value) -> &str {
@@ -240,7 +228,7 @@ mod tests {
         });
         let page = render(&cluster);
         let lines: Vec<&str> = page.lines().collect();
-        assert!(lines[0].starts_with("epoch 7 · 2 UP, 0 SUSPECT, 0 LEAVING, 1 DOWN · secret on · rebalancing: 1 worker catching up to epoch 7; 500 copies moved, about 1,500 (150.0 KB) to go"), "{page}");
+        assert!(lines[0].starts_with("epoch 7 · 2 UP, 0 SUSPECT, 0 LEAVING, 1 DOWN · secret on · rebalancing: 1 worker catching up to epoch 7; 500 copies moved, about 1,500 (150.00 kB) to go"), "{page}");
         let row = |id: &str| {
             lines
                 .iter()
@@ -252,7 +240,7 @@ mod tests {
         for part in [
             "UP",
             "1,234,567",
-            "123.5 MB",
+            "123.46 MB",
             "50.0%",
             "6->7",
             "no",
