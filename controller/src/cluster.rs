@@ -136,6 +136,27 @@ pub enum Answer {
     NotAsked,
 }
 
+impl Answer {
+    /// The answer as `/cluster` names it.
+    fn label(&self) -> &'static str {
+        match self {
+            Answer::Stats(_) => "ok",
+            Answer::Slow => "slow",
+            Answer::Failed(_) => "failed",
+            Answer::NotAsked => "not asked",
+        }
+    }
+
+    /// Why there is no answer, for the page.
+    fn error(&self) -> Option<String> {
+        match self {
+            Answer::Slow => Some(format!("no answer within {} ms", PER_WORKER.as_millis())),
+            Answer::Failed(e) => Some(e.clone()),
+            Answer::Stats(_) | Answer::NotAsked => None,
+        }
+    }
+}
+
 /// Everything [`render`] needs, gathered.
 pub struct Gathered<'a> {
     /// Workers as `/nodes` shows them, sorted by id.
@@ -185,51 +206,44 @@ pub fn render(g: &Gathered<'_>) -> Value {
             let id = node.worker.member.id.as_str();
             let mut w = crate::http::node_json(node);
             w["share"] = json!(shares.get(id).copied().unwrap_or(0.0));
-            match g.answers.get(id).unwrap_or(&Answer::NotAsked) {
-                Answer::Stats(s) => {
-                    // Rebalancing: syncing now, or not yet settled on the
-                    // published epoch (its answer may predate it).
-                    if s.rebalance.is_some() || s.settled_epoch < g.epoch {
-                        rebalancing.0 += 1;
-                    }
-                    if let Some(r) = &s.rebalance {
-                        rebalancing.1 += r.keys_to_go;
-                        rebalancing.2 += r.bytes_to_go;
-                        rebalancing.3 += r.keys_moved;
-                    }
-                    for f in &s.recent {
-                        events.push(Event {
-                            at_ms: f.ended_ms,
-                            what: What::Rebalance {
-                                worker: id.to_string(),
-                                epoch: f.epoch,
-                                keys: f.keys,
-                                bytes: f.bytes,
-                                took_ms: f.took_ms,
-                                complete: f.complete,
-                                why: f.why.clone(),
-                            },
-                        });
-                    }
-                    w["answer"] = "ok".into();
-                    w["keys"] = s.keys.into();
-                    w["bytes"] = s.bytes.into();
-                    w["applied_epoch"] = s.epoch.into();
-                    w["settled_epoch"] = s.settled_epoch.into();
-                    w["ready"] = s.not_ready.is_none().into();
-                    w["not_ready"] = json!(s.not_ready);
-                    w["ops_per_s"] = json!(g.rates.get(id).map(|r| (r * 10.0).round() / 10.0));
-                    w["rebalance"] = json!(s.rebalance);
+            let answer = g.answers.get(id).unwrap_or(&Answer::NotAsked);
+            w["answer"] = answer.label().into();
+            if let Some(error) = answer.error() {
+                w["error"] = error.into();
+            }
+            if let Answer::Stats(s) = answer {
+                // Rebalancing: syncing now, or not yet settled on the
+                // published epoch (its answer may predate it).
+                if s.rebalance.is_some() || s.settled_epoch < g.epoch {
+                    rebalancing.0 += 1;
                 }
-                Answer::Slow => {
-                    w["answer"] = "slow".into();
-                    w["error"] = format!("no answer within {} ms", PER_WORKER.as_millis()).into();
+                if let Some(r) = &s.rebalance {
+                    rebalancing.1 += r.keys_to_go;
+                    rebalancing.2 += r.bytes_to_go;
+                    rebalancing.3 += r.keys_moved;
                 }
-                Answer::Failed(e) => {
-                    w["answer"] = "failed".into();
-                    w["error"] = e.as_str().into();
+                for f in &s.recent {
+                    events.push(Event {
+                        at_ms: f.ended_ms,
+                        what: What::Rebalance {
+                            worker: id.to_string(),
+                            epoch: f.epoch,
+                            keys: f.keys,
+                            bytes: f.bytes,
+                            took_ms: f.took_ms,
+                            complete: f.complete,
+                            why: f.why.clone(),
+                        },
+                    });
                 }
-                Answer::NotAsked => w["answer"] = "not asked".into(),
+                w["keys"] = s.keys.into();
+                w["bytes"] = s.bytes.into();
+                w["applied_epoch"] = s.epoch.into();
+                w["settled_epoch"] = s.settled_epoch.into();
+                w["ready"] = s.not_ready.is_none().into();
+                w["not_ready"] = json!(s.not_ready);
+                w["ops_per_s"] = json!(g.rates.get(id).map(|r| (r * 10.0).round() / 10.0));
+                w["rebalance"] = json!(s.rebalance);
             }
             w
         })
@@ -344,15 +358,23 @@ impl Gatherer {
         fresh
     }
 
+    /// One call to a worker within [`PER_WORKER`]; without an answer,
+    /// [`Answer::Slow`] or [`Answer::Failed`].
+    async fn ask(&self, member: &Member, request: Request) -> Result<Response, Answer> {
+        match tokio::time::timeout(PER_WORKER, self.pool.call(member, request)).await {
+            Err(_) => Err(Answer::Slow),
+            Ok(Err(e)) => Err(Answer::Failed(e.to_string())),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
     async fn ask_all(&self, members: &[Member]) -> HashMap<String, Answer> {
         let calls = members.iter().map(|m| async move {
-            let answer =
-                match tokio::time::timeout(PER_WORKER, self.pool.call(m, Request::Stats)).await {
-                    Err(_) => Answer::Slow,
-                    Ok(Ok(Response::Stats(s))) => Answer::Stats(*s),
-                    Ok(Ok(other)) => Answer::Failed(format!("unexpected answer {other:?}")),
-                    Ok(Err(e)) => Answer::Failed(e.to_string()),
-                };
+            let answer = match self.ask(m, Request::Stats).await {
+                Ok(Response::Stats(s)) => Answer::Stats(*s),
+                Ok(other) => Answer::Failed(format!("unexpected answer {other:?}")),
+                Err(no_answer) => no_answer,
+            };
             (m.id.clone(), answer)
         });
         futures::future::join_all(calls).await.into_iter().collect()
@@ -382,18 +404,15 @@ impl Gatherer {
                 key: key.to_string(),
                 consistency: kv_wire::message::Consistency::Local,
             };
-            match tokio::time::timeout(PER_WORKER, self.pool.call(member, get)).await {
-                Err(_) => {
-                    o["error"] = format!("no answer within {} ms", PER_WORKER.as_millis()).into()
-                }
-                Ok(Ok(Response::Value(Some(entry)))) => {
+            match self.ask(member, get).await {
+                Ok(Response::Value(Some(entry))) => {
                     o["version"] = entry.version.to_string().into();
                     o["deleted"] = entry.value.is_none().into();
                     o["bytes"] = entry.value.map_or(0, |v| v.len()).into();
                 }
-                Ok(Ok(Response::Value(None))) => o["version"] = Value::Null,
-                Ok(Ok(other)) => o["error"] = format!("unexpected answer {other:?}").into(),
-                Ok(Err(e)) => o["error"] = e.to_string().into(),
+                Ok(Response::Value(None)) => o["version"] = Value::Null,
+                Ok(other) => o["error"] = format!("unexpected answer {other:?}").into(),
+                Err(no_answer) => o["error"] = json!(no_answer.error()),
             }
             o
         });
