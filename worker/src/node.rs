@@ -198,7 +198,8 @@ impl Node {
     pub fn stats(&self) -> kv_wire::stats::WorkerStats {
         let (keys, bytes) = self.store.stats();
         let (keys, bytes) = (keys as u64, bytes as u64);
-        let (rebalance, recent) = self.progress.snapshot((keys, bytes));
+        let to_hand = self.metrics.handoff_pending.get().max(0) as u64;
+        let (rebalance, recent) = self.progress.snapshot((keys, bytes), to_hand);
         kv_wire::stats::WorkerStats {
             keys,
             bytes,

@@ -4,8 +4,8 @@
 //!
 //! Copies to move are estimated, since a sync learns what differs as it
 //! goes: from the peers' digests, each arc to pull counts the copies the
-//! peer holds beyond ours; keys to hand off count until their owners
-//! confirm them.
+//! peer holds beyond ours; keys to hand off (the worker's
+//! `handoff_pending` gauge) count until their owners confirm them.
 
 use crate::rebalance::{Report, Why};
 use kv_wire::stats::{Finished, Running, RECENT_REBALANCES};
@@ -18,8 +18,6 @@ struct State {
     running: Option<Running>,
     /// Copies still to pull, estimated.
     to_pull: u64,
-    /// Keys to hand off not yet confirmed.
-    to_hand: u64,
     recent: VecDeque<Finished>,
 }
 
@@ -43,7 +41,6 @@ impl Progress {
             ..Running::default()
         });
         s.to_pull = 0;
-        s.to_hand = 0;
     }
 
     /// A comparison found `copies` to pull (an estimate).
@@ -70,20 +67,13 @@ impl Progress {
         }
     }
 
-    /// Keys held here for other owners, not yet all confirmed.
-    pub fn to_hand(&self, keys: u64) {
-        self.lock().to_hand = keys;
-    }
-
     /// The sync ended with `report` after `took` (at `now_ms`).
     pub fn end(&self, why: Why, report: &Report, took: Duration, now_ms: u64) {
         let mut s = self.lock();
         let Some(running) = s.running.take() else {
             return;
         };
-        let keys = (report.pulled + report.handed) as u64;
-        // A round that found nothing to do is not worth a line.
-        if why == Why::AntiEntropy && keys == 0 && report.complete() {
+        if report.quiet(why) {
             return;
         }
         if s.recent.len() == RECENT_REBALANCES {
@@ -93,7 +83,7 @@ impl Progress {
             epoch: running.epoch,
             ended_ms: now_ms,
             took_ms: took.as_millis() as u64,
-            keys,
+            keys: (report.pulled + report.handed) as u64,
             bytes: (report.pulled_bytes + report.handed_bytes) as u64,
             complete: report.complete(),
             why: match why {
@@ -110,13 +100,14 @@ impl Progress {
         self.lock().running = None;
     }
 
-    /// The sync running now, with its estimate of what is left (bytes
-    /// from the mean size of what moved, or else of `held` copies), and
-    /// the last that ended.
-    pub fn snapshot(&self, held: (u64, u64)) -> (Option<Running>, Vec<Finished>) {
+    /// The sync running now, with its estimate of what is left — copies
+    /// to pull, plus `to_hand` keys held for other owners and not yet
+    /// confirmed; bytes from the mean size of what moved, or else of the
+    /// `held` copies — and the last syncs that ended.
+    pub fn snapshot(&self, held: (u64, u64), to_hand: u64) -> (Option<Running>, Vec<Finished>) {
         let s = self.lock();
         let running = s.running.clone().map(|mut r| {
-            r.keys_to_go = s.to_pull + s.to_hand;
+            r.keys_to_go = s.to_pull + to_hand;
             let (keys, bytes) = if r.keys_moved > 0 {
                 (r.keys_moved, r.bytes_moved)
             } else {
@@ -148,15 +139,14 @@ mod tests {
     #[test]
     fn what_is_left_shrinks_as_copies_move_and_bytes_follow_their_mean_size() {
         let p = Progress::default();
-        assert_eq!(p.snapshot((0, 0)).0, None);
+        assert_eq!(p.snapshot((0, 0), 0).0, None);
         p.begin(7, 1_000);
         p.expect(100);
-        p.to_hand(20);
-        let (running, _) = p.snapshot((10, 1_000));
+        let (running, _) = p.snapshot((10, 1_000), 20);
         let running = running.expect("running");
         assert_eq!((running.keys_to_go, running.bytes_to_go), (120, 12_000));
         p.pulled(60, 50, 10_000);
-        let running = p.snapshot((10, 1_000)).0.expect("running");
+        let running = p.snapshot((10, 1_000), 20).0.expect("running");
         assert_eq!(running.keys_to_go, 60);
         // 200 bytes per copy moved, not the 100 held.
         assert_eq!(running.bytes_to_go, 12_000);
@@ -167,7 +157,7 @@ mod tests {
             Duration::from_millis(30),
             2_000,
         );
-        let (running, recent) = p.snapshot((0, 0));
+        let (running, recent) = p.snapshot((0, 0), 0);
         assert_eq!(running, None);
         assert_eq!(recent.len(), 1);
         assert_eq!(
@@ -186,12 +176,12 @@ mod tests {
         let p = Progress::default();
         p.begin(1, 0);
         p.end(Why::AntiEntropy, &report(0, 0), Duration::ZERO, 1);
-        assert!(p.snapshot((0, 0)).1.is_empty());
+        assert!(p.snapshot((0, 0), 0).1.is_empty());
         for epoch in 0..20 {
             p.begin(epoch, epoch);
             p.end(Why::Change, &report(1, 1), Duration::ZERO, epoch);
         }
-        let recent = p.snapshot((0, 0)).1;
+        let recent = p.snapshot((0, 0), 0).1;
         assert_eq!(recent.len(), RECENT_REBALANCES);
         assert_eq!(recent.last().map(|f| f.epoch), Some(19));
     }
@@ -201,7 +191,7 @@ mod tests {
         let p = Progress::default();
         p.begin(2, 0);
         p.expect(10);
-        let running = p.snapshot((0, 0)).0.expect("running");
+        let running = p.snapshot((0, 0), 0).0.expect("running");
         assert_eq!((running.keys_to_go, running.bytes_to_go), (10, 0));
     }
 }

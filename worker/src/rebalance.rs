@@ -102,6 +102,15 @@ impl Report {
         self.failures == 0 && self.kept == 0 && self.unverified == 0
     }
 
+    /// Whether a sync for `why` is not worth a log line or a place among
+    /// the recent rebalances: a periodic round that found nothing to do.
+    pub fn quiet(&self, why: Why) -> bool {
+        why == Why::AntiEntropy
+            && self.pulled + self.handed == 0
+            && self.dropped == 0
+            && self.complete()
+    }
+
     fn add_peer(&mut self, p: &PeerReport) {
         self.compared += p.compared;
         self.differing += p.differing;
@@ -222,8 +231,7 @@ fn record(node: &Node, view: &View, why: Why, r: &Report, took: Duration) {
     m.rebalance_bytes
         .inc_by((r.pulled_bytes + r.handed_bytes) as u64);
     m.rebalance_dropped.inc_by(r.dropped as u64);
-    let quiet = why == Why::AntiEntropy && moved == 0 && r.dropped == 0 && r.complete();
-    if !quiet {
+    if !r.quiet(why) {
         info!(
             ?why,
             epoch = view.epoch(),
@@ -484,7 +492,6 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
     }
     report.foreign = handoff.len();
     node.metrics.handoff_pending.set(handoff.len() as i64);
-    node.progress.to_hand(handoff.len() as u64);
     if handoff.is_empty() {
         return;
     }
@@ -540,7 +547,6 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
         node.metrics
             .handoff_pending
             .set(handoff.unconfirmed() as i64);
-        node.progress.to_hand(handoff.unconfirmed() as u64);
         match pause {
             Some(pause) if handoff.unconfirmed() > 0 => tokio::time::sleep(*pause).await,
             _ => break,
