@@ -4,15 +4,17 @@
 //! Layout: one fjall keyspace, each copy under `xxh3(key)` (8 bytes, big
 //! endian) followed by the key, so a ring arc is one ordered range scan;
 //! the value is the version (hlc and node, 8 bytes each, big endian), a tag
-//! byte (0: tombstone, 1: value) and the value's bytes. Digests of the 2^16
-//! buckets of the hash circle (with each copy's fingerprint, 16 bytes a
-//! copy, for the buckets an arc's ends cut), key and byte counts are kept
-//! in memory, made by one scan at open and kept exact under each bucket's
-//! lock on every change, so comparing an arc with a co-owner reads nothing
-//! from the engine.
+//! byte (0: tombstone, 1: value) and the value's bytes. In memory, per
+//! bucket of the 2^16 of the hash circle: its digest and what it holds of
+//! each copy (two hashes of the key, version, size, kind: 40 bytes a copy,
+//! no value), made by one scan at open and kept exact under the bucket's
+//! lock on every change. So comparing an arc with a co-owner reads nothing
+//! from the engine, and neither does deciding a write (newer, a replay,
+//! older) or versioning one: a write is one journal append, and a batch of
+//! copies from a peer one append for all of them.
 //!
-//! Durability follows `--sync`. fjall hands every write to the OS before
-//! `insert` returns, so a killed process (`kill -9`, an OOM kill) loses
+//! Durability follows `--sync`. Every write is handed to the OS before it
+//! returns, so a killed process (`kill -9`, an OOM kill) loses
 //! nothing that was acknowledged in any mode; what the modes change is a
 //! power loss or a kernel crash. `always`: a copy counts (towards W=2, or
 //! as confirmed to a peer) only after an fsync that covers it, which a
@@ -32,8 +34,8 @@ use crate::store::{
 };
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
-use kv_wire::digest::fingerprint;
 use kv_wire::{Digest, HashRange, Ring, Version};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::ops::Bound;
@@ -69,37 +71,76 @@ pub enum SyncPolicy {
     Never,
 }
 
-/// What the store keeps in memory of one bucket: the digest of its copies,
-/// and each copy's place and fingerprint (16 bytes a copy), so that a range
-/// cutting through the bucket (an arc's ends) is digested without reading
-/// the engine either.
+/// What the store keeps in memory of each copy: enough to decide a write
+/// (version, size, kind) and to digest any range, without reading the
+/// engine; 40 bytes a copy. A copy is known by its key's ring hash and a
+/// second, independent 64-bit hash of the key: two keys are taken for one
+/// only if both collide (2^-128), and the engine itself keys by the whole
+/// key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    hash: u64,
+    check: u64,
+    version: Version,
+    size: u32,
+    tombstone: bool,
+}
+
+impl Held {
+    fn of(hash: u64, key: &str, copy: &Stored) -> Held {
+        Held {
+            hash,
+            check: key_check(key.as_bytes()),
+            version: copy.version,
+            size: u32::try_from(copy.size(key)).unwrap_or(u32::MAX),
+            tombstone: copy.value.is_none(),
+        }
+    }
+}
+
+/// The second hash of a key (see [`Held`]).
+fn key_check(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x6b76_6368_6563_6b31)
+}
+
+/// One bucket's copies as the store knows them in memory, and their digest.
 #[derive(Debug, Default)]
 struct Summary {
     digest: Digest,
-    prints: Vec<(u64, u64)>,
+    held: Vec<Held>,
 }
 
 impl Summary {
-    fn add(&mut self, hash: u64, version: Version) {
-        self.digest.add(hash, version);
-        self.prints.push((hash, fingerprint(hash, version)));
+    /// What is held of the key with this hash and check.
+    fn find(&self, hash: u64, check: u64) -> Option<Held> {
+        self.held
+            .iter()
+            .find(|h| h.hash == hash && h.check == check)
+            .copied()
     }
 
-    fn remove(&mut self, hash: u64, version: Version) {
-        self.digest.remove(hash, version);
-        let print = (hash, fingerprint(hash, version));
-        if let Some(i) = self.prints.iter().position(|p| *p == print) {
-            self.prints.swap_remove(i);
+    /// Records `now` in place of `before` (what `find` gave for its key).
+    fn replace(&mut self, before: Option<Held>, now: Held) {
+        if let Some(b) = before {
+            self.remove(b);
+        }
+        self.digest.add(now.hash, now.version);
+        self.held.push(now);
+    }
+
+    fn remove(&mut self, gone: Held) {
+        if let Some(i) = self.held.iter().position(|h| *h == gone) {
+            self.held.swap_remove(i);
+            self.digest.remove(gone.hash, gone.version);
         }
     }
 
     /// The digest of this bucket's copies inside `range`.
     fn within(&self, range: HashRange) -> Digest {
         let mut d = Digest::default();
-        for (hash, print) in &self.prints {
-            if range.contains(*hash) {
-                d.count += 1;
-                d.xor ^= print;
+        for h in &self.held {
+            if range.contains(h.hash) {
+                d.add(h.hash, h.version);
             }
         }
         d
@@ -289,10 +330,18 @@ impl DiskStore {
             });
         }
         let ends = journal_ends(&engine);
-        // fjall hands each insert's journal entry to the OS before it
-        // returns (measured: cheaper than waking a thread to do it for a
-        // group of writes), so only `always` waits for anything.
-        let db = Database::builder(&engine).open().map_err(damaged)?;
+        // Each write batch is handed to the OS as it commits (measured:
+        // cheaper than waking a thread to do it for a group of writes), so
+        // only `always` waits for anything.
+        // One background thread for flushes and compactions: with two,
+        // fjall's first one hands every compaction to the second and spins
+        // re-queueing it while the second works (measured: an eighth of a
+        // worker's CPU during a bulk load), and a worker shares its cores
+        // with its peers anyway.
+        let db = Database::builder(&engine)
+            .worker_threads(1)
+            .open()
+            .map_err(damaged)?;
         if let Err((journal, reason)) = check_torn_tails(ends) {
             // fjall has cut the journal already: the marker keeps the
             // worker from serving what is left until someone looks.
@@ -344,9 +393,17 @@ impl DiskStore {
         for guard in self.copies.iter() {
             let (k, v) = guard.into_inner().map_err(|e| e.to_string())?;
             let (hash, version, tombstone) = decode_header(&k, &v)?;
-            self.bucket(bucket_of(hash)).add(hash, version);
+            let size = k.len() - 8 + v.len() - HEADER;
+            let held = Held {
+                hash,
+                check: key_check(&k[8..]),
+                version,
+                size: u32::try_from(size).unwrap_or(u32::MAX),
+                tombstone,
+            };
+            self.bucket(bucket_of(hash)).replace(None, held);
             keys += 1;
-            bytes += (k.len() - 8 + v.len() - HEADER) as i64;
+            bytes += size as i64;
             tombstones += i64::from(tombstone);
             opened.newest = opened.newest.max(version);
         }
@@ -377,6 +434,12 @@ impl DiskStore {
             error!(dir = %self.dir.display(), error = %e, "the data dir failed to {what} (further failures are not logged for 10 s)");
         }
         StoreError(format!("the data dir {} failed to {what}: {e}", self.dir.display()).into())
+    }
+
+    /// What the summary holds of `key`.
+    fn held(&self, hash: u64, key: &str) -> Option<Held> {
+        self.bucket(bucket_of(hash))
+            .find(hash, key_check(key.as_bytes()))
     }
 
     fn read(&self, hash: u64, key: &str) -> Result<Option<Stored>, StoreError> {
@@ -505,74 +568,122 @@ fn claim(dir: &Path, id: &str) -> Result<(), OpenError> {
 
 impl Store for DiskStore {
     fn get(&self, key: &str) -> Option<Stored> {
+        let hash = Ring::key_hash(key.as_bytes());
+        self.held(hash, key)?;
         // A read error is logged by `read`; the key then looks absent here,
         // which costs a pull or a quorum read from another owner, not data.
-        self.read(Ring::key_hash(key.as_bytes()), key)
-            .ok()
-            .flatten()
+        self.read(hash, key).ok().flatten()
     }
 
     fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
-        let hash = Ring::key_hash(key.as_bytes());
-        let mut digest = self.bucket(bucket_of(hash));
-        let held = self.read(hash, key)?;
-        match &held {
-            Some(h) if h.version > copy.version => return Ok(Applied::Older { held: h.version }),
-            Some(h) if h.version == copy.version => return Ok(Applied::Held),
-            _ => {}
+        let mut outcome = self.apply_many(&[(key.to_string(), copy)]);
+        outcome
+            .pop()
+            .unwrap_or_else(|| Err(StoreError("no outcome for a write".into())))
+    }
+
+    /// One engine batch for all the copies that are newer than held, handed
+    /// to the OS in one write; decided from the in-memory summaries (no
+    /// engine reads), whose buckets stay locked from the comparison until
+    /// the batch is in, so a concurrent write to the same key waits rather
+    /// than interleaves.
+    fn apply_many(&self, copies: &[(String, Stored)]) -> Vec<Result<Applied, StoreError>> {
+        let hashes: Vec<u64> = copies
+            .iter()
+            .map(|(key, _)| Ring::key_hash(key.as_bytes()))
+            .collect();
+        // Locked in ascending order, so batches never wait on each other
+        // in a cycle (every other caller holds one bucket at a time).
+        let mut ids: Vec<usize> = hashes.iter().map(|h| bucket_of(*h)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut locked: Vec<MutexGuard<'_, Summary>> =
+            ids.iter().map(|b| self.bucket(*b)).collect();
+        let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
+        let mut outcomes = Vec::with_capacity(copies.len());
+        // Per key written: what was held before, and its newest copy in
+        // this batch (a key can come twice; only the last newer one goes
+        // to the engine).
+        let mut planned: HashMap<&str, (Option<Held>, Held, usize)> = HashMap::new();
+        for (i, ((key, copy), &hash)) in copies.iter().zip(&hashes).enumerate() {
+            let now = Held::of(hash, key, copy);
+            let held = match planned.get(key.as_str()) {
+                Some(&(_, latest, _)) => Some(latest),
+                None => locked[slot(hash)].find(hash, now.check),
+            };
+            let outcome = match held {
+                Some(h) if h.version > copy.version => Applied::Older { held: h.version },
+                Some(h) if h.version == copy.version => Applied::Held,
+                _ => {
+                    planned
+                        .entry(key)
+                        .and_modify(|(_, latest, at)| (*latest, *at) = (now, i))
+                        .or_insert((held, now, i));
+                    Applied::Stored
+                }
+            };
+            outcomes.push(Ok(outcome));
         }
-        let stored = self
-            .copies
-            .insert(encode_key(hash, key), encode_copy(&copy))
-            .map_err(|e| match e {
-                // fjall refuses every write after one failed (its journal
-                // may be torn): reopening the data dir is the way back.
-                fjall::Error::Poisoned => self.failed(
-                    "store a write",
-                    "the engine takes no more writes after a failed one; restart the worker once its disk has room",
-                ),
-                e => self.failed("store a write", e),
-            });
+        if planned.is_empty() {
+            return outcomes;
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
+        for &(_, _, i) in planned.values() {
+            let (key, copy) = &copies[i];
+            batch.insert(&self.copies, encode_key(hashes[i], key), encode_copy(copy));
+        }
+        let committed = batch.commit().map_err(|e| match e {
+            // fjall refuses every write after one failed (its journal may
+            // be torn): reopening the data dir is the way back.
+            fjall::Error::Poisoned => self.failed(
+                "store a write",
+                "the engine takes no more writes after a failed one; restart the worker once its disk has room",
+            ),
+            e => self.failed("store a write", e),
+        });
         // The lock is taken only while failing or on a failure: a healthy
         // write checks one flag.
-        match stored {
-            Ok(()) if self.is_failing.load(Ordering::Relaxed) => {
-                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                self.is_failing.store(false, Ordering::Relaxed);
+        if let Err(e) = committed {
+            *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            self.is_failing.store(true, Ordering::Relaxed);
+            for outcome in &mut outcomes {
+                if *outcome == Ok(Applied::Stored) {
+                    *outcome = Err(e.clone());
+                }
             }
-            Ok(()) => {}
-            Err(e) => {
-                *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                self.is_failing.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
+            return outcomes;
+        }
+        if self.is_failing.load(Ordering::Relaxed) {
+            *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.is_failing.store(false, Ordering::Relaxed);
         }
         self.syncer.written();
-        let tomb = |c: &Stored| i64::from(c.value.is_none());
-        match held {
-            Some(h) => {
-                digest.remove(hash, h.version);
-                digest.add(hash, copy.version);
-                drop(digest);
-                self.account(
-                    0,
-                    copy.size(key) as i64 - h.size(key) as i64,
-                    tomb(&copy) - tomb(&h),
-                );
+        let (mut keys, mut bytes, mut tombstones) = (0, 0, 0);
+        for (before, now, _) in planned.into_values() {
+            locked[slot(now.hash)].replace(before, now);
+            if let Some(b) = before {
+                keys -= 1;
+                bytes -= i64::from(b.size);
+                tombstones -= i64::from(b.tombstone);
             }
-            None => {
-                digest.add(hash, copy.version);
-                drop(digest);
-                self.account(1, copy.size(key) as i64, tomb(&copy));
-            }
+            keys += 1;
+            bytes += i64::from(now.size);
+            tombstones += i64::from(now.tombstone);
         }
-        Ok(Applied::Stored)
+        drop(locked);
+        self.account(keys, bytes, tombstones);
+        outcomes
+    }
+
+    fn held_version(&self, key: &str) -> Option<Version> {
+        self.held(Ring::key_hash(key.as_bytes()), key)
+            .map(|h| h.version)
     }
 
     fn remove_if(&self, key: &str, version: Version) -> bool {
         let hash = Ring::key_hash(key.as_bytes());
-        let mut digest = self.bucket(bucket_of(hash));
-        let Ok(Some(held)) = self.read(hash, key) else {
+        let mut summary = self.bucket(bucket_of(hash));
+        let Some(held) = summary.find(hash, key_check(key.as_bytes())) else {
             return false;
         };
         if held.version != version {
@@ -582,13 +693,9 @@ impl Store for DiskStore {
             self.failed("remove a copy", e);
             return false;
         }
-        digest.remove(hash, version);
-        drop(digest);
-        self.account(
-            -1,
-            -(held.size(key) as i64),
-            -i64::from(held.value.is_none()),
-        );
+        summary.remove(held);
+        drop(summary);
+        self.account(-1, -i64::from(held.size), -i64::from(held.tombstone));
         true
     }
 

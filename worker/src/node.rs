@@ -371,10 +371,8 @@ impl Node {
         }
     }
 
-    /// Versions a write, stores it here and queues it for the replicas
-    /// (and, while the topology is moving, hints for owners of the settled
-    /// view that `view` leaves out); returns the version and each replica's
-    /// acknowledgement to come.
+    /// Versions a write, stores it here and queues it for the replicas;
+    /// returns the version and each replica's acknowledgement to come.
     async fn issue(
         &self,
         view: &Arc<View>,
@@ -397,9 +395,21 @@ impl Node {
             version,
             value: value.clone(),
         };
+        Ok((version, self.send_copies(view, entry, replicas).await))
+    }
+
+    /// Queues a copy stored here for the replicas (and, while the topology
+    /// is moving, hints for owners of the settled view that `view` leaves
+    /// out); returns each replica's acknowledgement to come.
+    async fn send_copies(
+        &self,
+        view: &Arc<View>,
+        entry: Entry,
+        replicas: &[&Member],
+    ) -> Vec<oneshot::Receiver<ReplicaAck>> {
         let settled = self.topologies.settled();
         if !Arc::ptr_eq(&settled, view) {
-            for owner in settled.owners(key) {
+            for owner in settled.owners(&entry.key) {
                 if owner.id != self.id && !replicas.iter().any(|r| r.id == owner.id) {
                     self.replicator.hint(owner, entry.clone());
                 }
@@ -409,13 +419,13 @@ impl Node {
         for replica in replicas {
             acks.push(self.replicator.send(replica, entry.clone()).await);
         }
-        Ok((version, acks))
+        acks
     }
 
     /// A version above the clock and above the copy held here.
     fn next_version(&self, key: &str) -> Version {
-        if let Some(held) = self.store.get(key) {
-            self.clock.observe(held.version);
+        if let Some(held) = self.store.held_version(key) {
+            self.clock.observe(held);
         }
         self.clock.tick(now_ms())
     }
@@ -427,19 +437,39 @@ impl Node {
         let view = self.view().await;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         let mut results: Vec<Option<Result<Version, Failure>>> = vec![None; items.len()];
-        let mut issued = Vec::with_capacity(items.len());
+        // Versioned and stored here as one write, then queued for the
+        // replicas.
+        let mut accepted = Vec::with_capacity(items.len());
+        let mut copies = Vec::with_capacity(items.len());
         for (i, (key, value)) in items.iter().enumerate() {
             let value = Some(value.clone());
             match self
                 .validate(key, value.as_ref())
                 .and_then(|()| self.replicas_if_primary(&view, key))
             {
-                Ok(replicas) => match self.issue(&view, key, &value, &replicas).await {
-                    Ok(issued_one) => issued.push((i, issued_one)),
-                    Err(e) => results[i] = Some(Err(e.to_failure())),
-                },
+                Ok(replicas) => {
+                    let version = self.next_version(key);
+                    copies.push((key.clone(), Stored { version, value }));
+                    accepted.push((i, replicas));
+                }
                 Err(e) => results[i] = Some(Err(e.to_failure())),
             }
+        }
+        let stored = self.store.apply_many(&copies);
+        let mut issued = Vec::with_capacity(accepted.len());
+        for (((i, replicas), (key, copy)), outcome) in accepted.into_iter().zip(copies).zip(stored)
+        {
+            if let Err(e) = outcome {
+                results[i] = Some(Err(OpError::storage(e).to_failure()));
+                continue;
+            }
+            let entry = Entry {
+                key,
+                version: copy.version,
+                value: copy.value,
+            };
+            let acks = self.send_copies(&view, entry, &replicas).await;
+            issued.push((i, (copy.version, acks)));
         }
         // One wait (one fsync, with `--sync always`) for every local copy.
         let local = self.store.persisted();
@@ -554,15 +584,27 @@ impl Node {
         }
     }
 
-    /// Stores a copy a peer sent if it is newer (`None`: an invalid key).
-    fn apply_copy(&self, entry: Entry) -> Option<Result<Applied, StoreError>> {
-        kv_wire::validate_key(&entry.key).ok()?;
-        self.clock.observe(entry.version);
-        let copy = Stored {
-            version: entry.version,
-            value: entry.value,
-        };
-        Some(self.store.apply(&entry.key, copy))
+    /// Stores the copies a peer sent that are newer than held, as one
+    /// write; `None` for an invalid key (not stored).
+    fn apply_copies(&self, entries: Vec<Entry>) -> Vec<Option<Result<Applied, StoreError>>> {
+        let mut valid = Vec::with_capacity(entries.len());
+        let mut at = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let ok = kv_wire::validate_key(&entry.key).is_ok();
+            at.push(ok);
+            if ok {
+                self.clock.observe(entry.version);
+                let copy = Stored {
+                    version: entry.version,
+                    value: entry.value,
+                };
+                valid.push((entry.key, copy));
+            }
+        }
+        let mut applied = self.store.apply_many(&valid).into_iter();
+        at.into_iter()
+            .map(|ok| if ok { applied.next() } else { None })
+            .collect()
     }
 
     /// Stores the copies a peer sends; reports the ones older than held.
@@ -578,8 +620,8 @@ impl Node {
         }
         let mut applied = 0;
         let mut stale = Vec::new();
-        for (i, entry) in entries.into_iter().enumerate() {
-            match self.apply_copy(entry) {
+        for (i, outcome) in self.apply_copies(entries).into_iter().enumerate() {
+            match outcome {
                 Some(Ok(Applied::Stored)) => applied += 1,
                 Some(Ok(Applied::Older { held })) => stale.push((i as u32, held)),
                 Some(Ok(Applied::Held)) | None => {}
@@ -595,15 +637,15 @@ impl Node {
     /// Stores pulled copies that are newer than held; returns how many
     /// were, and their bytes of keys and values.
     pub fn absorb(&self, entries: Vec<Entry>) -> (usize, usize) {
-        let (mut applied, mut bytes) = (0, 0);
-        for entry in entries {
-            let size = entry.size();
-            if self.apply_copy(entry) == Some(Ok(Applied::Stored)) {
-                applied += 1;
-                bytes += size;
-            }
-        }
-        (applied, bytes)
+        let sizes: Vec<usize> = entries.iter().map(Entry::size).collect();
+        let outcomes = self.apply_copies(entries);
+        sizes
+            .into_iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| *outcome == Some(Ok(Applied::Stored)))
+            .fold((0, 0), |(applied, bytes), (size, _)| {
+                (applied + 1, bytes + size)
+            })
     }
 
     /// The offered items this worker lacks (missing or older here); a
