@@ -361,7 +361,7 @@ impl DiskStore {
             .map_err(damaged)?;
         let store = DiskStore {
             dir: dir.to_path_buf(),
-            syncer: Syncer::start(db.clone(), policy, every),
+            syncer: Syncer::start(ActiveJournal::new(&engine), policy, every),
             db,
             copies,
             buckets: (0..1usize << BUCKET_BITS)
@@ -491,14 +491,8 @@ impl DiskStore {
 fn journal_ends(engine: &Path) -> Vec<(PathBuf, u64)> {
     use std::io::{Read, Seek, SeekFrom};
     const CHUNK: u64 = 64 * 1024;
-    let Ok(entries) = std::fs::read_dir(engine) else {
-        return Vec::new();
-    };
     let mut ends = Vec::new();
-    for path in entries.flatten().map(|e| e.path()) {
-        if path.extension().is_none_or(|x| x != "jnl") {
-            continue;
-        }
+    for (_, path) in journals(engine) {
         let Ok(mut file) = File::open(&path) else {
             continue;
         };
@@ -523,6 +517,66 @@ fn journal_ends(engine: &Path) -> Vec<(PathBuf, u64)> {
         ends.push((path, end));
     }
     ends
+}
+
+/// fjall's journals in `engine`, by number (`<n>.jnl`; the highest is the
+/// one being written, the others are sealed). Empty when there is none.
+fn journals(engine: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(engine) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter_map(|path| {
+            let n = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".jnl")?
+                .parse()
+                .ok()?;
+            Some((n, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The journal fjall is appending to, fsynced through a descriptor of our
+/// own. fjall's `persist` holds its journal lock for the whole fsync, and
+/// every write takes that lock to append, so each fsync would stall every
+/// write on the worker; this one stalls none. It covers every write handed
+/// to the OS before it: those are in this journal, or in one fjall sealed,
+/// and fjall fsyncs a journal (and the dir) as it seals it.
+struct ActiveJournal {
+    engine: PathBuf,
+    open: Option<(u64, File)>,
+}
+
+impl ActiveJournal {
+    fn new(engine: &Path) -> ActiveJournal {
+        ActiveJournal {
+            engine: engine.to_path_buf(),
+            open: None,
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        let Some((n, path)) = journals(&self.engine).pop() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no journal in {}", self.engine.display()),
+            ));
+        };
+        let file = match self.open.take() {
+            Some((open, file)) if open == n => file,
+            _ => File::open(&path)?,
+        };
+        // fdatasync: the records and the length, not the file's times.
+        let synced = file.sync_data();
+        self.open = Some((n, file));
+        synced
+    }
 }
 
 /// Checks each journal whose data fjall cut short while recovering (it cuts
@@ -810,7 +864,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(db: Database, policy: SyncPolicy, every: Duration) -> Arc<Syncer> {
+    fn start(mut journal: ActiveJournal, policy: SyncPolicy, every: Duration) -> Arc<Syncer> {
         let syncer = Arc::new(Syncer {
             policy,
             written: AtomicU64::new(0),
@@ -821,7 +875,7 @@ impl Syncer {
         let s = syncer.clone();
         let spawned = std::thread::Builder::new()
             .name("kv-fsync".into())
-            .spawn(move || s.run(&db, every));
+            .spawn(move || s.run(&mut journal, every));
         if let Err(e) = spawned {
             // Without the thread `always` could never acknowledge: tickets
             // then fail rather than wait forever.
@@ -868,7 +922,7 @@ impl Syncer {
     /// With `always`, fsyncs everything written so far as soon as a ticket
     /// waits (one fsync for all the writes made meanwhile); with
     /// `interval`, every `every`.
-    fn run(&self, db: &Database, every: Duration) {
+    fn run(&self, journal: &mut ActiveJournal, every: Duration) {
         let mut next_fsync = std::time::Instant::now() + every;
         let mut fsynced = 0;
         let mut last_error: Option<String> = None;
@@ -902,7 +956,7 @@ impl Syncer {
             if !(acks_wait || fsync_due && target > fsynced) {
                 continue;
             }
-            match db.persist(PersistMode::SyncAll) {
+            match journal.sync() {
                 Ok(()) => {
                     if last_error.take().is_some() {
                         info!("fsync of the data dir works again");
@@ -987,6 +1041,23 @@ mod tests {
         assert_eq!(opened.keys, 3750);
         assert_eq!(store.get("key:4"), None);
         drop(store);
+    }
+
+    #[test]
+    fn the_journal_being_written_is_the_highest_numbered_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["9.jnl", "10.jnl", "2.jnl", "version", "11.jnl.tmp"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let numbers: Vec<u64> = journals(dir.path()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(numbers, [2, 9, 10]);
+        let mut active = ActiveJournal::new(dir.path());
+        active.sync().unwrap();
+        assert_eq!(active.open.as_ref().map(|(n, _)| *n), Some(10));
+        std::fs::write(dir.path().join("11.jnl"), b"x").unwrap();
+        active.sync().unwrap();
+        assert_eq!(active.open.as_ref().map(|(n, _)| *n), Some(11));
+        assert!(ActiveJournal::new(&dir.path().join("none")).sync().is_err());
     }
 
     #[test]
