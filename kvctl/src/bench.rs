@@ -4,6 +4,7 @@
 //! HTTP, or Redis (SET, then WAIT for replicas: the W=2 analogue), so the
 //! figures compare like with like.
 
+use crate::out::outln;
 use crate::resp::{Reply, Resp};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -269,7 +270,7 @@ pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Resu
     let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     let protocol = format!("{:?}", args.protocol).to_lowercase();
     if args.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "protocol": protocol, "connections": args.connections, "get_percent": args.get_percent,
@@ -278,7 +279,7 @@ pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Resu
             })
         );
     } else {
-        println!(
+        outln!(
             "{protocol}: {} connections, {}% reads, {} B values: {ops} ops in {secs:.1} s = {:.0} ops/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {errors} errors",
             args.connections,
             args.get_percent,

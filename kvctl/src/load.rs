@@ -2,6 +2,7 @@
 //! acknowledged at W=2. Lines that cannot be read are reported with their
 //! line numbers and skipped; keys that fail are reported one by one.
 
+use crate::out::outln;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
@@ -163,7 +164,7 @@ pub async fn run(client: &Client, args: Args) -> Result<()> {
     for (key, reason) in &failures {
         eprintln!("failed {key}: {reason}");
     }
-    println!(
+    outln!(
         "loaded {n} keys ({:.1} MB) in {secs:.2} s: {:.0} keys/s, {:.1} MB/s; {} failed, {} malformed lines",
         b as f64 / 1e6,
         n as f64 / secs,

@@ -6,6 +6,7 @@
 //! Ctrl-C, SIGTERM, even `kill -9` — the pipes close and no node is left
 //! behind.
 
+use crate::out::outln;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kv_client::HttpClient;
@@ -126,7 +127,7 @@ pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Resul
 
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
-    println!(
+    outln!(
         "starting a controller and {} workers (logs in {})...",
         args.workers,
         logs.display()
@@ -147,7 +148,7 @@ pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Resul
     let (w1, _) = worker_ports(args.base_port, 1);
     let (w2, _) = worker_ports(args.base_port, 2);
     let c = controller_port;
-    println!(
+    outln!(
         "\nReady. Try:\n  curl localhost:{c}/nodes\n  curl \"localhost:{c}/mapping?key=user123\"\n  curl -X PUT localhost:{w1}/kv -H 'Content-Type: application/json' -d '{{\"key\":\"user123\",\"value\":\"hello-k8s\"}}'\n  curl \"localhost:{w2}/kv?key=user123\"\n  kill -9 <pid of a worker>   # the local \"scale to 0\"\nCtrl-C stops everything."
     );
     // Report nodes that exit (a `kill -9` in the demo) until told to stop.
@@ -160,14 +161,14 @@ pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Resul
                     if *alive {
                         if let Ok(Some(status)) = node.child.try_wait() {
                             *alive = false;
-                            println!("{} exited: {status}", node.name);
+                            outln!("{} exited: {status}", node.name);
                         }
                     }
                 }
             }
         }
     }
-    println!("stopping...");
+    outln!("stopping...");
     shutdown(&mut nodes).await;
     Ok(())
 }
@@ -264,14 +265,17 @@ async fn ready(http: &HttpClient, controller: &str, nodes: &[Node], workers: usi
 }
 
 fn print_table(nodes: &[Node]) {
-    println!(
+    outln!(
         "\n{:<12} {:>8} {:>6} {:>6}  LOG",
-        "NODE", "PID", "HTTP", "WIRE"
+        "NODE",
+        "PID",
+        "HTTP",
+        "WIRE"
     );
     for node in nodes {
         let pid = node.child.id().map_or("-".into(), |p| p.to_string());
         let wire = node.wire.map_or("-".into(), |w| w.to_string());
-        println!(
+        outln!(
             "{:<12} {:>8} {:>6} {:>6}  {}",
             node.name,
             pid,

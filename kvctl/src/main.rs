@@ -9,6 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod load;
 mod local;
+mod out;
 mod resp;
 mod status;
 
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use kv_client::{Client, Credentials};
 use kv_wire::ClusterSecret;
+use out::outln;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -181,15 +183,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Nodes { json } => {
             let nodes = connect(&target).await?.nodes().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&nodes)?);
+                outln!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
-                println!("epoch {}", nodes.epoch);
-                println!(
+                outln!("epoch {}", nodes.epoch);
+                outln!(
                     "{:<16} {:<8} {:<16} {:>6} {:>6} {:>5} {:>10}",
-                    "ID", "STATUS", "HOST", "HTTP", "WIRE", "GEN", "SILENT_MS"
+                    "ID",
+                    "STATUS",
+                    "HOST",
+                    "HTTP",
+                    "WIRE",
+                    "GEN",
+                    "SILENT_MS"
                 );
                 for n in &nodes.nodes {
-                    println!(
+                    outln!(
                         "{:<16} {:<8} {:<16} {:>6} {:>6} {:>5} {:>10}",
                         n.id,
                         n.status,
@@ -207,7 +215,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Mapping { key, json } => {
             let mapping = connect(&target).await?.mapping(&key).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&mapping)?);
+                outln!("{}", serde_json::to_string_pretty(&mapping)?);
             } else {
                 let name = |n: &serde_json::Value| {
                     format!(
@@ -223,7 +231,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .flatten()
                     .map(name)
                     .collect();
-                println!(
+                outln!(
                     "{key}: primary {}, replicas {} (epoch {})",
                     name(&mapping["primary"]),
                     replicas.join(", "),
@@ -249,7 +257,7 @@ async fn run(cli: Cli) -> Result<()> {
             Some((value, version)) => {
                 if json {
                     let text = String::from_utf8_lossy(&value);
-                    println!(
+                    outln!(
                         "{}",
                         json!({ "key": key, "value": text, "version": version.to_string() })
                     );
@@ -268,12 +276,12 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn print_written(key: &str, version: kv_wire::Version, json: bool, what: &str) {
     if json {
-        println!(
+        outln!(
             "{}",
             json!({ "key": key, "version": version.to_string(), what: true })
         );
     } else {
-        println!("{what} {key} at version {version}");
+        outln!("{what} {key} at version {version}");
     }
 }
 

@@ -1,10 +1,11 @@
-//! `kvctl load` as a process against an in-process cluster.
+//! `kvctl load`, and kvctl's output into a closed pipe, as processes
+//! against an in-process cluster.
 #![allow(clippy::unwrap_used)]
 
 #[path = "../../worker/tests/common/mod.rs"]
 mod common;
 use common::*;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn kvctl(cluster: &Cluster, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kvctl"))
@@ -95,4 +96,28 @@ async fn a_malformed_file_reports_its_bad_lines_and_loads_the_rest() {
     }
     let _ = std::fs::remove_file(path);
     cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_whose_reader_went_away_end_quietly() {
+    // `kvctl nodes | head -0`: the pipe is closed before kvctl writes.
+    let cluster = Cluster::start(3).await;
+    let commands: [&[&str]; 3] = [&["nodes"], &["nodes", "--json"], &["mapping", "user123"]];
+    for args in commands {
+        let out = tokio::task::block_in_place(|| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+                .arg("--controller")
+                .arg(format!("http://{}", cluster.controller.http))
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        });
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kvctl {args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "kvctl {args:?}: {stderr}");
+    }
 }
