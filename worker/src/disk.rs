@@ -87,14 +87,27 @@ struct Held {
 }
 
 impl Held {
-    fn of(hash: u64, key: &str, copy: &Stored) -> Held {
+    /// A copy of `key` (whose ring hash is `hash`) at `version`, `size`
+    /// bytes of key and value.
+    fn new(hash: u64, key: &[u8], version: Version, size: usize, tombstone: bool) -> Held {
         Held {
             hash,
-            check: key_check(key.as_bytes()),
-            version: copy.version,
-            size: u32::try_from(copy.size(key)).unwrap_or(u32::MAX),
-            tombstone: copy.value.is_none(),
+            check: key_check(key),
+            version,
+            size: u32::try_from(size).unwrap_or(u32::MAX),
+            tombstone,
         }
+    }
+
+    fn of(hash: u64, key: &str, copy: &Stored) -> Held {
+        let tombstone = copy.value.is_none();
+        Held::new(
+            hash,
+            key.as_bytes(),
+            copy.version,
+            copy.size(key),
+            tombstone,
+        )
     }
 }
 
@@ -394,13 +407,7 @@ impl DiskStore {
             let (k, v) = guard.into_inner().map_err(|e| e.to_string())?;
             let (hash, version, tombstone) = decode_header(&k, &v)?;
             let size = k.len() - 8 + v.len() - HEADER;
-            let held = Held {
-                hash,
-                check: key_check(&k[8..]),
-                version,
-                size: u32::try_from(size).unwrap_or(u32::MAX),
-                tombstone,
-            };
+            let held = Held::new(hash, &k[8..], version, size, tombstone);
             self.bucket(bucket_of(hash)).replace(None, held);
             keys += 1;
             bytes += size as i64;
@@ -434,6 +441,100 @@ impl DiskStore {
             error!(dir = %self.dir.display(), error = %e, "the data dir failed to {what} (further failures are not logged for 10 s)");
         }
         StoreError(format!("the data dir {} failed to {what}: {e}", self.dir.display()).into())
+    }
+
+    /// [`Store::apply_many`] (and `apply`, a batch of one) on borrowed
+    /// copies: one engine batch for all the copies that are newer than
+    /// held, handed to the OS in one write; decided from the in-memory
+    /// summaries (no engine reads), whose buckets stay locked from the
+    /// comparison until the batch is in, so a concurrent write to the same
+    /// key waits rather than interleaves.
+    fn write(&self, copies: &[(&str, &Stored)]) -> Vec<Result<Applied, StoreError>> {
+        let hashes: Vec<u64> = copies
+            .iter()
+            .map(|(key, _)| Ring::key_hash(key.as_bytes()))
+            .collect();
+        // Locked in ascending order, so batches never wait on each other
+        // in a cycle (every other caller holds one bucket at a time).
+        let mut ids: Vec<usize> = hashes.iter().map(|h| bucket_of(*h)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut locked: Vec<MutexGuard<'_, Summary>> =
+            ids.iter().map(|b| self.bucket(*b)).collect();
+        let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
+        let mut outcomes = Vec::with_capacity(copies.len());
+        // Per key written: what was held before, and its newest copy in
+        // this batch (a key can come twice; only the last newer one goes
+        // to the engine).
+        let mut planned: HashMap<&str, (Option<Held>, Held, usize)> = HashMap::new();
+        for (i, (&(key, copy), &hash)) in copies.iter().zip(&hashes).enumerate() {
+            let now = Held::of(hash, key, copy);
+            let held = match planned.get(key) {
+                Some(&(_, latest, _)) => Some(latest),
+                None => locked[slot(hash)].find(hash, now.check),
+            };
+            let outcome = match held {
+                Some(h) if h.version > copy.version => Applied::Older { held: h.version },
+                Some(h) if h.version == copy.version => Applied::Held,
+                _ => {
+                    planned
+                        .entry(key)
+                        .and_modify(|(_, latest, at)| (*latest, *at) = (now, i))
+                        .or_insert((held, now, i));
+                    Applied::Stored
+                }
+            };
+            outcomes.push(Ok(outcome));
+        }
+        if planned.is_empty() {
+            return outcomes;
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
+        for &(_, _, i) in planned.values() {
+            let (key, copy) = copies[i];
+            batch.insert(&self.copies, encode_key(hashes[i], key), encode_copy(copy));
+        }
+        let committed = batch.commit().map_err(|e| match e {
+            // fjall refuses every write after one failed (its journal may
+            // be torn): reopening the data dir is the way back.
+            fjall::Error::Poisoned => self.failed(
+                "store a write",
+                "the engine takes no more writes after a failed one; restart the worker once its disk has room",
+            ),
+            e => self.failed("store a write", e),
+        });
+        // The lock is taken only while failing or on a failure: a healthy
+        // write checks one flag.
+        if let Err(e) = committed {
+            *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            self.is_failing.store(true, Ordering::Relaxed);
+            for outcome in &mut outcomes {
+                if *outcome == Ok(Applied::Stored) {
+                    *outcome = Err(e.clone());
+                }
+            }
+            return outcomes;
+        }
+        if self.is_failing.load(Ordering::Relaxed) {
+            *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.is_failing.store(false, Ordering::Relaxed);
+        }
+        self.syncer.written();
+        let (mut keys, mut bytes, mut tombstones) = (0, 0, 0);
+        for (before, now, _) in planned.into_values() {
+            locked[slot(now.hash)].replace(before, now);
+            if let Some(b) = before {
+                keys -= 1;
+                bytes -= i64::from(b.size);
+                tombstones -= i64::from(b.tombstone);
+            }
+            keys += 1;
+            bytes += i64::from(now.size);
+            tombstones += i64::from(now.tombstone);
+        }
+        drop(locked);
+        self.account(keys, bytes, tombstones);
+        outcomes
     }
 
     /// What the summary holds of `key`.
@@ -630,103 +731,15 @@ impl Store for DiskStore {
     }
 
     fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
-        let mut outcome = self.apply_many(&[(key.to_string(), copy)]);
+        let mut outcome = self.write(&[(key, &copy)]);
         outcome
             .pop()
             .unwrap_or_else(|| Err(StoreError("no outcome for a write".into())))
     }
 
-    /// One engine batch for all the copies that are newer than held, handed
-    /// to the OS in one write; decided from the in-memory summaries (no
-    /// engine reads), whose buckets stay locked from the comparison until
-    /// the batch is in, so a concurrent write to the same key waits rather
-    /// than interleaves.
     fn apply_many(&self, copies: &[(String, Stored)]) -> Vec<Result<Applied, StoreError>> {
-        let hashes: Vec<u64> = copies
-            .iter()
-            .map(|(key, _)| Ring::key_hash(key.as_bytes()))
-            .collect();
-        // Locked in ascending order, so batches never wait on each other
-        // in a cycle (every other caller holds one bucket at a time).
-        let mut ids: Vec<usize> = hashes.iter().map(|h| bucket_of(*h)).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut locked: Vec<MutexGuard<'_, Summary>> =
-            ids.iter().map(|b| self.bucket(*b)).collect();
-        let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
-        let mut outcomes = Vec::with_capacity(copies.len());
-        // Per key written: what was held before, and its newest copy in
-        // this batch (a key can come twice; only the last newer one goes
-        // to the engine).
-        let mut planned: HashMap<&str, (Option<Held>, Held, usize)> = HashMap::new();
-        for (i, ((key, copy), &hash)) in copies.iter().zip(&hashes).enumerate() {
-            let now = Held::of(hash, key, copy);
-            let held = match planned.get(key.as_str()) {
-                Some(&(_, latest, _)) => Some(latest),
-                None => locked[slot(hash)].find(hash, now.check),
-            };
-            let outcome = match held {
-                Some(h) if h.version > copy.version => Applied::Older { held: h.version },
-                Some(h) if h.version == copy.version => Applied::Held,
-                _ => {
-                    planned
-                        .entry(key)
-                        .and_modify(|(_, latest, at)| (*latest, *at) = (now, i))
-                        .or_insert((held, now, i));
-                    Applied::Stored
-                }
-            };
-            outcomes.push(Ok(outcome));
-        }
-        if planned.is_empty() {
-            return outcomes;
-        }
-        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
-        for &(_, _, i) in planned.values() {
-            let (key, copy) = &copies[i];
-            batch.insert(&self.copies, encode_key(hashes[i], key), encode_copy(copy));
-        }
-        let committed = batch.commit().map_err(|e| match e {
-            // fjall refuses every write after one failed (its journal may
-            // be torn): reopening the data dir is the way back.
-            fjall::Error::Poisoned => self.failed(
-                "store a write",
-                "the engine takes no more writes after a failed one; restart the worker once its disk has room",
-            ),
-            e => self.failed("store a write", e),
-        });
-        // The lock is taken only while failing or on a failure: a healthy
-        // write checks one flag.
-        if let Err(e) = committed {
-            *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-            self.is_failing.store(true, Ordering::Relaxed);
-            for outcome in &mut outcomes {
-                if *outcome == Ok(Applied::Stored) {
-                    *outcome = Err(e.clone());
-                }
-            }
-            return outcomes;
-        }
-        if self.is_failing.load(Ordering::Relaxed) {
-            *self.failing.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            self.is_failing.store(false, Ordering::Relaxed);
-        }
-        self.syncer.written();
-        let (mut keys, mut bytes, mut tombstones) = (0, 0, 0);
-        for (before, now, _) in planned.into_values() {
-            locked[slot(now.hash)].replace(before, now);
-            if let Some(b) = before {
-                keys -= 1;
-                bytes -= i64::from(b.size);
-                tombstones -= i64::from(b.tombstone);
-            }
-            keys += 1;
-            bytes += i64::from(now.size);
-            tombstones += i64::from(now.tombstone);
-        }
-        drop(locked);
-        self.account(keys, bytes, tombstones);
-        outcomes
+        let copies: Vec<(&str, &Stored)> = copies.iter().map(|(k, c)| (k.as_str(), c)).collect();
+        self.write(&copies)
     }
 
     fn held_version(&self, key: &str) -> Option<Version> {
