@@ -116,7 +116,7 @@ impl Controller {
         // The proof covers these exact bytes.
         let body = serde_json::to_vec(body).unwrap_or_default();
         let proof = self.secret.as_ref().map(|s| {
-            s.prove_request(what, &body, crate::node::now_ms())
+            s.prove_request(what, &body, crate::transport::system_now_ms())
                 .header_value()
         });
         client.post_authorized(&url, body, proof.as_deref()).await

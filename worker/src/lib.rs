@@ -20,6 +20,7 @@ pub mod replication;
 pub mod store;
 pub mod sync;
 pub mod topology;
+pub mod transport;
 pub mod wire_server;
 
 use crate::controller::{ControllerAddr, Registration};
@@ -27,10 +28,9 @@ pub use crate::lifecycle::Stop;
 use crate::lifecycle::{drained, Drained};
 use crate::node::{Limits, Node};
 use crate::store::{MemStore, Store};
-use crate::topology::Topologies;
 use clap::Parser;
 use kv_client::{Credentials, Pool};
-use kv_wire::{Clock, ClusterSecret, Version};
+use kv_wire::{ClusterSecret, Version};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -215,8 +215,6 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         .port();
     let tracker = TaskTracker::new();
 
-    let metrics = Arc::new(metrics::Metrics::new());
-    let topologies = Arc::new(Topologies::new());
     let pool = Arc::new(Pool::new(
         Credentials::new(config.cluster.clone(), id.clone())
             .with_secret(config.cluster_secret.clone()),
@@ -227,37 +225,31 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
             "--sync-every must be above zero".into(),
         ));
     }
-    let clock = Clock::new(&id);
-    let store: Arc<dyn Store> = match &config.data_dir {
+    let (store, newest): (Arc<dyn Store>, _) = match &config.data_dir {
         Some(dir) => {
             let (store, opened) = disk::DiskStore::open(dir, &id, config.sync, config.sync_every)?;
-            // Never issue a version older than one this worker already did.
-            clock.observe(opened.newest);
-            Arc::new(store)
+            (Arc::new(store), Some(opened.newest))
         }
-        None => Arc::new(MemStore::new()),
+        None => (Arc::new(MemStore::new()), None),
     };
-    let node = Arc::new(Node {
-        id: id.clone(),
-        store: store.clone(),
-        clock,
-        topologies: topologies.clone(),
-        pool: pool.clone(),
-        replicator: replication::Replicator::new(
-            pool,
-            topologies.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        ),
-        metrics,
-        limits: Limits {
+    let node = Arc::new(Node::new(
+        id.clone(),
+        store.clone(),
+        pool,
+        transport::system_wall(),
+        Limits {
             max_value: config.max_value_size,
             write_timeout: config.write_timeout,
             read_timeout: Duration::from_secs(1),
         },
-        leaving: stop.leaving().clone(),
-        progress: progress::Progress::default(),
-    });
+        stop.leaving().clone(),
+        shutdown.clone(),
+    ));
+    if let Some(newest) = newest {
+        // Never issue a version older than one this worker already did.
+        node.clock.observe(newest);
+    }
+    let topologies = node.topologies.clone();
 
     listeners
         .wire
@@ -464,7 +456,7 @@ async fn purge_tombstones(store: Arc<dyn Store>, grace: Duration, shutdown: Canc
             () = shutdown.cancelled() => return,
         }
         let cutoff = Version {
-            hlc: node::now_ms().saturating_sub(grace.as_millis() as u64) << 16,
+            hlc: crate::transport::system_now_ms().saturating_sub(grace.as_millis() as u64) << 16,
             node: 0,
         };
         let purged = store.purge_tombstones(cutoff);

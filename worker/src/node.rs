@@ -6,13 +6,13 @@ use crate::quorum::{Asked, Quorum, ReadQuorum, WriteQuorum};
 use crate::replication::{ReplicaAck, Replicator};
 use crate::store::{Applied, Store, StoreError, Stored};
 use crate::topology::{Topologies, View};
+use crate::transport::{Transport, Wall};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
-use kv_client::Pool;
 use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::{Clock, Entry, Member, Request, Response, Version, READ_QUORUM, WRITE_QUORUM};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -162,8 +162,10 @@ pub struct Node {
     pub clock: Clock,
     /// What it knows of the cluster.
     pub topologies: Arc<Topologies>,
-    /// Connections to peers.
-    pub pool: Arc<Pool>,
+    /// How it reaches its peers.
+    pub transport: Arc<dyn Transport>,
+    /// The wall clock versions are stamped from.
+    pub wall: Wall,
     /// Replication links.
     pub replicator: Replicator,
     /// Metrics.
@@ -176,12 +178,46 @@ pub struct Node {
     pub progress: crate::progress::Progress,
 }
 
-/// The wall clock, in milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    kv_wire::version::unix_ms(SystemTime::now())
-}
-
 impl Node {
+    /// A worker's data plane over `transport`, with nothing known of the
+    /// cluster yet; its replication links stop at `shutdown`, and it stops
+    /// counting its own copies once `leaving` is cancelled.
+    pub fn new(
+        id: String,
+        store: Arc<dyn Store>,
+        transport: Arc<dyn Transport>,
+        wall: Wall,
+        limits: Limits,
+        leaving: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> Node {
+        let metrics = Arc::new(Metrics::new());
+        let topologies = Arc::new(Topologies::new());
+        Node {
+            clock: Clock::new(&id),
+            id,
+            store,
+            replicator: Replicator::new(
+                transport.clone(),
+                topologies.clone(),
+                metrics.clone(),
+                shutdown,
+            ),
+            transport,
+            wall,
+            topologies,
+            metrics,
+            limits,
+            leaving,
+            progress: crate::progress::Progress::default(),
+        }
+    }
+
+    /// The wall clock now, in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        (self.wall)()
+    }
+
     /// Why this worker is not ready (as `/readyz` says), or `Ok` with the
     /// epoch it is ready at.
     pub fn readiness(&self) -> Result<u64, crate::lifecycle::NotReady> {
@@ -307,8 +343,8 @@ impl Node {
             primary: peer.id.clone(),
             reason: e.to_string(),
         };
-        let conn = self.pool.get(peer).await.map_err(unreachable)?;
-        conn.call_within(request, timeout)
+        self.transport
+            .call(peer, request, Some(timeout))
             .await
             .map_err(unreachable)
     }
@@ -427,7 +463,7 @@ impl Node {
         if let Some(held) = self.store.held_version(key) {
             self.clock.observe(held);
         }
-        self.clock.tick(now_ms())
+        self.clock.tick(self.now_ms())
     }
 
     /// Many writes for which this worker is primary, each at W=2 on its

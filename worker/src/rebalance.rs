@@ -159,7 +159,7 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         }
         unfinished = true;
         let began = Instant::now();
-        node.progress.begin(view.epoch(), crate::node::now_ms());
+        node.progress.begin(view.epoch(), node.now_ms());
         let report = tokio::select! {
             report = sync(&node, &view, why) => report,
             // A newer topology: start over towards it. What was pulled so
@@ -174,7 +174,7 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         };
         let took = began.elapsed();
         record(&node, &view, why, &report, took);
-        node.progress.end(why, &report, took, crate::node::now_ms());
+        node.progress.end(why, &report, took, node.now_ms());
         if report.complete() {
             node.topologies.settle(view);
             unfinished = false;
@@ -603,7 +603,7 @@ async fn call<T>(
 ) -> Option<T> {
     let mut pause = Duration::from_millis(50);
     for attempt in 1..=CALL_ATTEMPTS {
-        let failure = match node.pool.call(member, request()).await {
+        let failure = match node.transport.call(member, request(), None).await {
             Ok(response) => match accept(response) {
                 Some(value) => return Some(value),
                 None => "unexpected answer".to_string(),

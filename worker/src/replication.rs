@@ -11,7 +11,7 @@
 
 use crate::metrics::Metrics;
 use crate::topology::{Topologies, View};
-use kv_client::Pool;
+use crate::transport::Transport;
 use kv_wire::{Entry, Member, Request, Response, Version};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,23 +79,24 @@ struct LinkHandle {
 /// The replication links of this worker.
 pub struct Replicator {
     links: Mutex<HashMap<String, Link>>,
-    pool: Arc<Pool>,
+    transport: Arc<dyn Transport>,
     topologies: Arc<Topologies>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
 impl Replicator {
-    /// Links over `pool`, dropping copies for peers that leave `topologies`.
+    /// Links over `transport`, dropping copies for peers that leave
+    /// `topologies`.
     pub fn new(
-        pool: Arc<Pool>,
+        transport: Arc<dyn Transport>,
         topologies: Arc<Topologies>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Replicator {
         Replicator {
             links: Mutex::default(),
-            pool,
+            transport,
             topologies,
             metrics,
             shutdown,
@@ -187,7 +188,7 @@ impl Replicator {
             peer.clone(),
             rx,
             handle.failing.clone(),
-            self.pool.clone(),
+            self.transport.clone(),
             self.topologies.clone(),
             self.metrics.clone(),
             self.shutdown.clone(),
@@ -208,7 +209,7 @@ async fn run_link(
     peer: Member,
     mut queue: mpsc::UnboundedReceiver<Item>,
     failing: Arc<AtomicBool>,
-    pool: Arc<Pool>,
+    transport: Arc<dyn Transport>,
     topologies: Arc<Topologies>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -239,7 +240,10 @@ async fn run_link(
         }
         let entries: Vec<Entry> = batch.iter().map(|i| i.entry.clone()).collect();
         let count = entries.len();
-        match pool.call(&peer, Request::Replicate { entries }).await {
+        match transport
+            .call(&peer, Request::Replicate { entries }, None)
+            .await
+        {
             Ok(Response::Replicated { stale, .. }) => {
                 metrics.replicated(count, bytes);
                 failing.store(false, Ordering::Relaxed);
