@@ -115,7 +115,6 @@ pub struct NamedTransition {
 pub struct Membership {
     workers: BTreeMap<String, Worker>,
     ids: HashMap<u32, String>,
-    next_number: u32,
     detector: Detector,
     epoch: u64,
     /// The epoch of the last published topology (0: none yet).
@@ -139,7 +138,6 @@ impl Membership {
         Membership {
             workers: BTreeMap::new(),
             ids: HashMap::new(),
-            next_number: 1,
             detector: Detector::new(down_after, grace_until),
             epoch: 0,
             published: 0,
@@ -184,11 +182,7 @@ impl Membership {
                 known.member.generation.max(reg.generation.unwrap_or(0)) + 1,
             ),
             None if self.workers.len() >= MAX_WORKERS => return Err(RegisterError::Full),
-            None => {
-                let number = self.next_number;
-                self.next_number += 1;
-                (number, reg.generation.unwrap_or(0).max(1))
-            }
+            None => (self.number_for(&reg.id), reg.generation.unwrap_or(0).max(1)),
         };
         let member = Member {
             id: reg.id.clone(),
@@ -213,6 +207,25 @@ impl Membership {
             generation,
             epoch: self.epoch,
         })
+    }
+
+    /// The heartbeat number for a worker new to this controller: the first
+    /// free one from a hash of its id. Numbers must not depend on the order
+    /// workers register in: after a controller restart, a worker that has
+    /// not heard of it yet still heartbeats under the number the old
+    /// controller gave it, and had the new one given that number to
+    /// another worker (of the same generation: generations survive a
+    /// controller restart), the stale heartbeats would count as that
+    /// worker's, and its own, with lower sequence numbers, as replays.
+    /// Derived from the id, a number is the same under every controller
+    /// but when two ids' hashes meet (for 1,000 workers, one chance in
+    /// 8,600).
+    fn number_for(&self, id: &str) -> u32 {
+        let mut number = xxhash_rust::xxh3::xxh3_64(id.as_bytes()) as u32;
+        while self.ids.contains_key(&number) {
+            number = number.wrapping_add(1);
+        }
+        number
     }
 
     /// Feeds a heartbeat received at `now`.
@@ -465,7 +478,7 @@ mod tests {
     fn registrations_join_the_topology_in_one_epoch() {
         let t0 = Instant::now();
         let (mut m, regs) = running(t0, &["worker2", "worker1"]);
-        assert_eq!((regs[0].member, regs[1].member), (1, 2));
+        assert_ne!(regs[0].member, regs[1].member);
         let topology = m.publish(t0).unwrap();
         assert_eq!(
             (topology.epoch, ids(&topology)),
@@ -669,9 +682,50 @@ mod tests {
             .unwrap();
         never.evaluate(t0 + DOWN_AFTER);
         assert!(never.forget(t0 + 100 * forget_after).is_empty());
-        // Registered again, a forgotten worker is a new one.
+        // Registered again, a forgotten worker is a new one (its number
+        // comes from its id, as before).
         let again = m.register(reg("worker1"), now, SystemTime::now()).unwrap();
-        assert_eq!(again.member, 3);
+        assert_eq!(again.generation, 1);
+    }
+
+    /// Found by the simulator (`sim/`): after a controller restart, a
+    /// worker that had not yet heard of it heartbeated under the number the
+    /// old controller gave it, which the new one had given to another
+    /// worker of the same generation: that worker's own heartbeats then
+    /// looked like replays and it went DOWN though it never fell silent.
+    #[test]
+    fn a_heartbeat_for_an_earlier_controller_never_counts_for_another_worker() {
+        let t0 = Instant::now();
+        let (_, old) = running(t0, &["worker-a", "worker-b"]);
+        let mut restarted = Membership::new(DOWN_AFTER, Duration::ZERO, t0);
+        let b = restarted
+            .register(
+                Registration {
+                    generation: Some(old[1].generation),
+                    epoch: Some(1),
+                    ..reg("worker-b")
+                },
+                t0,
+                SystemTime::now(),
+            )
+            .unwrap();
+        let stale = Heartbeat {
+            seq: 1_000,
+            ..hb(old[0])
+        };
+        restarted.heartbeat(&stale, t0, SystemTime::now());
+        for seq in 1..=10 {
+            let at = t0 + Duration::from_millis(200 * seq);
+            let beat = Heartbeat { seq, ..hb(b) };
+            restarted.heartbeat(&beat, at, SystemTime::now());
+            restarted.evaluate(at);
+        }
+        let statuses: Vec<_> = restarted
+            .nodes(t0 + Duration::from_secs(2))
+            .iter()
+            .map(|n| (n.worker.member.id.clone(), n.status))
+            .collect();
+        assert_eq!(statuses, [("worker-b".to_string(), Status::Up)]);
     }
 
     #[test]
