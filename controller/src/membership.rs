@@ -123,9 +123,15 @@ pub struct Membership {
     published_ids: BTreeSet<String>,
     dirty: bool,
     grace_until: Instant,
-    /// A worker registered saying it had seen an epoch: the cluster ran
-    /// before this controller started, so its grace holds every change.
+    /// A worker registered saying it had seen an epoch, or heartbeated
+    /// under a number this controller never gave: the cluster ran before
+    /// this controller started, so its grace holds every change.
     restarted: bool,
+    /// Before this, not even additions are published: every worker of a
+    /// cluster that ran before heartbeats at least once in half of
+    /// `down_after` (or it would be SUSPECT), so by then a restarted
+    /// controller has heard of one and knows it is not a fresh cluster.
+    fresh_after: Instant,
     /// How long DOWN workers stay listed (`None`: for ever).
     forget_after: Option<Duration>,
 }
@@ -145,6 +151,7 @@ impl Membership {
             dirty: false,
             grace_until,
             restarted: false,
+            fresh_after: now + down_after / 2,
             forget_after: None,
         }
     }
@@ -246,7 +253,8 @@ impl Membership {
                     worker.last_heartbeat = wall;
                 }
             }
-            Observation::StaleGeneration | Observation::UnknownMember | Observation::Replayed => {}
+            Observation::UnknownMember => self.restarted = true,
+            Observation::StaleGeneration | Observation::Replayed => {}
         }
         if let Observation::Recovered(t) = observation {
             self.dirty |= t.from == Status::Down;
@@ -321,8 +329,11 @@ impl Membership {
 
     /// If the live set changed: bumps the epoch and returns the topology to
     /// publish. During the grace period only a topology that adds workers
-    /// to a fresh cluster is published: one that drops a worker could be a
-    /// restarted controller that has not heard from it yet.
+    /// to a fresh cluster is published, and only once the cluster's workers
+    /// (if it had any) would have spoken: one that drops a worker could be
+    /// a restarted controller that has not heard from it yet, and one of a
+    /// worker that lost its copies alone would make it the only owner of
+    /// every key.
     pub fn publish(&mut self, now: Instant) -> Option<Topology> {
         if !self.dirty {
             return None;
@@ -334,7 +345,7 @@ impl Membership {
                     .published_ids
                     .iter()
                     .all(|id| topology.member(id).is_some());
-            if self.restarted || !adds_only {
+            if self.restarted || !adds_only || now < self.fresh_after {
                 return None;
             }
         }
@@ -567,13 +578,15 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_controller_publishes_additions_at_once_and_holds_the_rest_for_its_grace() {
+    fn a_fresh_controller_publishes_additions_soon_and_holds_the_rest_for_its_grace() {
         let t0 = Instant::now();
         let mut m = Membership::new(DOWN_AFTER, GRACE, t0);
         let r1 = m.register(reg("worker1"), t0, SystemTime::now()).unwrap();
-        assert_eq!(ids(&m.publish(t0).unwrap()), ["worker1"]);
-        m.register(reg("worker2"), t0, SystemTime::now()).unwrap();
-        assert_eq!(ids(&m.publish(t0).unwrap()), ["worker1", "worker2"]);
+        assert_eq!(m.publish(t0), None);
+        let soon = t0 + DOWN_AFTER / 2;
+        assert_eq!(ids(&m.publish(soon).unwrap()), ["worker1"]);
+        m.register(reg("worker2"), soon, SystemTime::now()).unwrap();
+        assert_eq!(ids(&m.publish(soon).unwrap()), ["worker1", "worker2"]);
         // A leave drops a worker: held until the grace ends.
         let leave = LeaveRequest {
             id: "worker1".into(),
@@ -585,6 +598,44 @@ mod tests {
         let topology = m.publish(t0 + GRACE).unwrap();
         assert_eq!((ids(&topology), topology.epoch), (vec!["worker2"], 3));
         assert_eq!(topology.leaving[0].id, "worker1");
+    }
+
+    /// Found by the simulator (`sim/`): the controller restarted while a
+    /// worker that had lost its copies restarted too. That worker, having
+    /// seen no topology, registered first and without an epoch, as in a
+    /// new cluster, and the controller published a ring of it alone at
+    /// once: it answered reads as the only owner of every key, from an
+    /// empty store ("not found" for acknowledged writes) until the grace
+    /// ended.
+    #[test]
+    fn a_restarted_controller_does_not_publish_a_fresh_worker_alone_before_the_others_speak() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new(DOWN_AFTER, GRACE, t0);
+        m.register(reg("fresh"), t0, SystemTime::now()).unwrap();
+        assert_eq!(
+            m.publish(t0 + ms(10)),
+            None,
+            "published before the others could speak"
+        );
+        // A worker of the cluster heartbeats under the number the previous
+        // controller gave it: the cluster ran before this controller.
+        let stale = Heartbeat {
+            member: 12_345,
+            generation: 1,
+            seq: 99,
+            epoch_seen: 4,
+        };
+        m.heartbeat(&stale, t0 + ms(100), SystemTime::now());
+        assert_eq!(m.publish(t0 + DOWN_AFTER), None, "published in the grace");
+        let old = Registration {
+            epoch: Some(4),
+            generation: Some(1),
+            ..reg("old")
+        };
+        m.register(old, t0 + ms(150), SystemTime::now()).unwrap();
+        let topology = m.publish(t0 + GRACE).unwrap();
+        assert_eq!((ids(&topology), topology.epoch), (vec!["fresh", "old"], 5));
     }
 
     #[test]
