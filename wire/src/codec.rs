@@ -169,6 +169,7 @@ mod tests {
                 5,
                 Request::Replicate {
                     entries: vec![entry("a", Some(b"1")), entry("b", None)],
+                    epoch: 3,
                 },
             ),
             request(

@@ -30,7 +30,7 @@
 
 use crate::topology::View;
 use kv_wire::{Digest, HashRange, Member, Version};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// What to fetch from a co-owner whose digest of an arc differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +133,10 @@ impl<'v> Comparisons<'v> {
 /// A key is dropped here only once every owner confirmed it.
 #[derive(Debug, Default)]
 pub struct Handoff {
-    /// key -> (version held here, owners not yet confirmed).
-    pending: HashMap<String, (Version, Vec<String>)>,
+    /// key -> (version held here, owners not yet confirmed); ordered, so
+    /// the offers go out in the same order on every run (the simulator
+    /// replays a seed exactly).
+    pending: BTreeMap<String, (Version, Vec<String>)>,
 }
 
 impl Handoff {

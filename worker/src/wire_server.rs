@@ -327,9 +327,9 @@ pub async fn answer(node: &Node, body: Request) -> Response {
             }
             Response::PutMany(results)
         }
-        Request::Replicate { entries } => {
+        Request::Replicate { entries, epoch } => {
             metrics.count("replicate", "ok");
-            node.replicate(entries).await
+            node.replicate(entries, epoch).await
         }
         Request::Offer { items } => {
             metrics.count("offer", "ok");

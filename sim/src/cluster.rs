@@ -1,0 +1,776 @@
+//! The simulated cluster: a controller and workers as tasks on one
+//! simulated clock, talking over [`Net`]. What runs is the real code:
+//! each worker is a `kv_worker::node::Node` with its real rebalancing loop,
+//! answering peers through the real `wire_server::answer`; the controller
+//! is the real `Membership` (registration, the failure detector, epochs).
+//! What the simulation stands in for is the I/O around them: the HTTP
+//! registration, the heartbeat datagrams and the topology pushes are
+//! messages on the simulated network, with the same timings and retries.
+
+use crate::history::{Kind, Outcome};
+use crate::net::{self, Net, Proc, SimTransport, CONTROLLER};
+use bytes::Bytes;
+use kv_controller::detector::{Status, Why};
+use kv_controller::membership::Membership;
+use kv_wire::heartbeat::Heartbeat;
+use kv_wire::register::{LeaveRequest, RegisterRequest};
+use kv_wire::{Member, Request, Response, Topology};
+use kv_worker::node::{Limits, Node};
+use kv_worker::store::{MemStore, Store};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use xxhash_rust::xxh3::Xxh3;
+
+/// The timings of the simulated cluster: the defaults of SPEC, but for
+/// anti-entropy, which runs every few seconds so a run sees it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Between heartbeats.
+    pub heartbeat: Duration,
+    /// Silence before DOWN.
+    pub down_after: Duration,
+    /// The controller's start-up grace.
+    pub grace: Duration,
+    /// Between anti-entropy rounds.
+    pub anti_entropy: Duration,
+    /// A write's wait for its quorum.
+    pub write_timeout: Duration,
+    /// A quorum read's wait.
+    pub read_timeout: Duration,
+    /// How long a leaving worker hands over before it exits anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            heartbeat: Duration::from_millis(200),
+            down_after: Duration::from_secs(1),
+            grace: Duration::from_secs(2),
+            anti_entropy: Duration::from_secs(3),
+            write_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The wall clock's reading at the start of every run.
+const EPOCH_MS: u64 = 1_780_000_000_000;
+/// Registration and leave calls wait this long for the controller.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between retries of a registration, a leave or a push.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// A DOWN the controller declared for silence.
+#[derive(Debug, Clone)]
+pub struct Down {
+    /// The worker.
+    pub id: String,
+    /// Simulated milliseconds.
+    pub at: u64,
+    /// Whether the worker was running then.
+    pub running: bool,
+    /// How long no fault had touched it, the controller or the network.
+    pub clear_for: Duration,
+}
+
+/// Faults on one host: how many are on now, and when the last one ended.
+#[derive(Debug, Clone, Copy, Default)]
+struct Impaired {
+    active: u32,
+    last: u64,
+}
+
+/// The controller's state while it runs.
+struct Controller {
+    membership: Membership,
+    incarnation: u64,
+    published: Option<Topology>,
+    /// The epoch each worker acknowledged a push of.
+    pushed: BTreeMap<String, u64>,
+    pushing: BTreeSet<String>,
+    alive: CancellationToken,
+}
+
+/// What a worker's agent knows of its registration.
+#[derive(Debug, Clone, Copy, Default)]
+struct Registered {
+    member: u32,
+    generation: u64,
+    incarnation: u64,
+}
+
+/// The whole simulated cluster.
+pub struct Cluster {
+    /// The network.
+    pub net: Arc<Net>,
+    /// Its timings.
+    pub settings: Settings,
+    start: Instant,
+    controller: Mutex<Option<Controller>>,
+    incarnations: Mutex<u64>,
+    trace: Mutex<(Xxh3, Vec<String>, bool)>,
+    history: Mutex<crate::history::History>,
+    values: Mutex<u64>,
+    downs: Mutex<Vec<Down>>,
+    /// When owner sets changed: topologies published, workers crashed or
+    /// started, or an operation began or ended while some worker held
+    /// another topology than the published one (one cut off from the
+    /// controller keeps serving with its last, as SPEC says it must).
+    changes: Mutex<Vec<u64>>,
+    /// The faults on each host: the controller, a worker, or `"*"` for
+    /// the whole network.
+    impaired: Mutex<BTreeMap<String, Impaired>>,
+    registrations: Mutex<BTreeMap<String, Registered>>,
+    skews: Mutex<BTreeMap<String, i64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `work` until `alive` is cancelled.
+pub fn spawn_in(alive: &CancellationToken, work: impl Future<Output = ()> + Send + 'static) {
+    let alive = alive.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            biased;
+            () = alive.cancelled() => {}
+            () = work => {}
+        }
+    });
+}
+
+impl Cluster {
+    /// An empty cluster on a healthy network drawing from `seed`; with
+    /// `keep_log`, the trace's lines are kept for printing.
+    pub fn new(seed: u64, settings: Settings, keep_log: bool) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            net: Arc::new(Net::new(seed)),
+            settings,
+            start: Instant::now(),
+            controller: Mutex::new(None),
+            incarnations: Mutex::new(0),
+            trace: Mutex::new((Xxh3::new(), Vec::new(), keep_log)),
+            history: Mutex::default(),
+            values: Mutex::default(),
+            downs: Mutex::default(),
+            changes: Mutex::default(),
+            impaired: Mutex::default(),
+            registrations: Mutex::default(),
+            skews: Mutex::default(),
+        })
+    }
+
+    /// Simulated milliseconds since the start.
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Adds a line to the trace.
+    pub fn event(&self, line: impl AsRef<str>) {
+        let line = format!("{:>7} {}", self.now_ms(), line.as_ref());
+        let mut trace = lock(&self.trace);
+        trace.0.update(line.as_bytes());
+        trace.0.update(b"\n");
+        if trace.2 {
+            trace.1.push(line);
+        }
+    }
+
+    /// The hash of the whole trace so far, and its lines if kept.
+    pub fn trace(&self) -> (u64, Vec<String>) {
+        let trace = lock(&self.trace);
+        (trace.0.digest(), trace.1.clone())
+    }
+
+    /// What the clients did.
+    pub fn history(&self) -> MutexGuard<'_, crate::history::History> {
+        lock(&self.history)
+    }
+
+    /// A value no write of the run had before.
+    pub fn fresh_value(&self) -> Bytes {
+        let mut n = lock(&self.values);
+        *n += 1;
+        Bytes::from(format!("v{n}"))
+    }
+
+    /// A fault on `host` begins (`"*"`: on every host).
+    pub fn impair(&self, host: &str) {
+        let now = self.now_ms();
+        let mut impaired = lock(&self.impaired);
+        let i = impaired.entry(host.to_string()).or_default();
+        i.active += 1;
+        i.last = now;
+    }
+
+    /// A fault on `host` ends.
+    pub fn mend(&self, host: &str) {
+        let now = self.now_ms();
+        let mut impaired = lock(&self.impaired);
+        let i = impaired.entry(host.to_string()).or_default();
+        i.active = i.active.saturating_sub(1);
+        i.last = now;
+    }
+
+    /// When owner sets changed (simulated ms).
+    pub fn changes(&self) -> Vec<u64> {
+        lock(&self.changes).clone()
+    }
+
+    /// Counts it as a change of owner sets when the workers do not all
+    /// hold the published topology.
+    fn note_disagreement(&self) {
+        let published = self.published().map(|t| t.epoch);
+        let agree = self
+            .net
+            .procs()
+            .iter()
+            .all(|(_, p)| Some(p.node.topologies.current().epoch()) == published);
+        if !agree {
+            self.changed();
+        }
+    }
+
+    fn changed(&self) {
+        let now = self.now_ms();
+        lock(&self.changes).push(now);
+    }
+
+    /// The DOWNs declared for silence so far.
+    pub fn downs(&self) -> Vec<Down> {
+        lock(&self.downs).clone()
+    }
+
+    /// How long no fault has touched `host`, the controller or the network.
+    fn clear_for(&self, host: &str) -> Duration {
+        let now = self.now_ms();
+        let impaired = lock(&self.impaired);
+        let since = [host, CONTROLLER, "*"]
+            .iter()
+            .filter_map(|h| impaired.get(*h))
+            .map(|i| if i.active > 0 { now } else { i.last })
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(now - since)
+    }
+
+    /// The state of things, for a report that the cluster did not settle.
+    pub fn describe(&self) -> String {
+        let published = self.published();
+        let statuses = self.statuses();
+        let workers: Vec<String> = self
+            .net
+            .procs()
+            .iter()
+            .map(|(id, p)| {
+                let ready = match p.node.readiness() {
+                    Ok(_) => "ready".to_string(),
+                    Err(why) => why.to_string(),
+                };
+                format!(
+                    "{id} {:?} epoch {} {ready}",
+                    statuses.get(id),
+                    p.node.topologies.current().epoch()
+                )
+            })
+            .collect();
+        format!(
+            "published epoch {:?}, ring {:?}; {}",
+            published.as_ref().map(|t| t.epoch),
+            published.map(|t| t.members.into_iter().map(|m| m.id).collect::<Vec<_>>()),
+            workers.join("; ")
+        )
+    }
+
+    fn instant(&self) -> std::time::Instant {
+        Instant::now().into_std()
+    }
+
+    fn wall(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(EPOCH_MS + self.now_ms())
+    }
+
+    // ---- the controller ----
+
+    /// Starts a controller (a new incarnation, knowing nothing).
+    pub fn start_controller(self: &Arc<Self>) {
+        let incarnation = {
+            let mut n = lock(&self.incarnations);
+            *n += 1;
+            *n
+        };
+        let alive = CancellationToken::new();
+        let membership = Membership::new(
+            self.settings.down_after,
+            self.settings.grace,
+            self.instant(),
+        );
+        *lock(&self.controller) = Some(Controller {
+            membership,
+            incarnation,
+            published: None,
+            pushed: BTreeMap::new(),
+            pushing: BTreeSet::new(),
+            alive: alive.clone(),
+        });
+        self.event(format!("controller starts (incarnation {incarnation})"));
+        let me = self.clone();
+        spawn_in(&alive, async move { me.controller_loop().await });
+    }
+
+    /// Stops the controller, if it runs.
+    pub fn stop_controller(&self) {
+        if let Some(c) = lock(&self.controller).take() {
+            c.alive.cancel();
+            self.event("controller stops");
+        }
+    }
+
+    /// Evaluates the detector and publishes, as the controller's heartbeat
+    /// thread does every `EVALUATE_EVERY`, and pushes topologies.
+    async fn controller_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(kv_controller::heartbeat::EVALUATE_EVERY).await;
+            let now = self.instant();
+            let (pushes, alive) = {
+                let mut guard = lock(&self.controller);
+                let Some(c) = guard.as_mut() else { return };
+                for change in c.membership.evaluate(now) {
+                    let t = change.transition;
+                    self.event(format!(
+                        "{}: {:?} -> {:?} ({})",
+                        change.id, t.from, t.to, t.why
+                    ));
+                    if t.to == Status::Down && matches!(t.why, Why::Silent(_)) {
+                        let down = Down {
+                            id: change.id.clone(),
+                            at: self.now_ms(),
+                            running: self.net.proc(&change.id).is_some(),
+                            clear_for: self.clear_for(&change.id),
+                        };
+                        lock(&self.downs).push(down);
+                    }
+                }
+                if let Some(topology) = c.membership.publish(now) {
+                    let ids = |ms: &[Member]| {
+                        ms.iter()
+                            .map(|m| m.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    self.event(format!(
+                        "epoch {}: ring [{}] leaving [{}]",
+                        topology.epoch,
+                        ids(&topology.members),
+                        ids(&topology.leaving)
+                    ));
+                    c.published = Some(topology);
+                    self.changed();
+                }
+                let Some(topology) = c.published.clone() else {
+                    continue;
+                };
+                let mut pushes = Vec::new();
+                for member in topology.members.iter().chain(&topology.leaving) {
+                    let acked = c.pushed.get(&member.id).copied().unwrap_or(0);
+                    if acked < topology.epoch && c.pushing.insert(member.id.clone()) {
+                        pushes.push((member.clone(), topology.clone()));
+                    }
+                }
+                (pushes, c.alive.clone())
+            };
+            for (member, topology) in pushes {
+                let me = self.clone();
+                spawn_in(&alive, async move { me.push(member, topology).await });
+            }
+        }
+    }
+
+    /// One push of `topology` to `member` (the bus's link, one attempt;
+    /// the controller loop tries again while the worker is behind).
+    async fn push(self: Arc<Self>, member: Member, topology: Topology) {
+        let Some(alive) = lock(&self.controller).as_ref().map(|c| c.alive.clone()) else {
+            return;
+        };
+        let epoch = topology.epoch;
+        let call = net::call(
+            &self.net,
+            CONTROLLER,
+            &alive,
+            &member,
+            Request::Topology(topology),
+        );
+        let accepted = match tokio::time::timeout(HTTP_TIMEOUT, call).await {
+            Ok(Ok(Response::TopologyAccepted { epoch })) => Some(epoch),
+            _ => None,
+        };
+        if accepted.is_none() {
+            tokio::time::sleep(RETRY).await;
+        }
+        let mut guard = lock(&self.controller);
+        if let Some(c) = guard.as_mut().filter(|c| c.alive == alive) {
+            c.pushing.remove(&member.id);
+            if let Some(held) = accepted {
+                let acked = c.pushed.entry(member.id.clone()).or_default();
+                *acked = (*acked).max(held.min(epoch));
+            }
+        }
+    }
+
+    /// The published topology, if the controller runs and has one.
+    pub fn published(&self) -> Option<Topology> {
+        lock(&self.controller).as_ref()?.published.clone()
+    }
+
+    /// Every worker the controller lists, with its status.
+    pub fn statuses(&self) -> BTreeMap<String, Status> {
+        let now = self.instant();
+        lock(&self.controller)
+            .as_ref()
+            .map(|c| {
+                c.membership
+                    .nodes(now)
+                    .into_iter()
+                    .map(|n| (n.worker.member.id.clone(), n.status))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Carries a request to the controller and its answer back, as the
+    /// worker's HTTP client would (a lost one times out); `None` when it
+    /// got no answer.
+    async fn to_controller<T>(
+        &self,
+        from: &str,
+        datagram: bool,
+        handle: impl FnOnce(&mut Controller, std::time::Instant, SystemTime) -> T,
+    ) -> Option<T> {
+        let exchange = async {
+            if !self.net.carry(from, CONTROLLER, datagram).await {
+                return None;
+            }
+            let answer = {
+                let mut guard = lock(&self.controller);
+                let c = guard.as_mut()?;
+                handle(c, self.instant(), self.wall())
+            };
+            if !self.net.carry(CONTROLLER, from, datagram).await {
+                return None;
+            }
+            Some(answer)
+        };
+        tokio::time::timeout(HTTP_TIMEOUT, exchange)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    // ---- workers ----
+
+    /// Starts worker `id` with an empty store: its first start, or a
+    /// restart after a crash.
+    pub fn start_worker(self: &Arc<Self>, id: &str) {
+        let alive = CancellationToken::new();
+        let leaving = CancellationToken::new();
+        let skew = *lock(&self.skews)
+            .entry(id.to_string())
+            .or_insert_with(|| self.net.rng().i64(-20..=20));
+        let start = self.start;
+        let wall: kv_worker::transport::Wall = Arc::new(move || {
+            (EPOCH_MS + start.elapsed().as_millis() as u64).saturating_add_signed(skew)
+        });
+        let transport = Arc::new(SimTransport {
+            from: id.to_string(),
+            alive: alive.clone(),
+            net: self.net.clone(),
+        });
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let node = Arc::new(Node::new(
+            id.to_string(),
+            store,
+            transport,
+            wall,
+            Limits {
+                max_value: kv_wire::DEFAULT_MAX_VALUE_LEN,
+                write_timeout: self.settings.write_timeout,
+                read_timeout: self.settings.read_timeout,
+            },
+            leaving,
+            alive.clone(),
+        ));
+        self.net.start(
+            id,
+            Proc {
+                node: node.clone(),
+                alive: alive.clone(),
+            },
+        );
+        self.event(format!("{id} starts"));
+        self.changed();
+        spawn_in(
+            &alive,
+            kv_worker::rebalance::run(node.clone(), self.settings.anti_entropy, alive.clone()),
+        );
+        let me = self.clone();
+        let id = id.to_string();
+        spawn_in(&alive, async move { me.agent(id, node).await });
+    }
+
+    /// Kills worker `id` at once (`kill -9`): its copies are gone.
+    pub fn crash_worker(&self, id: &str) -> bool {
+        let crashed = self.net.stop(id);
+        if crashed {
+            self.event(format!("{id} crashes"));
+            self.changed();
+        }
+        crashed
+    }
+
+    /// Registers, then heartbeats; registers again when the controller's
+    /// incarnation changes (it restarted), as the worker's heartbeat thread
+    /// and `keep_registered` do.
+    async fn agent(self: Arc<Self>, id: String, node: Arc<Node>) {
+        let mut generation = None;
+        // Like the worker's heartbeat thread, one sequence for the whole
+        // process, across registrations.
+        let mut seq = 0;
+        loop {
+            let registered = self.register(&id, &node, generation).await;
+            generation = Some(registered.generation);
+            lock(&self.registrations).insert(id.clone(), registered);
+            loop {
+                tokio::time::sleep(self.settings.heartbeat).await;
+                self.net.while_paused(&id).await;
+                seq += 1;
+                let hb = Heartbeat {
+                    member: registered.member,
+                    generation: registered.generation,
+                    seq,
+                    epoch_seen: node.topologies.current().epoch(),
+                };
+                let answered = self
+                    .to_controller(&id, true, |c, now, wall| {
+                        // A heartbeat showing an older epoch than published
+                        // makes the bus push again.
+                        if c.membership.heartbeat(&hb, now, wall).lagging {
+                            let id = c.membership.id_of(hb.member).unwrap_or_default();
+                            c.pushed.remove(id);
+                        }
+                        c.incarnation
+                    })
+                    .await;
+                if answered.is_some_and(|inc| inc != registered.incarnation) {
+                    self.event(format!("{id} registers again: the controller restarted"));
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn register(&self, id: &str, node: &Node, generation: Option<u64>) -> Registered {
+        loop {
+            self.net.while_paused(id).await;
+            let epoch = node.topologies.current().epoch();
+            let reg = RegisterRequest {
+                id: id.to_string(),
+                host: id.to_string(),
+                port: 8080,
+                wire_port: 9090,
+                epoch: (epoch > 0).then_some(epoch),
+                generation,
+            };
+            let answer = self
+                .to_controller(id, false, |c, now, wall| {
+                    c.membership
+                        .register(reg, now, wall)
+                        .ok()
+                        .map(|r| Registered {
+                            member: r.member,
+                            generation: r.generation,
+                            incarnation: c.incarnation,
+                        })
+                })
+                .await
+                .flatten();
+            if let Some(registered) = answer {
+                self.event(format!(
+                    "{id} registered, generation {}",
+                    registered.generation
+                ));
+                return registered;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    /// Makes worker `id` leave as SIGTERM does: out of the ring, its keys
+    /// handed over, then it exits (after `drain_timeout` at the latest).
+    pub fn leave_worker(self: &Arc<Self>, id: &str) -> bool {
+        let Some(proc) = self.net.proc(id) else {
+            return false;
+        };
+        if proc.node.leaving.is_cancelled() {
+            return false;
+        }
+        proc.node.leaving.cancel();
+        self.event(format!("{id} leaves"));
+        let me = self.clone();
+        let id = id.to_string();
+        spawn_in(&proc.alive.clone(), async move {
+            me.drain(id, proc).await;
+        });
+        true
+    }
+
+    fn generation(&self, id: &str) -> Option<u64> {
+        lock(&self.registrations).get(id).map(|r| r.generation)
+    }
+
+    async fn drain(self: Arc<Self>, id: String, proc: Proc) {
+        let node = &proc.node;
+        let deadline = Instant::now() + self.settings.drain_timeout;
+        let mut told = None;
+        let outcome = loop {
+            // Say it (again) while the controller's registration of this
+            // incarnation is not leaving: a restarted controller must hear.
+            let generation = self.generation(&id);
+            if let Some(generation) = generation.filter(|g| told != Some(*g)) {
+                let leave = LeaveRequest {
+                    id: id.clone(),
+                    generation,
+                    done: false,
+                };
+                let said = self
+                    .to_controller(&id, false, |c, now, _| {
+                        c.membership.leave(&leave, now).is_ok()
+                    })
+                    .await;
+                if said == Some(true) {
+                    told = Some(generation);
+                }
+            }
+            let (current, settled) = (node.topologies.current(), node.topologies.settled());
+            if let Some(done) = kv_worker::lifecycle::drained(&id, &current, &settled) {
+                break Some(done);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.event(format!("{id} drained: {outcome:?}"));
+        if let Some(generation) = self.generation(&id) {
+            let leave = LeaveRequest {
+                id: id.clone(),
+                generation,
+                done: true,
+            };
+            let _ = self
+                .to_controller(&id, false, |c, now, _| {
+                    c.membership.leave(&leave, now).is_ok()
+                })
+                .await;
+        }
+        self.net.stop(&id);
+        self.event(format!("{id} exits"));
+    }
+
+    // ---- clients ----
+
+    /// One client operation through worker `gateway` (as its HTTP handler
+    /// runs it), recorded in the history; a crash of the gateway leaves its
+    /// outcome unknown.
+    pub async fn client_op(self: &Arc<Self>, gateway: &str, key: String, kind: Kind) {
+        let Some(proc) = self.net.proc(gateway) else {
+            return;
+        };
+        self.note_disagreement();
+        let i = lock(&self.history).invoke(&key, kind.clone(), self.now_ms());
+        let what = match &kind {
+            Kind::Put(value) => format!("put {key}={}", String::from_utf8_lossy(value)),
+            Kind::Delete => format!("delete {key}"),
+            Kind::Get => format!("get {key}"),
+        };
+        self.event(format!("op {i} {what} via {gateway}"));
+        let node = proc.node.clone();
+        let work = async move {
+            match kind {
+                Kind::Put(value) => outcome_of_write(node.write(key, Some(value)).await),
+                Kind::Delete => outcome_of_write(node.write(key, None).await),
+                Kind::Get => match node.get_quorum(&key).await {
+                    Ok(copy) => {
+                        Outcome::Read(copy.and_then(|c| c.value.map(|value| (c.version, value))))
+                    }
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            () = proc.alive.cancelled() => Outcome::Unknown,
+            outcome = work => outcome,
+        };
+        self.event(format!("op {i}: {outcome:?}"));
+        self.note_disagreement();
+        lock(&self.history).complete(i, outcome, self.now_ms());
+    }
+
+    // ---- the whole ----
+
+    /// Whether the cluster is at rest: the controller runs and lists every
+    /// running worker UP in its latest topology (and nothing else), and
+    /// every worker holds that topology and is ready in it.
+    pub fn settled(&self) -> bool {
+        let Some(topology) = self.published() else {
+            return false;
+        };
+        let procs = self.net.procs();
+        let running: BTreeSet<&str> = procs
+            .iter()
+            .filter(|(_, p)| !p.node.leaving.is_cancelled())
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let ring: BTreeSet<&str> = topology.members.iter().map(|m| m.id.as_str()).collect();
+        if running != ring || !topology.leaving.is_empty() {
+            return false;
+        }
+        let statuses = self.statuses();
+        procs.iter().all(|(id, p)| {
+            statuses.get(id) == Some(&Status::Up)
+                && p.node.topologies.current().epoch() == topology.epoch
+                && p.node.readiness().is_ok()
+        })
+    }
+
+    /// What each owner (in the published topology) holds of `key`.
+    pub fn copies(&self, key: &str) -> Vec<crate::history::Copy> {
+        let Some(topology) = self.published() else {
+            return Vec::new();
+        };
+        let view = kv_worker::topology::View::new(topology);
+        view.owners(key)
+            .iter()
+            .map(|m| {
+                self.net
+                    .proc(&m.id)
+                    .and_then(|p| p.node.store.get(key))
+                    .map(|c| (c.version, c.value))
+            })
+            .collect()
+    }
+}
+
+fn outcome_of_write(r: Result<kv_worker::node::Written, kv_worker::node::OpError>) -> Outcome {
+    match r {
+        Ok(w) => Outcome::Written(w.version),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}

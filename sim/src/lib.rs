@@ -1,0 +1,493 @@
+//! kv's deterministic simulation.
+//!
+//! One run is one seed: a controller and four or five workers (the real
+//! `Node`, rebalancing and `Membership` code) on one single-threaded
+//! runtime whose clock only moves when every task waits, talking over an
+//! in-memory network ([`net`]). Clients write, delete and read a small set
+//! of keys through random workers while the run injects faults — crashes
+//! and restarts, pauses, partitions one way or both, a worker cut off,
+//! message loss and delay, controller restarts, joins and graceful leaves.
+//! Then everything heals, and the run checks ([`history`]): the cluster
+//! settles again, every key can be written and read, every acknowledged
+//! write survived, no read went back in time, the owners of each key agree,
+//! and no worker was called DOWN while nothing kept it from heartbeating.
+//!
+//! Every random choice comes from the seed and the runtime runs tasks in a
+//! fixed order, so a seed replays exactly: [`Report::trace`] hashes every
+//! event of the run (faults, epochs, status changes, each operation and its
+//! outcome) and is the same on every run of the seed.
+
+pub mod cluster;
+pub mod history;
+pub mod net;
+
+use crate::cluster::{Cluster, Settings};
+use crate::history::Kind;
+use crate::net::CONTROLLER;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What one run does.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The cluster's timings.
+    pub settings: Settings,
+    /// How long faults are injected.
+    pub chaos: Duration,
+    /// Distinct keys the clients use (few, so they collide).
+    pub keys: usize,
+    /// Clients, each one operation at a time.
+    pub clients: usize,
+    /// Keep the trace's lines (for `--seed S --verbose`).
+    pub keep_log: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            settings: Settings::default(),
+            chaos: Duration::from_secs(10),
+            keys: 40,
+            clients: 4,
+            keep_log: false,
+        }
+    }
+}
+
+/// How a run went.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Its seed.
+    pub seed: u64,
+    /// The hash of every event of the run.
+    pub trace: u64,
+    /// What the checks found wrong: empty when the run passed.
+    pub problems: Vec<String>,
+    /// Client operations run.
+    pub ops: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Simulated time the run took.
+    pub simulated: Duration,
+    /// The trace's lines, if kept.
+    pub log: Vec<String>,
+}
+
+/// Runs seed `seed`.
+pub fn run(seed: u64, options: &Options) -> Report {
+    let failed = |problem: String| Report {
+        seed,
+        trace: 0,
+        problems: vec![problem],
+        ops: 0,
+        faults: 0,
+        simulated: Duration::ZERO,
+        log: Vec::new(),
+    };
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    if !seed_scheduler(&mut builder, seed) {
+        return failed(
+            "built without --cfg tokio_unstable (.cargo/config.toml; RUSTFLAGS replaces it): tokio's choices cannot be seeded, so runs cannot replay".into(),
+        );
+    }
+    match builder.build() {
+        Ok(runtime) => runtime.block_on(scenario(seed, options)),
+        Err(e) => failed(format!("cannot build a runtime: {e}")),
+    }
+}
+
+/// Seeds the runtime's random choices (the order in which `select!` polls
+/// ready branches); false when this build cannot.
+#[cfg(tokio_unstable)]
+fn seed_scheduler(builder: &mut tokio::runtime::Builder, seed: u64) -> bool {
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    true
+}
+
+#[cfg(not(tokio_unstable))]
+fn seed_scheduler(_: &mut tokio::runtime::Builder, _: u64) -> bool {
+    false
+}
+
+async fn scenario(seed: u64, options: &Options) -> Report {
+    let c = Cluster::new(seed, options.settings.clone(), options.keep_log);
+    let mut problems = Vec::new();
+    c.start_controller();
+    let workers = 4 + c.net.rng().usize(0..=1);
+    for i in 1..=workers {
+        c.start_worker(&format!("worker{i}"));
+    }
+    let mut faults = 0;
+    if !wait_until(Duration::from_secs(20), || c.settled()).await {
+        problems.push("the cluster did not settle within 20 s of starting".to_string());
+    } else {
+        c.event("settled");
+        let stop = CancellationToken::new();
+        let clients: Vec<_> = (0..options.clients)
+            .map(|_| tokio::spawn(client(c.clone(), options.keys, stop.clone())))
+            .collect();
+        faults = chaos(&c, options.chaos, workers).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        heal(&c);
+        stop.cancel();
+        for client in clients {
+            let _ = client.await;
+        }
+        after_healing(&c, options, &mut problems).await;
+    }
+    let (trace, log) = c.trace();
+    let ops = c.history().ops().len();
+    Report {
+        seed,
+        trace,
+        problems,
+        ops,
+        faults,
+        simulated: Duration::from_millis(c.now_ms()),
+        log,
+    }
+}
+
+/// Waits (in simulated time) until `done`, at most `limit`.
+async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// One client: an operation at a time on a random key, through a random
+/// running worker, until `stop`.
+async fn client(c: Arc<Cluster>, keys: usize, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let (pause, key, roll) = {
+            let mut rng = c.net.rng();
+            (rng.u64(5..60), rng.usize(0..keys), rng.u32(0..100))
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let kind = match roll {
+            0..55 => Kind::Put(c.fresh_value()),
+            55..70 => Kind::Delete,
+            _ => Kind::Get,
+        };
+        let Some(gateway) = pick(&c, |id| !c.net.is_paused(id)) else {
+            continue;
+        };
+        c.client_op(&gateway, format!("key{key}"), kind).await;
+    }
+}
+
+/// A random running worker that `ok` accepts.
+fn pick(c: &Cluster, ok: impl Fn(&str) -> bool) -> Option<String> {
+    let ids: Vec<String> = c
+        .net
+        .procs()
+        .into_iter()
+        .map(|(id, _)| id)
+        .filter(|id| ok(id))
+        .collect();
+    if ids.is_empty() {
+        return None;
+    }
+    let i = c.net.rng().usize(0..ids.len());
+    Some(ids[i].clone())
+}
+
+/// The kinds of fault, and how often each is drawn.
+const FAULTS: [(Fault, u32); 8] = [
+    (Fault::Crash, 3),
+    (Fault::Pause, 2),
+    (Fault::Partition, 3),
+    (Fault::Isolate, 2),
+    (Fault::Loss, 1),
+    (Fault::ControllerRestart, 1),
+    (Fault::Join, 1),
+    (Fault::Leave, 1),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Crash,
+    Pause,
+    Partition,
+    Isolate,
+    Loss,
+    ControllerRestart,
+    Join,
+    Leave,
+}
+
+/// Injects faults for `length`; how many.
+///
+/// A crash loses the worker's copies (its store is in memory), so crashes
+/// come one at a time, each once the cluster has settled since the last:
+/// three copies survive one loss, not two at once. Everything else may
+/// overlap.
+async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize {
+    let end = tokio::time::Instant::now() + length;
+    let mut injected = 0;
+    while tokio::time::Instant::now() < end {
+        let (wait, fault, lasts) = {
+            let mut rng = c.net.rng();
+            let total: u32 = FAULTS.iter().map(|(_, w)| w).sum();
+            let mut roll = rng.u32(0..total);
+            let fault = FAULTS
+                .iter()
+                .find(|(_, w)| {
+                    let hit = roll < *w;
+                    roll = roll.saturating_sub(*w);
+                    hit
+                })
+                .map_or(Fault::Pause, |(f, _)| *f);
+            (
+                Duration::from_millis(rng.u64(200..1_200)),
+                fault,
+                Duration::from_millis(rng.u64(100..3_000)),
+            )
+        };
+        tokio::time::sleep(wait).await;
+        let live = |id: &str| {
+            c.net
+                .proc(id)
+                .is_some_and(|p| !p.node.leaving.is_cancelled())
+        };
+        let done = match fault {
+            Fault::Crash if c.settled() => pick(c, live).is_some_and(|id| {
+                c.crash_worker(&id);
+                c.impair(&id);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasts).await;
+                    c.start_worker(&id);
+                    c.mend(&id);
+                });
+                true
+            }),
+            Fault::Crash => false,
+            Fault::Pause => pick(c, |id| !c.net.is_paused(id)).is_some_and(|id| {
+                c.event(format!("{id} paused for {lasts:?}"));
+                c.net.set_paused(&id, true);
+                c.impair(&id);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasts).await;
+                    c.net.set_paused(&id, false);
+                    c.event(format!("{id} resumes"));
+                    c.mend(&id);
+                });
+                true
+            }),
+            Fault::Partition => {
+                let mut hosts: Vec<String> = c.net.procs().into_iter().map(|(id, _)| id).collect();
+                hosts.push(CONTROLLER.to_string());
+                let (a, b, both) = {
+                    let mut rng = c.net.rng();
+                    let a = rng.usize(0..hosts.len());
+                    let b = (a + rng.usize(1..hosts.len())) % hosts.len();
+                    (hosts[a].clone(), hosts[b].clone(), rng.bool())
+                };
+                c.event(format!(
+                    "cut {a} -> {b}{} for {lasts:?}",
+                    if both { " both ways" } else { "" }
+                ));
+                cut(c, &a, &b, both, lasts);
+                true
+            }
+            Fault::Isolate => pick(c, |_| true).is_some_and(|id| {
+                c.event(format!("{id} cut off for {lasts:?}"));
+                let mut others: Vec<String> = c
+                    .net
+                    .procs()
+                    .into_iter()
+                    .map(|(o, _)| o)
+                    .filter(|o| *o != id)
+                    .collect();
+                others.push(CONTROLLER.to_string());
+                for other in others {
+                    cut(c, &id, &other, true, lasts);
+                }
+                true
+            }),
+            Fault::Loss => {
+                let loss = c.net.rng().f64() * 0.2;
+                c.event(format!("loss {:.0}% for {lasts:?}", loss * 100.0));
+                c.net.set_loss(loss);
+                c.impair("*");
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasts).await;
+                    c.net.set_loss(0.0);
+                    c.event("loss ends");
+                    c.mend("*");
+                });
+                true
+            }
+            Fault::ControllerRestart => {
+                c.stop_controller();
+                c.impair(CONTROLLER);
+                let c = c.clone();
+                let down = lasts / 3;
+                tokio::spawn(async move {
+                    tokio::time::sleep(down).await;
+                    c.start_controller();
+                    // Its grace, and the workers registering again.
+                    tokio::time::sleep(c.settings.grace).await;
+                    c.mend(CONTROLLER);
+                });
+                true
+            }
+            Fault::Join if workers < 7 => {
+                workers += 1;
+                c.start_worker(&format!("worker{workers}"));
+                true
+            }
+            Fault::Join => false,
+            Fault::Leave if c.net.procs().into_iter().filter(|(id, _)| live(id)).count() > 3 => {
+                pick(c, live).is_some_and(|id| c.leave_worker(&id))
+            }
+            Fault::Leave => false,
+        };
+        injected += usize::from(done);
+    }
+    injected
+}
+
+/// Cuts `a -> b` (and back, if `both`) for `lasts`.
+fn cut(c: &Arc<Cluster>, a: &str, b: &str, both: bool, lasts: Duration) {
+    let links = if both {
+        vec![
+            (a.to_string(), b.to_string()),
+            (b.to_string(), a.to_string()),
+        ]
+    } else {
+        vec![(a.to_string(), b.to_string())]
+    };
+    for (from, to) in &links {
+        c.net.set_cut(from, to, true);
+        c.impair(from);
+        c.impair(to);
+    }
+    let c = c.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(lasts).await;
+        for (from, to) in &links {
+            c.net.set_cut(from, to, false);
+            c.mend(from);
+            c.mend(to);
+        }
+        c.event(format!("links {links:?} mended"));
+    });
+}
+
+/// Ends every fault: links mended, pauses over, the controller running.
+fn heal(c: &Arc<Cluster>) {
+    c.event("healing");
+    c.net.heal();
+    if c.published().is_none() && c.statuses().is_empty() {
+        c.start_controller();
+    }
+}
+
+/// The checks once every fault is over.
+async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<String>) {
+    // Crashed workers restart within 3 s of their crash, a controller
+    // within 1 s: give the cluster a minute to be whole again.
+    if !wait_until(Duration::from_secs(60), || c.settled()).await {
+        problems.push(format!(
+            "not settled 60 s after the faults healed: {}",
+            c.describe()
+        ));
+        return;
+    }
+    c.event("settled after healing");
+    // Every key can be written and read. A write may fail at first (503,
+    // retry): a replication batch sent into a partition before it healed
+    // holds its link until the call times out, and the link then backs
+    // off. A client retrying every 200 ms must succeed by the fifth try.
+    for k in 0..options.keys {
+        let key = format!("key{k}");
+        let mut written = None;
+        for attempt in 0..5 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let Some(gateway) = pick(c, |_| true) else {
+                problems.push("no worker runs".into());
+                return;
+            };
+            let i = c.history().ops().len();
+            c.client_op(&gateway, key.clone(), Kind::Put(c.fresh_value()))
+                .await;
+            written = Some(c.history().ops()[i].outcome.clone());
+            if matches!(written, Some(history::Outcome::Written(_))) {
+                break;
+            }
+        }
+        if !matches!(written, Some(history::Outcome::Written(_))) {
+            problems.push(format!(
+                "{key}: five writes after healing failed, the last {written:?}"
+            ));
+        }
+        let Some(reader) = pick(c, |_| true) else {
+            return;
+        };
+        let i = c.history().ops().len();
+        c.client_op(&reader, key.clone(), Kind::Get).await;
+        let read = c.history().ops()[i].outcome.clone();
+        if !matches!(read, history::Outcome::Read(Some(_))) {
+            problems.push(format!("{key}: a read after healing failed: {read:?}"));
+        }
+    }
+    // The third copies are asynchronous: wait for every owner to agree.
+    let keys: Vec<String> = (0..options.keys).map(|k| format!("key{k}")).collect();
+    let agree = || {
+        keys.iter().all(|k| {
+            let copies = c.copies(k);
+            copies.windows(2).all(|w| w[0] == w[1])
+        })
+    };
+    wait_until(Duration::from_secs(10), agree).await;
+    let finals = keys.iter().map(|k| (k.clone(), c.copies(k))).collect();
+    problems.extend(c.history().check(&finals, &c.changes()));
+    let slack = options.settings.down_after + options.settings.heartbeat * 2;
+    for down in c.downs() {
+        if down.running && down.clear_for >= slack {
+            problems.push(format!(
+                "{} was called DOWN at {} ms though nothing had kept it from heartbeating for {} ms",
+                down.id,
+                down.at,
+                down.clear_for.as_millis()
+            ));
+        }
+    }
+}
+
+/// Runs `seeds` on `threads` threads, telling `each` of every report as it
+/// comes; how many passed and failed.
+pub fn run_many(seeds: &[u64], threads: usize, each: impl Fn(&Report) + Sync) -> (usize, usize) {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let tally = std::sync::Mutex::new((0, 0));
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(seed) = seeds.get(i) else { return };
+                let report = run(*seed, &Options::default());
+                each(&report);
+                let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+                if report.problems.is_empty() {
+                    tally.0 += 1;
+                } else {
+                    tally.1 += 1;
+                }
+            });
+        }
+    });
+    tally.into_inner().unwrap_or_else(|p| p.into_inner())
+}
