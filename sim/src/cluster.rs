@@ -123,6 +123,10 @@ pub struct Cluster {
     /// another topology than the published one (one cut off from the
     /// controller keeps serving with its last, as SPEC says it must).
     changes: Mutex<Vec<u64>>,
+    /// When each epoch was first published (simulated ms).
+    published_at: Mutex<BTreeMap<u64, u64>>,
+    /// What the readiness audit found wrong.
+    unready: Mutex<Vec<String>>,
     /// The faults on each host: the controller, a worker, or `"*"` for
     /// the whole network.
     impaired: Mutex<BTreeMap<String, Impaired>>,
@@ -161,6 +165,8 @@ impl Cluster {
             values: Mutex::default(),
             downs: Mutex::default(),
             changes: Mutex::default(),
+            published_at: Mutex::default(),
+            unready: Mutex::default(),
             impaired: Mutex::default(),
             registrations: Mutex::default(),
             skews: Mutex::default(),
@@ -371,6 +377,9 @@ impl Cluster {
                         ids(&topology.members),
                         ids(&topology.leaving)
                     ));
+                    lock(&self.published_at)
+                        .entry(topology.epoch)
+                        .or_insert(self.now_ms());
                     c.published = Some(topology);
                     self.changed();
                 }
@@ -724,6 +733,63 @@ impl Cluster {
     }
 
     // ---- the whole ----
+
+    /// Watches every worker's readiness until `stop`: a worker that says it
+    /// is ready (`/readyz` 200) at an epoch must hold, of each of `keys` it
+    /// owns there, every write acknowledged before that epoch was published
+    /// (while no owner set changed during the write): that is what ready
+    /// means, and what a rolling restart waits for before it stops the next
+    /// worker. Anti-entropy repairs a rebalance that missed keys sooner or
+    /// later; this catches it when it claims to be done.
+    pub async fn audit_readiness(self: Arc<Self>, keys: usize, stop: CancellationToken) {
+        let mut ready: BTreeMap<String, Option<u64>> = BTreeMap::new();
+        while !stop.is_cancelled() {
+            tokio::time::sleep(kv_controller::heartbeat::EVALUATE_EVERY).await;
+            for (id, proc) in self.net.procs() {
+                let now = proc.node.readiness().ok();
+                let before = ready.insert(id.clone(), now);
+                match now {
+                    Some(epoch) if before != Some(Some(epoch)) => {
+                        self.audit(&id, &proc, epoch, keys)
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn audit(&self, id: &str, proc: &Proc, epoch: u64, keys: usize) {
+        let Some(at) = lock(&self.published_at).get(&epoch).copied() else {
+            return;
+        };
+        let view = proc.node.topologies.current();
+        if view.epoch() != epoch {
+            return;
+        }
+        let changes = self.changes();
+        for k in 0..keys {
+            let key = format!("key{k}");
+            if !view.owners(&key).iter().any(|m| m.id == id) {
+                continue;
+            }
+            let Some(owed) = self.history().owed(&key, at, &changes) else {
+                continue;
+            };
+            let held = proc.node.store.get(&key).map(|c| c.version);
+            if held.is_none_or(|held| held < owed) {
+                let problem = format!(
+                    "{id} said it was ready at epoch {epoch} without {key}'s write {owed}, acknowledged before that epoch (it holds {held:?})"
+                );
+                self.event(&problem);
+                lock(&self.unready).push(problem);
+            }
+        }
+    }
+
+    /// What the readiness audit found.
+    pub fn unready(&self) -> Vec<String> {
+        lock(&self.unready).clone()
+    }
 
     /// Whether the cluster is at rest: the controller runs and lists every
     /// running worker UP in its latest topology (and nothing else), and

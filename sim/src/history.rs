@@ -107,6 +107,24 @@ impl History {
     }
 }
 
+impl History {
+    /// The newest version of `key` acknowledged by `before` (simulated ms)
+    /// by a write during which no owner set changed (see `changes` in
+    /// [`History::check`]): what a worker that says it is ready at a
+    /// topology published at `before` must hold if it owns `key`.
+    pub fn owed(&self, key: &str, before: u64, changes: &[u64]) -> Option<Version> {
+        self.ops
+            .iter()
+            .filter(|op| op.key == key && op.done.is_some_and(|done| done < before))
+            .filter(|op| {
+                let done = op.done.unwrap_or(u64::MAX);
+                !changes.iter().any(|t| (op.invoked..=done).contains(t))
+            })
+            .filter_map(acked)
+            .max()
+    }
+}
+
 fn acked(op: &Op) -> Option<Version> {
     match (&op.kind, &op.outcome) {
         (Kind::Put(_) | Kind::Delete, Outcome::Written(v)) => Some(*v),

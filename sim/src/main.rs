@@ -31,15 +31,21 @@ struct Args {
     /// Threads running seeds side by side (default: the CPUs).
     #[arg(long)]
     threads: Option<usize>,
+    /// Also check that every worker that says it is ready holds every
+    /// write acknowledged before its topology (fails seeds today: see the
+    /// README).
+    #[arg(long)]
+    audit_readiness: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let options = Options {
+        keep_log: args.verbose,
+        audit_readiness: args.audit_readiness,
+        ..Options::default()
+    };
     if let Some(seed) = args.seed {
-        let options = Options {
-            keep_log: args.verbose,
-            ..Options::default()
-        };
         let report = run(seed, &options);
         for line in &report.log {
             println!("{line}");
@@ -59,7 +65,7 @@ fn main() -> ExitCode {
         .max(1);
     let began = Instant::now();
     let seeds: Vec<u64> = (args.start..args.start + args.seeds).collect();
-    let (passed, failed) = kv_sim::run_many(&seeds, threads, |report| {
+    let (passed, failed) = kv_sim::run_many(&seeds, &options, threads, |report| {
         if !report.problems.is_empty() {
             print_one(report);
         }

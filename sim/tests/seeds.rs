@@ -12,7 +12,7 @@ const SEEDS: u64 = 100;
 fn the_default_seeds_pass() {
     let seeds: Vec<u64> = (0..SEEDS).collect();
     let failures = Mutex::new(Vec::new());
-    let (passed, failed) = run_many(&seeds, 2, |report| {
+    let (passed, failed) = run_many(&seeds, &Options::default(), 2, |report| {
         if !report.problems.is_empty() {
             failures.lock().unwrap().push(format!(
                 "seed {}: {}",
