@@ -639,6 +639,18 @@ impl Cluster {
         true
     }
 
+    /// Tells the controller that `id` leaves (or, `done`, has left);
+    /// whether it took it.
+    async fn say_leave(&self, id: &str, generation: u64, done: bool) -> bool {
+        let leave = LeaveRequest {
+            id: id.to_string(),
+            generation,
+            done,
+        };
+        let took = |c: &mut Controller, now, _| c.membership.leave(&leave, now).is_ok();
+        self.to_controller(id, false, took).await == Some(true)
+    }
+
     fn generation(&self, id: &str) -> Option<u64> {
         lock(&self.registrations).get(id).map(|r| r.generation)
     }
@@ -652,17 +664,7 @@ impl Cluster {
             // incarnation is not leaving: a restarted controller must hear.
             let generation = self.generation(&id);
             if let Some(generation) = generation.filter(|g| told != Some(*g)) {
-                let leave = LeaveRequest {
-                    id: id.clone(),
-                    generation,
-                    done: false,
-                };
-                let said = self
-                    .to_controller(&id, false, |c, now, _| {
-                        c.membership.leave(&leave, now).is_ok()
-                    })
-                    .await;
-                if said == Some(true) {
+                if self.say_leave(&id, generation, false).await {
                     told = Some(generation);
                 }
             }
@@ -677,16 +679,7 @@ impl Cluster {
         };
         self.event(format!("{id} drained: {outcome:?}"));
         if let Some(generation) = self.generation(&id) {
-            let leave = LeaveRequest {
-                id: id.clone(),
-                generation,
-                done: true,
-            };
-            let _ = self
-                .to_controller(&id, false, |c, now, _| {
-                    c.membership.leave(&leave, now).is_ok()
-                })
-                .await;
+            self.say_leave(&id, generation, true).await;
         }
         self.net.stop(&id);
         self.event(format!("{id} exits"));
