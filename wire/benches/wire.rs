@@ -122,7 +122,6 @@ fn main() {
                     value: Some(Bytes::from_static(&[b'x'; 100])),
                 })
                 .collect(),
-            epoch: 1,
         },
     };
     let mut encoder = FrameCodec::<ServerFrame, ClientFrame>::default();

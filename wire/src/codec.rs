@@ -169,7 +169,6 @@ mod tests {
                 5,
                 Request::Replicate {
                     entries: vec![entry("a", Some(b"1")), entry("b", None)],
-                    epoch: 3,
                 },
             ),
             request(

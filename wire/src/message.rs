@@ -299,12 +299,6 @@ pub enum Request {
     Replicate {
         /// The entries, values or tombstones.
         entries: Vec<Entry>,
-        /// The sender's topology epoch (0: not said). A receiver at a newer
-        /// epoch refuses the copies: a coordinator that missed a topology
-        /// must not have a write acknowledged by replicas that no longer
-        /// own the key, where reads of the newer ring would not look.
-        #[serde(default)]
-        epoch: u64,
     },
     /// Rebalancing: "I hold these versions"; answered by
     /// [`Response::Wanted`] with the ones the receiver lacks (missing or

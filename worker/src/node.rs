@@ -650,25 +650,9 @@ impl Node {
     /// The answer comes once the copies are durable: only then do they
     /// count towards a write's quorum. A copy that could not be stored
     /// fails the whole batch (the sender counts none of it).
-    ///
-    /// A sender at an older epoch (`sent_at`; 0: not said) is refused: it
-    /// routes by a ring this worker has moved past, and a copy it had
-    /// acknowledged here could sit on a worker the current ring's reads do
-    /// not ask. It hears the epoch to catch up with; the controller pushes
-    /// it the topology (its heartbeats show it behind).
-    pub async fn replicate(&self, entries: Vec<Entry>, sent_at: u64) -> Response {
+    pub async fn replicate(&self, entries: Vec<Entry>) -> Response {
         if let Some(refusal) = self.refusal_while_leaving() {
             return refusal;
-        }
-        let epoch = self.topologies.current().epoch();
-        if sent_at != 0 && sent_at < epoch {
-            return Response::Failed(Failure::new(
-                FailureKind::NotOwner { epoch },
-                format!(
-                    "{} is at epoch {epoch}: copies from a worker at epoch {sent_at} are refused until it catches up",
-                    self.id
-                ),
-            ));
         }
         let mut applied = 0;
         let mut stale = Vec::new();

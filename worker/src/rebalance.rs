@@ -577,7 +577,6 @@ async fn send(node: &Node, member: &Member, entries: &[Entry], report: &mut Repo
         member,
         || Request::Replicate {
             entries: entries.to_vec(),
-            epoch: node.topologies.current().epoch(),
         },
         |r| matches!(r, Response::Replicated { .. }).then_some(()),
     )

@@ -240,9 +240,8 @@ async fn run_link(
         }
         let entries: Vec<Entry> = batch.iter().map(|i| i.entry.clone()).collect();
         let count = entries.len();
-        let epoch = topologies.current().epoch();
         match transport
-            .call(&peer, Request::Replicate { entries, epoch }, None)
+            .call(&peer, Request::Replicate { entries }, None)
             .await
         {
             Ok(Response::Replicated { stale, .. }) => {

@@ -327,9 +327,9 @@ pub async fn answer(node: &Node, body: Request) -> Response {
             }
             Response::PutMany(results)
         }
-        Request::Replicate { entries, epoch } => {
+        Request::Replicate { entries } => {
             metrics.count("replicate", "ok");
-            node.replicate(entries, epoch).await
+            node.replicate(entries).await
         }
         Request::Offer { items } => {
             metrics.count("offer", "ok");

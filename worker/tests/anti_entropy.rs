@@ -147,7 +147,6 @@ async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
         .await
         .call(Request::Replicate {
             entries: vec![written.clone()],
-            epoch: 0,
         })
         .await
         .unwrap();
