@@ -10,6 +10,7 @@ and rebalance times; ends with "N passed, M failed".
 import base64
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,10 +26,34 @@ PATIENCE = 60.0
 results = []
 
 
+def ephemeral_range():
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low, high = map(int, f.read().split())
+    return low, high
+
+
+TAKEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port Docker can publish on 0.0.0.0 for TCP and UDP. Chosen below
+    the kernel's ephemeral range: a port the kernel hands out (bind to 0)
+    is free now but can be taken by any outgoing connection before compose
+    publishes it, which failed `up` once in CI."""
+    low, _ = ephemeral_range()
+    rng = random.Random()
+    while True:
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in TAKEN:
+            continue
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        TAKEN.add(port)
+        return port
 
 
 PORTS = {"KV_CONTROLLER_PORT": free_port()}
@@ -52,7 +77,10 @@ def worker_url(worker_id):
 
 def compose(*args, check=True):
     cmd = ["docker-compose", "-f", os.path.join(ROOT, "compose.yaml"), "-p", PROJECT, *args]
-    return subprocess.run(cmd, env=ENV, cwd=ROOT, check=check, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return done
 
 
 def http(method, url, body=None):
