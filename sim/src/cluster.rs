@@ -7,6 +7,7 @@
 //! registration, the heartbeat datagrams and the topology pushes are
 //! messages on the simulated network, with the same timings and retries.
 
+use crate::audited::Audited;
 use crate::history::{Kind, Outcome};
 use crate::net::{self, Net, Proc, SimTransport, CONTROLLER};
 use bytes::Bytes;
@@ -125,8 +126,14 @@ pub struct Cluster {
     changes: Mutex<Vec<u64>>,
     /// When each epoch was first published (simulated ms).
     published_at: Mutex<BTreeMap<u64, u64>>,
+    /// Every topology published, with when (simulated ms), in order.
+    rings: Mutex<Vec<(u64, kv_worker::topology::View)>>,
+    /// When each running worker last started (simulated ms).
+    started_at: Mutex<BTreeMap<String, u64>>,
     /// What the readiness audit found wrong.
     unready: Mutex<Vec<String>>,
+    /// Copies a worker replaced with older ones ([`crate::audited`]).
+    regressions: Arc<Mutex<Vec<String>>>,
     /// The faults on each host: the controller, a worker, or `"*"` for
     /// the whole network.
     impaired: Mutex<BTreeMap<String, Impaired>>,
@@ -166,7 +173,10 @@ impl Cluster {
             downs: Mutex::default(),
             changes: Mutex::default(),
             published_at: Mutex::default(),
+            rings: Mutex::default(),
+            started_at: Mutex::default(),
             unready: Mutex::default(),
+            regressions: Arc::default(),
             impaired: Mutex::default(),
             registrations: Mutex::default(),
             skews: Mutex::default(),
@@ -380,6 +390,10 @@ impl Cluster {
                     lock(&self.published_at)
                         .entry(topology.epoch)
                         .or_insert(self.now_ms());
+                    lock(&self.rings).push((
+                        self.now_ms(),
+                        kv_worker::topology::View::new(topology.clone()),
+                    ));
                     c.published = Some(topology);
                     self.changed();
                 }
@@ -501,7 +515,11 @@ impl Cluster {
             alive: alive.clone(),
             net: self.net.clone(),
         });
-        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let store: Arc<dyn Store> = Arc::new(Audited::new(
+            Arc::new(MemStore::new()),
+            id,
+            self.regressions.clone(),
+        ));
         let node = Arc::new(Node::new(
             id.to_string(),
             store,
@@ -523,6 +541,7 @@ impl Cluster {
             },
         );
         self.event(format!("{id} starts"));
+        lock(&self.started_at).insert(id.to_string(), self.now_ms());
         self.changed();
         spawn_in(
             &alive,
@@ -765,13 +784,43 @@ impl Cluster {
             if !view.owners(&key).iter().any(|m| m.id == id) {
                 continue;
             }
-            let Some(owed) = self.history().owed(&key, at, &changes) else {
+            // A write of a key this worker owned in every ring published
+            // from the one in force when the write was acknowledged to
+            // this one reaches it by replication, retried for as long as it
+            // owns the key, which goes on after a sync and is not waited
+            // for. Any other (an owner left out of a ring meanwhile, or a
+            // write from before its last start) is what a sync must bring.
+            let started = lock(&self.started_at).get(id).copied().unwrap_or(0);
+            let owner_throughout = |done: u64| {
+                let rings = lock(&self.rings);
+                let first = rings.iter().rposition(|(published, _)| *published <= done);
+                first.is_some_and(|first| {
+                    rings[first..]
+                        .iter()
+                        .take_while(|(published, _)| *published <= at)
+                        .all(|(_, ring)| ring.owners(&key).iter().any(|m| m.id == id))
+                })
+            };
+            let missed = |op: &crate::history::Op| {
+                op.invoked < started || op.done.is_some_and(|done| !owner_throughout(done))
+            };
+            let Some(owed) = self.history().owed(&key, at, &changes, missed) else {
                 continue;
             };
+            // Owed only if it could have been had: a co-owner or a leaver
+            // holds it. A write whose copies sit only on workers out of
+            // the ring (cut off, called DOWN) comes back with them.
+            let others = view.owners(&key).into_iter().chain(&view.topology.leaving);
+            let reachable = others.filter(|m| m.id != id).any(|m| {
+                self.net
+                    .proc(&m.id)
+                    .and_then(|p| p.node.store.held_version(&key))
+                    .is_some_and(|v| v >= owed)
+            });
             let held = proc.node.store.get(&key).map(|c| c.version);
-            if held.is_none_or(|held| held < owed) {
+            if reachable && held.is_none_or(|held| held < owed) {
                 let problem = format!(
-                    "{id} said it was ready at epoch {epoch} without {key}'s write {owed}, acknowledged before that epoch (it holds {held:?})"
+                    "{id} said it was ready at epoch {epoch} without {key}'s write {owed}, acknowledged before that epoch (it holds {})", held.map_or("nothing".to_string(), |v| v.to_string())
                 );
                 self.event(&problem);
                 lock(&self.unready).push(problem);
@@ -782,6 +831,11 @@ impl Cluster {
     /// What the readiness audit found.
     pub fn unready(&self) -> Vec<String> {
         lock(&self.unready).clone()
+    }
+
+    /// Copies some worker replaced with older ones, at any time.
+    pub fn regressions(&self) -> Vec<String> {
+        lock(&self.regressions).clone()
     }
 
     /// Whether the cluster is at rest: the controller runs and lists every

@@ -110,12 +110,20 @@ impl History {
 impl History {
     /// The newest version of `key` acknowledged by `before` (simulated ms)
     /// by a write during which no owner set changed (see `changes` in
-    /// [`History::check`]): what a worker that says it is ready at a
-    /// topology published at `before` must hold if it owns `key`.
-    pub fn owed(&self, key: &str, before: u64, changes: &[u64]) -> Option<Version> {
+    /// [`History::check`]) and that `counts`: what a worker that says it is
+    /// ready at a topology published at `before` must hold if it owns `key`
+    /// (`counts` picks the writes it must have had from a sync).
+    pub fn owed(
+        &self,
+        key: &str,
+        before: u64,
+        changes: &[u64],
+        counts: impl Fn(&Op) -> bool,
+    ) -> Option<Version> {
         self.ops
             .iter()
             .filter(|op| op.key == key && op.done.is_some_and(|done| done < before))
+            .filter(|op| counts(op))
             .filter(|op| {
                 let done = op.done.unwrap_or(u64::MAX);
                 !changes.iter().any(|t| (op.invoked..=done).contains(t))

@@ -17,6 +17,7 @@
 //! event of the run (faults, epochs, status changes, each operation and its
 //! outcome) and is the same on every run of the seed.
 
+pub mod audited;
 pub mod cluster;
 pub mod history;
 pub mod net;
@@ -41,12 +42,6 @@ pub struct Options {
     pub clients: usize,
     /// Keep the trace's lines (for `--seed S --verbose`).
     pub keep_log: bool,
-    /// Also check that a worker saying it is ready holds its share
-    /// ([`Cluster::audit_readiness`]). Off by default: it fails seeds
-    /// today (a worker that flapped DOWN and back counts itself ready at
-    /// once when the ring's members are those of its last completed sync,
-    /// before its peers' retries bring it what it missed; see the README).
-    pub audit_readiness: bool,
 }
 
 impl Default for Options {
@@ -57,7 +52,6 @@ impl Default for Options {
             keys: 40,
             clients: 4,
             keep_log: false,
-            audit_readiness: false,
         }
     }
 }
@@ -133,9 +127,7 @@ async fn scenario(seed: u64, options: &Options) -> Report {
         c.event("settled");
         let stop = CancellationToken::new();
         let audit = CancellationToken::new();
-        if options.audit_readiness {
-            tokio::spawn(c.clone().audit_readiness(options.keys, audit.clone()));
-        }
+        tokio::spawn(c.clone().audit_readiness(options.keys, audit.clone()));
         let clients: Vec<_> = (0..options.clients)
             .map(|_| tokio::spawn(client(c.clone(), options.keys, stop.clone())))
             .collect();
@@ -468,6 +460,7 @@ async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<S
     let finals = keys.iter().map(|k| (k.clone(), c.copies(k))).collect();
     problems.extend(c.history().check(&finals, &c.changes()));
     problems.extend(c.unready());
+    problems.extend(c.regressions());
     let slack = options.settings.down_after + options.settings.heartbeat * 2;
     for down in c.downs() {
         if down.running && down.clear_for >= slack {

@@ -31,18 +31,12 @@ struct Args {
     /// Threads running seeds side by side (default: the CPUs).
     #[arg(long)]
     threads: Option<usize>,
-    /// Also check that every worker that says it is ready holds every
-    /// write acknowledged before its topology (fails seeds today: see the
-    /// README).
-    #[arg(long)]
-    audit_readiness: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let options = Options {
         keep_log: args.verbose,
-        audit_readiness: args.audit_readiness,
         ..Options::default()
     };
     if let Some(seed) = args.seed {

@@ -149,11 +149,17 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         if view.topology.members.is_empty() {
             continue;
         }
-        // A new epoch of the same workers (a controller restart) moves
+        // The next epoch of the same workers (a controller restart) moves
         // nothing, provided the last sync completed: then every arc was
-        // verified with these very co-owners.
+        // verified with these very co-owners. Not after a gap: the epochs
+        // missed meanwhile may have left this worker out (it was called
+        // DOWN while cut off) and routed writes past it.
         let settled = node.topologies.settled();
-        if why == Why::Change && !unfinished && settled.topology.members == view.topology.members {
+        if why == Why::Change
+            && !unfinished
+            && view.epoch() == settled.epoch() + 1
+            && settled.topology.members == view.topology.members
+        {
             node.topologies.settle(view);
             continue;
         }
