@@ -26,6 +26,8 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRANSMIT: Duration = Duration::from_millis(200);
 /// How often a message waiting on a paused process looks again.
 const PAUSE_POLL: Duration = Duration::from_millis(5);
+/// One message in this many is held up for 5-50 ms.
+const SLOW_ONE_IN: u32 = 50;
 
 /// One running incarnation of a worker.
 #[derive(Clone)]
@@ -159,6 +161,12 @@ impl Net {
         };
         let mut rng = self.rng();
         let mut delay = Duration::from_micros(rng.u64(100..1_500));
+        // A few messages are held up (a busy host, a queue behind a burst):
+        // later ones overtake them, and a sender that crashes meanwhile
+        // has work in flight for longer than a round trip.
+        if rng.u32(0..SLOW_ONE_IN) == 0 {
+            delay += Duration::from_millis(rng.u64(5..50));
+        }
         if loss > 0.0 && rng.f64() < loss {
             if datagram {
                 return None;
