@@ -183,7 +183,16 @@ async fn client(c: Arc<Cluster>, keys: usize, stop: CancellationToken) {
         let Some(gateway) = pick(&c, |id| !c.net.is_paused(id)) else {
             continue;
         };
+        let wrote = !matches!(kind, Kind::Get);
         c.client_op(&gateway, format!("key{key}"), kind).await;
+        // A third of the writes are read back at once through any worker,
+        // as clients do: a write acknowledged before its copies are where
+        // quorum reads look shows up here.
+        if wrote && c.net.rng().u32(0..3) == 0 {
+            if let Some(gateway) = pick(&c, |id| !c.net.is_paused(id)) {
+                c.client_op(&gateway, format!("key{key}"), Kind::Get).await;
+            }
+        }
     }
 }
 
