@@ -749,10 +749,12 @@ impl Cluster {
     /// Watches every worker's readiness until `stop`: a worker that says it
     /// is ready (`/readyz` 200) at an epoch must hold, of each of `keys` it
     /// owns there, every write acknowledged before that epoch was published
-    /// (while no owner set changed during the write): that is what ready
-    /// means, and what a rolling restart waits for before it stops the next
-    /// worker. Anti-entropy repairs a rebalance that missed keys sooner or
-    /// later; this catches it when it claims to be done.
+    /// (while no owner set changed during the write) that a sync had to
+    /// bring it and a co-owner or leaver holds (see [`Cluster::audit`]):
+    /// that is what ready means, and what a rolling restart waits for
+    /// before it stops the next worker. Anti-entropy repairs a rebalance
+    /// that missed keys sooner or later; this catches it when it claims to
+    /// be done.
     pub async fn audit_readiness(self: Arc<Self>, keys: usize, stop: CancellationToken) {
         let mut ready: BTreeMap<String, Option<u64>> = BTreeMap::new();
         while !stop.is_cancelled() {
