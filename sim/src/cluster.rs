@@ -750,7 +750,7 @@ impl Cluster {
     /// is ready (`/readyz` 200) at an epoch must hold, of each of `keys` it
     /// owns there, every write acknowledged before that epoch was published
     /// (while no owner set changed during the write) that a sync had to
-    /// bring it and a co-owner or leaver holds (see [`Cluster::audit`]):
+    /// bring it and a co-owner or leaver holds (the rules are in `audit`):
     /// that is what ready means, and what a rolling restart waits for
     /// before it stops the next worker. Anti-entropy repairs a rebalance
     /// that missed keys sooner or later; this catches it when it claims to
