@@ -13,15 +13,17 @@ use crate::net::{self, Net, Proc, SimTransport, CONTROLLER};
 use bytes::Bytes;
 use kv_controller::detector::{Status, Why};
 use kv_controller::membership::Membership;
-use kv_wire::heartbeat::Heartbeat;
-use kv_wire::register::{LeaveRequest, RegisterRequest};
+use kv_wire::heartbeat::HeartbeatAck;
+use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest};
 use kv_wire::{Member, Request, Response, Topology};
 use kv_worker::node::{Limits, Node};
+use kv_worker::presence::{Ack, Presence};
 use kv_worker::store::{MemStore, Store};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::Xxh3;
@@ -98,14 +100,6 @@ struct Controller {
     alive: CancellationToken,
 }
 
-/// What a worker's agent knows of its registration.
-#[derive(Debug, Clone, Copy, Default)]
-struct Registered {
-    member: u32,
-    generation: u64,
-    incarnation: u64,
-}
-
 /// The whole simulated cluster.
 pub struct Cluster {
     /// The network.
@@ -137,7 +131,8 @@ pub struct Cluster {
     /// The faults on each host: the controller, a worker, or `"*"` for
     /// the whole network.
     impaired: Mutex<BTreeMap<String, Impaired>>,
-    registrations: Mutex<BTreeMap<String, Registered>>,
+    /// Each worker's standing with the controller, as its process has it.
+    presences: Mutex<BTreeMap<String, Arc<Mutex<Presence>>>>,
     skews: Mutex<BTreeMap<String, i64>>,
 }
 
@@ -178,7 +173,7 @@ impl Cluster {
             unready: Mutex::default(),
             regressions: Arc::default(),
             impaired: Mutex::default(),
-            registrations: Mutex::default(),
+            presences: Mutex::default(),
             skews: Mutex::default(),
         })
     }
@@ -547,9 +542,23 @@ impl Cluster {
             &alive,
             kv_worker::rebalance::run(node.clone(), self.settings.anti_entropy, alive.clone()),
         );
-        let me = self.clone();
-        let id = id.to_string();
-        spawn_in(&alive, async move { me.agent(id, node).await });
+        let me = RegisterRequest {
+            id: id.to_string(),
+            host: id.to_string(),
+            port: 8080,
+            wire_port: 9090,
+            epoch: None,
+            generation: None,
+        };
+        let presence = Arc::new(Mutex::new(Presence::new(me, self.instant())));
+        lock(&self.presences).insert(id.to_string(), presence.clone());
+        let wake = Arc::new(Notify::new());
+        let (me, id) = (self.clone(), id.to_string());
+        let registrar =
+            me.clone()
+                .registrar(id.clone(), node.clone(), presence.clone(), wake.clone());
+        spawn_in(&alive, registrar);
+        spawn_in(&alive, me.heartbeats(id, node, presence, wake));
     }
 
     /// Kills worker `id` at once (`kill -9`): its copies are gone.
@@ -562,78 +571,106 @@ impl Cluster {
         crashed
     }
 
-    /// Registers, then heartbeats; registers again when the controller's
-    /// incarnation changes (it restarted), as the worker's heartbeat thread
-    /// and `keep_registered` do.
-    async fn agent(self: Arc<Self>, id: String, node: Arc<Node>) {
-        let mut generation = None;
-        // Like the worker's heartbeat thread, one sequence for the whole
-        // process, across registrations.
-        let mut seq = 0;
+    /// Does what the worker's registration task does, driven by the same
+    /// [`Presence`]: registers (again whenever it asks), and says the
+    /// leave once leaving.
+    async fn registrar(
+        self: Arc<Self>,
+        id: String,
+        node: Arc<Node>,
+        presence: Arc<Mutex<Presence>>,
+        wake: Arc<Notify>,
+    ) {
         loop {
-            let registered = self.register(&id, &node, generation).await;
-            generation = Some(registered.generation);
-            lock(&self.registrations).insert(id.clone(), registered);
-            loop {
-                tokio::time::sleep(self.settings.heartbeat).await;
-                self.net.while_paused(&id).await;
-                seq += 1;
-                let hb = Heartbeat {
-                    member: registered.member,
-                    generation: registered.generation,
-                    seq,
-                    epoch_seen: node.topologies.current().epoch(),
-                };
-                let answered = self
-                    .to_controller(&id, true, |c, now, wall| {
-                        // A heartbeat showing an older epoch than published
-                        // makes the bus push again.
-                        if c.membership.heartbeat(&hb, now, wall).lagging {
-                            let id = c.membership.id_of(hb.member).unwrap_or_default();
-                            c.pushed.remove(id);
-                        }
-                        c.incarnation
-                    })
-                    .await;
-                if answered.is_some_and(|inc| inc != registered.incarnation) {
-                    self.event(format!("{id} registers again: the controller restarted"));
-                    break;
-                }
+            if lock(&presence).wants_registration() {
+                self.register(&id, &node, &presence).await;
+                continue;
+            }
+            let leave = lock(&presence).leave_to_say();
+            if let Some(leave) = leave {
+                self.say_leave(&id, leave, &presence).await;
+                continue;
+            }
+            tokio::select! {
+                () = wake.notified() => {}
+                () = node.leaving.cancelled(), if !lock(&presence).is_leaving() => lock(&presence).leave(),
             }
         }
     }
 
-    async fn register(&self, id: &str, node: &Node, generation: Option<u64>) -> Registered {
+    /// Does what the worker's heartbeat thread does, driven by the same
+    /// [`Presence`]: a heartbeat each interval, its ack fed back, the
+    /// registration task woken when the controller restarted.
+    async fn heartbeats(
+        self: Arc<Self>,
+        id: String,
+        node: Arc<Node>,
+        presence: Arc<Mutex<Presence>>,
+        wake: Arc<Notify>,
+    ) {
+        loop {
+            // Unregistered, the thread looks again every 20 ms.
+            let every = lock(&presence)
+                .beat_settings()
+                .map_or(Duration::from_millis(20), |(every, _)| every);
+            tokio::time::sleep(every).await;
+            self.net.while_paused(&id).await;
+            let Some(hb) = lock(&presence).heartbeat(node.topologies.current().epoch()) else {
+                continue;
+            };
+            let answered = self
+                .to_controller(&id, true, |c, now, wall| {
+                    // A heartbeat showing an older epoch than published
+                    // makes the bus push again.
+                    if c.membership.heartbeat(&hb, now, wall).lagging {
+                        let id = c.membership.id_of(hb.member).unwrap_or_default();
+                        c.pushed.remove(id);
+                    }
+                    HeartbeatAck {
+                        epoch: c.published.as_ref().map_or(0, |t| t.epoch),
+                        incarnation: c.incarnation,
+                    }
+                })
+                .await;
+            if let Some(ack) = answered {
+                let at = self.instant();
+                if lock(&presence).ack(&ack.seal(&hb, None), None, at) == Ack::Restarted {
+                    self.event(format!("{id} registers again: the controller restarted"));
+                    wake.notify_one();
+                }
+            }
+            if lock(&presence).silent(self.instant()) {
+                self.event(format!("{id} hears no ack: looks the controller up again"));
+            }
+        }
+    }
+
+    async fn register(&self, id: &str, node: &Node, presence: &Mutex<Presence>) {
         loop {
             self.net.while_paused(id).await;
-            let epoch = node.topologies.current().epoch();
-            let reg = RegisterRequest {
-                id: id.to_string(),
-                host: id.to_string(),
-                port: 8080,
-                wire_port: 9090,
-                epoch: (epoch > 0).then_some(epoch),
-                generation,
-            };
+            let reg = lock(presence).registration(None, node.topologies.current().epoch());
+            let heartbeat_interval_ms = self.settings.heartbeat.as_millis() as u64;
             let answer = self
                 .to_controller(id, false, |c, now, wall| {
                     c.membership
                         .register(reg, now, wall)
                         .ok()
-                        .map(|r| Registered {
+                        .map(|r| RegisterReply {
+                            id: id.to_string(),
                             member: r.member,
                             generation: r.generation,
+                            epoch: r.epoch,
+                            heartbeat_port: 8001,
+                            heartbeat_interval_ms,
                             incarnation: c.incarnation,
                         })
                 })
                 .await
                 .flatten();
-            if let Some(registered) = answer {
-                self.event(format!(
-                    "{id} registered, generation {}",
-                    registered.generation
-                ));
-                return registered;
+            if let Some(reply) = answer {
+                self.event(format!("{id} registered, generation {}", reply.generation));
+                lock(presence).registered(reply, id.to_string(), self.instant());
+                return;
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -658,35 +695,31 @@ impl Cluster {
         true
     }
 
-    /// Tells the controller that `id` leaves (or, `done`, has left);
-    /// whether it took it.
-    async fn say_leave(&self, id: &str, generation: u64, done: bool) -> bool {
-        let leave = LeaveRequest {
-            id: id.to_string(),
-            generation,
-            done,
-        };
+    /// Says the leave [`Presence`] asks for, as the registration task
+    /// does (a refused one means register again first).
+    async fn say_leave(&self, id: &str, leave: LeaveRequest, presence: &Mutex<Presence>) {
         let took = |c: &mut Controller, now, _| c.membership.leave(&leave, now).is_ok();
-        self.to_controller(id, false, took).await == Some(true)
+        match self.to_controller(id, false, took).await {
+            Some(true) => lock(presence).leave_taken(leave.generation),
+            Some(false) => lock(presence).unknown(),
+            None => tokio::time::sleep(RETRY).await,
+        }
     }
 
-    fn generation(&self, id: &str) -> Option<u64> {
-        lock(&self.registrations).get(id).map(|r| r.generation)
+    /// Tells the controller that `id` left, as the worker does on its way
+    /// out (best effort: silence says the same).
+    async fn say_left(&self, id: &str) {
+        let left = lock(&self.presences).get(id).and_then(|p| lock(p).left());
+        if let Some(left) = left {
+            let took = |c: &mut Controller, now, _| c.membership.leave(&left, now).is_ok();
+            self.to_controller(id, false, took).await;
+        }
     }
 
     async fn drain(self: Arc<Self>, id: String, proc: Proc) {
         let node = &proc.node;
         let deadline = Instant::now() + self.settings.drain_timeout;
-        let mut told = None;
         let outcome = loop {
-            // Say it (again) while the controller's registration of this
-            // incarnation is not leaving: a restarted controller must hear.
-            let generation = self.generation(&id);
-            if let Some(generation) = generation.filter(|g| told != Some(*g)) {
-                if self.say_leave(&id, generation, false).await {
-                    told = Some(generation);
-                }
-            }
             let (current, settled) = (node.topologies.current(), node.topologies.settled());
             if let Some(done) = kv_worker::lifecycle::drained(&id, &current, &settled) {
                 break Some(done);
@@ -697,9 +730,7 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         self.event(format!("{id} drained: {outcome:?}"));
-        if let Some(generation) = self.generation(&id) {
-            self.say_leave(&id, generation, true).await;
-        }
+        self.say_left(&id).await;
         self.net.stop(&id);
         self.event(format!("{id} exits"));
     }

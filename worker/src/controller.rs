@@ -1,15 +1,14 @@
-//! Talking to the controller: registration over HTTP, retried with backoff,
-//! and repeated whenever the heartbeat thread sees a new controller
-//! incarnation; and the leave, said again after every registration while
-//! the worker is leaving (a restarted controller must hear it too).
+//! Talking to the controller over HTTP: the registrations and leaves that
+//! [`Presence`] calls for, each retried with backoff.
 
+use crate::presence::Presence;
 use crate::topology::Topologies;
 use kv_client::HttpClient;
 use kv_wire::auth::Signed;
 use kv_wire::register::{LeaveReply, LeaveRequest};
 use kv_wire::ClusterSecret;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -135,106 +134,87 @@ impl Controller {
 
 pub use kv_wire::register::{RegisterReply as Registered, RegisterRequest as Registration};
 
-/// The current registration and the host it advertised.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Current {
-    /// The controller's answer.
-    pub reply: Registered,
-    /// The host this worker registered as.
-    pub host: String,
+/// Locks `m`, whatever a panicking holder left behind (the state machines
+/// behind these locks stay consistent between calls).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The current registration, shared with the heartbeat thread.
-pub type Shared = Arc<Mutex<Option<Current>>>;
-
-/// Registers now and again whenever `reregister` is notified, until
-/// `shutdown`; once `leaving`, says so after every registration. The host
-/// to advertise is worked out on the first attempt when not given. With a
-/// cluster secret, each request proves it.
-#[allow(clippy::too_many_arguments)]
+/// Registers whenever [`Presence`] wants it (at start, then each time the
+/// heartbeat thread or a refused leave asks and `wake`s this task), and
+/// says the leave once `leaving`, after every registration, until
+/// `shutdown`. The host to advertise is worked out on every attempt when
+/// not given. With a cluster secret, each request proves it.
 pub async fn keep_registered(
     controller: Controller,
-    mut me: Registration,
+    presence: Arc<Mutex<Presence>>,
     advertise_given: bool,
-    registered: Shared,
-    reregister: Arc<Notify>,
+    wake: Arc<Notify>,
     topologies: Arc<Topologies>,
     leaving: CancellationToken,
     shutdown: CancellationToken,
 ) {
     let client = HttpClient::new();
-    loop {
-        let Some(generation) = register(
-            &controller,
-            &client,
-            &mut me,
-            advertise_given,
-            &registered,
-            &topologies,
-            &shutdown,
-        )
-        .await
-        else {
-            return;
-        };
-        let mut told = false;
-        loop {
-            tokio::select! {
-                () = reregister.notified() => {
-                    info!("registering again (the controller restarted, or this worker's address changed)");
-                    break;
-                }
-                () = leaving.cancelled(), if !told => {
-                    let leave = LeaveRequest { id: me.id.clone(), generation, done: false };
-                    told = tell_leave(&controller, &client, &leave, &reregister, &shutdown).await;
-                    if !told && !shutdown.is_cancelled() {
-                        break;
-                    }
-                }
-                () = shutdown.cancelled() => return,
-            }
+    while !shutdown.is_cancelled() {
+        if lock(&presence).wants_registration() {
+            register(
+                &controller,
+                &client,
+                &presence,
+                advertise_given,
+                &topologies,
+                &shutdown,
+            )
+            .await;
+            continue;
+        }
+        let leave = lock(&presence).leave_to_say();
+        if let Some(leave) = leave {
+            tell_leave(&controller, &client, &leave, &presence, &wake, &shutdown).await;
+            continue;
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = leaving.cancelled(), if !lock(&presence).is_leaving() => lock(&presence).leave(),
+            () = shutdown.cancelled() => return,
         }
     }
 }
 
-/// One registration, retried with backoff; its generation, or `None` on
-/// shutdown.
+/// One registration, retried with backoff until it is taken or `shutdown`.
 async fn register(
     controller: &Controller,
     client: &HttpClient,
-    me: &mut Registration,
+    presence: &Mutex<Presence>,
     advertise_given: bool,
-    registered: &Shared,
     topologies: &Topologies,
     shutdown: &CancellationToken,
-) -> Option<u64> {
+) {
+    if lock(presence).current().is_some() {
+        info!("registering again (the controller restarted or forgot this worker, or this worker's address changed)");
+    }
     let mut retry = RETRY_MIN;
     loop {
-        if !advertise_given {
+        let host = if advertise_given {
+            None
+        } else {
             match controller.addr.local_route_ip() {
-                Ok(ip) => me.host = ip.to_string(),
+                Ok(ip) => Some(ip.to_string()),
                 Err(e) => {
-                    warn!(controller = %controller.addr.authority(), error = %e, "cannot work out the address to advertise yet")
+                    warn!(controller = %controller.addr.authority(), error = %e, "cannot work out the address to advertise yet");
+                    None
                 }
             }
-        }
-        let held = registered.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let epoch = topologies.current().epoch();
-        me.epoch = (epoch > 0).then_some(epoch);
-        me.generation = held.as_ref().map(|c| c.reply.generation);
+        };
+        let me = lock(presence).registration(host, topologies.current().epoch());
         match controller
-            .post::<Registered>(client, Signed::Register, "/register", &*me)
+            .post::<Registered>(client, Signed::Register, "/register", &me)
             .await
         {
             Ok(reply) => {
                 info!(controller = %controller.addr.authority(), member = reply.member, generation = reply.generation, host = %me.host, "registered with the controller");
-                let generation = reply.generation;
-                let current = Current {
-                    reply,
-                    host: me.host.clone(),
-                };
-                *registered.lock().unwrap_or_else(|p| p.into_inner()) = Some(current);
-                return Some(generation);
+                lock(presence).registered(reply, me.host, std::time::Instant::now());
+                return;
             }
             Err(e) => {
                 warn!(controller = %controller.addr.authority(), error = %e, retry_in = ?retry, "registration failed")
@@ -242,28 +222,30 @@ async fn register(
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
-            () = shutdown.cancelled() => return None,
+            () = shutdown.cancelled() => return,
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
-/// Says `leave` until the controller takes it: true once it did; false
-/// if this worker must register again first (the controller does not know
-/// this incarnation) or on shutdown.
+/// Says `leave` until the controller takes it, the controller turns out
+/// not to know this incarnation (register again first), `wake` asks for a
+/// registration, or `shutdown`.
 async fn tell_leave(
     controller: &Controller,
     client: &HttpClient,
     leave: &LeaveRequest,
-    reregister: &Notify,
+    presence: &Mutex<Presence>,
+    wake: &Notify,
     shutdown: &CancellationToken,
-) -> bool {
+) {
     let mut retry = RETRY_MIN;
     loop {
         match controller.leave(client, leave).await {
             Ok(reply) => {
                 info!(status = %reply.status, epoch = reply.epoch, "the controller knows this worker is leaving");
-                return true;
+                lock(presence).leave_taken(leave.generation);
+                return;
             }
             Err(kv_client::HttpError::Status {
                 status: 404 | 409,
@@ -271,7 +253,8 @@ async fn tell_leave(
                 ..
             }) => {
                 warn!(%message, "the controller does not know this incarnation; registering again before leaving");
-                return false;
+                lock(presence).unknown();
+                return;
             }
             Err(e) => {
                 warn!(error = %e, retry_in = ?retry, "telling the controller this worker leaves failed")
@@ -279,8 +262,8 @@ async fn tell_leave(
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
-            () = reregister.notified() => return false,
-            () = shutdown.cancelled() => return false,
+            () = wake.notified() => return,
+            () = shutdown.cancelled() => return,
         }
         retry = (retry * 2).min(RETRY_MAX);
     }

@@ -12,6 +12,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod node;
+pub mod presence;
 pub mod progress;
 pub mod quorum;
 pub mod ranges;
@@ -27,13 +28,14 @@ use crate::controller::{ControllerAddr, Registration};
 pub use crate::lifecycle::Stop;
 use crate::lifecycle::{drained, Drained};
 use crate::node::{Limits, Node};
+use crate::presence::Presence;
 use crate::store::{MemStore, Store};
 use clap::Parser;
 use kv_client::{Credentials, Pool};
 use kv_wire::{ClusterSecret, Version};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::Notify;
@@ -280,8 +282,6 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         shutdown.clone(),
     ));
 
-    let registered = controller::Shared::default();
-    let reregister = Arc::new(Notify::new());
     let me = Registration {
         id: id.clone(),
         host: config.advertise_host.clone().unwrap_or_default(),
@@ -290,16 +290,17 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         epoch: None,
         generation: None,
     };
+    let presence = Arc::new(Mutex::new(Presence::new(me, std::time::Instant::now())));
+    let wake = Arc::new(Notify::new());
     let controller = controller::Controller {
         addr: config.controller.clone(),
         secret: config.cluster_secret.clone(),
     };
     tracker.spawn(controller::keep_registered(
         controller.clone(),
-        me,
+        presence.clone(),
         config.advertise_host.is_some(),
-        registered.clone(),
-        reregister.clone(),
+        wake.clone(),
         topologies.clone(),
         stop.leaving().clone(),
         shutdown.clone(),
@@ -307,26 +308,23 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
     tracker.spawn(leave_when_told(
         node.clone(),
         controller.clone(),
-        registered.clone(),
+        presence.clone(),
         config.drain_timeout,
         stop.clone(),
     ));
     let heartbeats = {
-        let (metrics, shutdown) = (node.metrics.clone(), shutdown.clone());
-        let host_from_route = config.advertise_host.is_none();
+        let beating = heartbeat::Beating {
+            controller,
+            host_from_route: config.advertise_host.is_none(),
+            presence,
+            wake,
+            topologies,
+            metrics: node.metrics.clone(),
+        };
+        let shutdown = shutdown.clone();
         std::thread::Builder::new()
             .name("heartbeats".into())
-            .spawn(move || {
-                heartbeat::run(
-                    controller,
-                    host_from_route,
-                    registered,
-                    topologies,
-                    reregister,
-                    metrics,
-                    shutdown,
-                )
-            })
+            .spawn(move || heartbeat::run(beating, shutdown))
             .map_err(io_error("cannot start the heartbeat thread"))?
     };
 
@@ -358,7 +356,7 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
 async fn leave_when_told(
     node: Arc<Node>,
     controller: controller::Controller,
-    registered: controller::Shared,
+    presence: Arc<Mutex<Presence>>,
     drain_timeout: Duration,
     stop: Stop,
 ) {
@@ -414,30 +412,16 @@ async fn leave_when_told(
         }
     }
     if outcome.is_some() {
-        tell_left(&node, &controller, &registered).await;
+        tell_left(&controller, &presence).await;
     }
     stop.now();
 }
 
 /// Tells the controller this worker left, so it is DOWN at once rather
 /// than after `--down-after` of silence. Best effort: silence says the same.
-async fn tell_left(
-    node: &Node,
-    controller: &controller::Controller,
-    registered: &controller::Shared,
-) {
-    let Some(generation) = registered
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .map(|c| c.reply.generation)
-    else {
+async fn tell_left(controller: &controller::Controller, presence: &Mutex<Presence>) {
+    let Some(leave) = controller::lock(presence).left() else {
         return;
-    };
-    let leave = kv_wire::register::LeaveRequest {
-        id: node.id.clone(),
-        generation,
-        done: true,
     };
     let client = kv_client::HttpClient::new();
     match tokio::time::timeout(Duration::from_secs(1), controller.leave(&client, &leave)).await {
