@@ -12,8 +12,8 @@ use crate::http::{HttpClient, HttpError};
 use bytes::Bytes;
 use futures::future::join_all;
 use kv_wire::message::{Consistency, Failure, FailureKind};
-use kv_wire::{Member, Request, Response, Ring, Version, REPLICATION_FACTOR};
-use serde::{Deserialize, Serialize};
+use kv_wire::nodes::{Mapping, Nodes};
+use kv_wire::{Member, Request, Response, Version, View};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -47,78 +47,6 @@ pub enum ClientError {
     /// The request kept failing for [`RETRY_WINDOW`]; the last reason.
     #[error("gave up after retrying: {0}")]
     GaveUp(String),
-}
-
-/// A worker as `/nodes` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeInfo {
-    /// Worker id.
-    pub id: String,
-    /// Host.
-    pub host: String,
-    /// HTTP port.
-    pub port: u16,
-    /// Wire port.
-    pub wire_port: u16,
-    /// Incarnation.
-    pub generation: u64,
-    /// UP, SUSPECT, LEAVING or DOWN.
-    pub status: kv_wire::register::Status,
-    /// RFC 3339 time of the last heartbeat.
-    pub last_heartbeat: String,
-    /// Milliseconds since the last heartbeat.
-    pub last_heartbeat_ms_ago: u64,
-}
-
-/// The controller's `/nodes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Nodes {
-    /// Topology epoch.
-    pub epoch: u64,
-    /// Every registered worker, sorted by id.
-    pub nodes: Vec<NodeInfo>,
-}
-
-#[derive(Debug, Default)]
-struct View {
-    epoch: u64,
-    members: HashMap<String, Member>,
-    ring: Ring,
-}
-
-impl View {
-    fn from_nodes(nodes: &Nodes) -> View {
-        let members: HashMap<String, Member> = nodes
-            .nodes
-            .iter()
-            // A LEAVING worker still answers, but it is out of the ring.
-            .filter(|n| n.status.is_live())
-            .map(|n| {
-                let member = Member {
-                    id: n.id.clone(),
-                    host: n.host.clone(),
-                    port: n.port,
-                    wire_port: n.wire_port,
-                    generation: n.generation,
-                };
-                (n.id.clone(), member)
-            })
-            .collect();
-        let ring = Ring::new(members.keys().cloned());
-        View {
-            epoch: nodes.epoch,
-            members,
-            ring,
-        }
-    }
-
-    fn owners(&self, key: &str) -> Vec<&Member> {
-        self.ring
-            .owners(key.as_bytes(), REPLICATION_FACTOR)
-            .into_iter()
-            .filter_map(|id| self.members.get(id))
-            .collect()
-    }
 }
 
 /// A client of one kv cluster.
@@ -156,8 +84,8 @@ impl Client {
             .await?)
     }
 
-    /// The controller's `/mapping?key=`, as JSON.
-    pub async fn mapping(&self, key: &str) -> Result<serde_json::Value, ClientError> {
+    /// The controller's `/mapping?key=`.
+    pub async fn mapping(&self, key: &str) -> Result<Mapping, ClientError> {
         let query = serde_urlencoded::to_string([("key", key)])
             .map_err(|e| ClientError::GaveUp(e.to_string()))?;
         let url = format!("{}/mapping?{query}", self.controller);
@@ -167,7 +95,8 @@ impl Client {
     /// Fetches the topology from the controller again.
     pub async fn refresh(&self) -> Result<(), ClientError> {
         let nodes = self.nodes().await?;
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View::from_nodes(&nodes));
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(View::new(nodes.topology()));
         Ok(())
     }
 
@@ -182,7 +111,7 @@ impl Client {
 
     /// The topology epoch the client routes by.
     pub fn epoch(&self) -> u64 {
-        self.view().epoch
+        self.view().epoch()
     }
 
     /// Writes `key` at W=2; returns its version.
@@ -358,42 +287,5 @@ impl Client {
         // route by the topology we have.
         let _ = self.refresh().await;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(id: &str, status: &str) -> serde_json::Value {
-        serde_json::json!({"id": id, "host": "127.0.0.1", "port": 1, "wire_port": 2,
-            "generation": 1, "status": status, "last_heartbeat": "", "last_heartbeat_ms_ago": 0})
-    }
-
-    #[test]
-    fn the_ring_a_client_routes_by_holds_up_and_suspect_workers_but_not_leaving_or_down_ones() {
-        let nodes: Nodes = serde_json::from_value(serde_json::json!({"epoch": 7, "nodes": [
-            node("w1", "UP"), node("w2", "SUSPECT"), node("w3", "LEAVING"), node("w4", "DOWN"),
-        ]}))
-        .expect("a /nodes answer");
-        let view = View::from_nodes(&nodes);
-        let mut members: Vec<&str> = view.members.keys().map(String::as_str).collect();
-        members.sort_unstable();
-        assert_eq!(members, ["w1", "w2"]);
-        for i in 0..100 {
-            let owners: Vec<&str> = view
-                .owners(&format!("key:{i}"))
-                .iter()
-                .map(|m| m.id.as_str())
-                .collect();
-            assert_eq!(owners.len(), 2);
-            assert!(!owners.contains(&"w3") && !owners.contains(&"w4"));
-        }
-    }
-
-    #[test]
-    fn an_unknown_status_in_nodes_is_an_error_not_a_guess() {
-        let answer = serde_json::json!({"epoch": 1, "nodes": [node("w1", "GONE")]});
-        assert!(serde_json::from_value::<Nodes>(answer).is_err());
     }
 }

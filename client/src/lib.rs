@@ -12,6 +12,7 @@ pub mod client;
 pub mod connection;
 pub mod http;
 
-pub use client::{Client, ClientError, NodeInfo, Nodes};
+pub use client::{Client, ClientError};
 pub use connection::{Connection, ConnectionError, Credentials, Pool};
 pub use http::{HttpClient, HttpError, Method};
+pub use kv_wire::nodes::{Mapping, NodeInfo, Nodes};

@@ -204,7 +204,7 @@ pub fn render(g: &Gathered<'_>) -> Value {
         .iter()
         .map(|node| {
             let id = node.worker.member.id.as_str();
-            let mut w = crate::http::node_json(node);
+            let mut w = serde_json::to_value(crate::http::node_info(node)).unwrap_or_default();
             w["share"] = json!(shares.get(id).copied().unwrap_or(0.0));
             let answer = g.answers.get(id).unwrap_or(&Answer::NotAsked);
             w["answer"] = answer.label().into();

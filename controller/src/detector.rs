@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+pub use kv_wire::nodes::Reason;
 pub use kv_wire::register::Status;
 
 /// Why a worker changed status.
@@ -74,25 +75,6 @@ pub enum Observation {
     /// datagram overtaken by a later one). Ignored, so a recorded heartbeat
     /// cannot keep a dead worker alive.
     Replayed,
-}
-
-/// How a DOWN worker went, as `/nodes` says in `"reason"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// It left (or went silent while leaving).
-    Left,
-    /// It stopped sending heartbeats.
-    Silent,
-}
-
-impl Reason {
-    /// The reason as `/nodes` spells it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Left => "left",
-            Reason::Silent => "silent",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy)]

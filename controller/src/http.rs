@@ -13,6 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use kv_wire::auth::Signed;
+use kv_wire::nodes::{Mapping, NodeInfo, Nodes};
 use kv_wire::register::{LeaveReply, LeaveRequest, RegisterReply};
 use serde::Deserialize;
 use serde_json::json;
@@ -148,39 +149,38 @@ async fn leave(
     })?;
     Ok(Json(LeaveReply {
         id: leave.id,
-        status: status.as_str().to_string(),
+        status,
         epoch,
     }))
 }
 
-/// A worker as JSON.
-pub(crate) fn node_json(node: &NodeView<'_>) -> serde_json::Value {
+/// A worker as `/nodes` and `/mapping` show it.
+pub(crate) fn node_info(node: &NodeView<'_>) -> NodeInfo {
     let w = &node.worker.member;
-    let mut json = json!({
-        "id": w.id,
-        "host": w.host,
-        "port": w.port,
-        "wire_port": w.wire_port,
-        "generation": w.generation,
-        "status": node.status,
-        "last_heartbeat": rfc3339(node.worker.last_heartbeat),
-        "last_heartbeat_ms_ago": node.silent_for.as_millis() as u64,
-    });
-    if let Some(reason) = node.reason {
-        json["reason"] = reason.as_str().into();
+    NodeInfo {
+        id: w.id.clone(),
+        host: w.host.clone(),
+        port: w.port,
+        wire_port: w.wire_port,
+        generation: w.generation,
+        status: node.status,
+        last_heartbeat: rfc3339(node.worker.last_heartbeat),
+        last_heartbeat_ms_ago: node.silent_for.as_millis() as u64,
+        reason: node.reason,
     }
-    json
 }
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-async fn nodes(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn nodes(State(shared): State<Arc<Shared>>) -> Json<Nodes> {
     let m = shared.membership();
     let now = std::time::Instant::now();
-    let nodes: Vec<_> = m.nodes(now).iter().map(node_json).collect();
-    Json(json!({ "epoch": m.epoch(), "nodes": nodes }))
+    Json(Nodes {
+        epoch: m.epoch(),
+        nodes: m.nodes(now).iter().map(node_info).collect(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -203,7 +203,7 @@ fn key_of(query: Result<Query<KeyQuery>, QueryRejection>, route: &str) -> Result
 async fn mapping(
     State(shared): State<Arc<Shared>>,
     query: Result<Query<KeyQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Mapping>, ApiError> {
     let key = key_of(query, "/mapping")?;
     let published = shared.published();
     if published.topology.epoch == 0 {
@@ -222,23 +222,30 @@ async fn mapping(
         ));
     }
     let m = shared.membership();
-    let now = std::time::Instant::now();
-    let views = m.nodes(now);
-    let view = |id: &str| {
+    let views = m.nodes(std::time::Instant::now());
+    let info = |id: &&str| {
         views
             .binary_search_by(|v| v.worker.member.id.as_str().cmp(id))
             .ok()
-            .map(|i| node_json(&views[i]))
-            .unwrap_or_else(|| json!({ "id": id }))
+            .map(|i| node_info(&views[i]))
     };
-    let nodes: Vec<_> = owners.iter().map(|id| view(id)).collect();
-    Ok(Json(json!({
-        "key": key,
-        "epoch": published.topology.epoch,
-        "primary": nodes[0],
-        "replicas": nodes[1..],
-        "workers": owners,
-    })))
+    // The ring is the published one and the workers' details are read
+    // now: an owner the controller forgot in between (or the primary
+    // missing) is a topology on the move.
+    let mut nodes = owners.iter().filter_map(info);
+    let primary = nodes.next().filter(|p| p.id == owners[0]).ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the topology is changing: retry".into(),
+        )
+    })?;
+    Ok(Json(Mapping {
+        key,
+        epoch: published.topology.epoch,
+        primary,
+        replicas: nodes.collect(),
+        workers: owners.into_iter().map(str::to_string).collect(),
+    }))
 }
 
 /// The cluster, gathered from the workers (at most once a second).

@@ -217,25 +217,13 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 outln!("{}", serde_json::to_string_pretty(&mapping)?);
             } else {
-                let name = |n: &serde_json::Value| {
-                    format!(
-                        "{} ({}:{})",
-                        n["id"].as_str().unwrap_or("?"),
-                        n["host"].as_str().unwrap_or("?"),
-                        n["port"]
-                    )
-                };
-                let replicas: Vec<String> = mapping["replicas"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(name)
-                    .collect();
+                let name = |n: &kv_client::NodeInfo| format!("{} ({}:{})", n.id, n.host, n.port);
+                let replicas: Vec<String> = mapping.replicas.iter().map(name).collect();
                 outln!(
                     "{key}: primary {}, replicas {} (epoch {})",
-                    name(&mapping["primary"]),
+                    name(&mapping.primary),
                     replicas.join(", "),
-                    mapping["epoch"]
+                    mapping.epoch
                 );
             }
             Ok(())

@@ -7,10 +7,12 @@
 //! - [`digest`]: summaries of the copies held in a range of the hash circle,
 //!   compared by anti-entropy;
 //! - [`heartbeat`]: the compact UDP heartbeat and its ack;
+//! - [`nodes`]: the JSON of the controller's `/nodes` and `/mapping`;
 //! - [`register`]: the JSON of the controller's `/register`;
 //! - [`ring`]: the consistent-hash ring every process computes identically;
 //! - [`stats`]: what a worker reports of itself for the dashboard;
-//! - [`version`]: hybrid-logical-clock versions, compared last-writer-wins.
+//! - [`version`]: hybrid-logical-clock versions, compared last-writer-wins;
+//! - [`view`]: a topology with its ring, which every router looks owners up in.
 //!
 //! No sockets, tasks or clocks live here: callers bring the I/O and the time
 //! (the exceptions: reading a secret's file at start-up, and the OS random
@@ -22,10 +24,12 @@ pub mod digest;
 pub mod error;
 pub mod heartbeat;
 pub mod message;
+pub mod nodes;
 pub mod register;
 pub mod ring;
 pub mod stats;
 pub mod version;
+pub mod view;
 
 pub use auth::ClusterSecret;
 pub use codec::FrameCodec;
@@ -34,6 +38,7 @@ pub use error::{DatagramError, HelloError, KeyError, WireError};
 pub use message::{ClientFrame, Entry, Member, Request, Response, ServerFrame, Topology};
 pub use ring::Ring;
 pub use version::{Clock, Version};
+pub use view::View;
 
 /// Copies of each key: a primary and two replicas.
 pub const REPLICATION_FACTOR: usize = 3;

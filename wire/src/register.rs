@@ -66,7 +66,7 @@ pub struct LeaveReply {
     /// The worker id, echoed.
     pub id: String,
     /// Its status now: `LEAVING` or `DOWN`.
-    pub status: String,
+    pub status: Status,
     /// The controller's epoch.
     pub epoch: u64,
 }
