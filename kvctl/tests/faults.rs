@@ -30,7 +30,8 @@ async fn kill_9_of_a_primary_under_steady_writes_loses_no_acknowledged_write() {
     // Every worker is the primary of some keys under load: kill one.
     let victim = format!("worker{}", rng.usize(1..=4));
     signal(cluster.nodes[&victim].pid(), "-9");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The fault happened: the controller saw it.
+    cluster.down(&victim).await;
     let live: Vec<String> = workers(4).into_iter().filter(|w| *w != victim).collect();
     let settled = settle(
         &cluster,
@@ -44,6 +45,21 @@ async fn kill_9_of_a_primary_under_steady_writes_loses_no_acknowledged_write() {
         settled.result.is_ok(),
         "acknowledged writes lost (seed {seed})"
     );
+    assert!(
+        primary_of_acked_keys(&settled.history, &victim) > 0,
+        "{victim} was the primary of no acknowledged key: the kill tested nothing"
+    );
+}
+
+/// How many of the history's acknowledged keys `id` was the primary of
+/// in the four-worker ring.
+fn primary_of_acked_keys(history: &History, id: &str) -> usize {
+    let ring = kv_wire::Ring::new(workers(4));
+    history
+        .acked
+        .keys()
+        .filter(|k| ring.owners(k.as_bytes(), 1) == [id])
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,10 +72,12 @@ async fn a_worker_stopped_for_3s_comes_back_and_converges_without_resurrecting_o
     tokio::time::sleep(Duration::from_millis(500 + rng.u64(..1000))).await;
     let victim = format!("worker{}", rng.usize(1..=4));
     let pid = cluster.nodes[&victim].pid();
+    let stopped = Instant::now();
     signal(pid, "-STOP");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The fault happened: the controller took it for dead.
+    cluster.down(&victim).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(stopped.elapsed())).await;
     signal(pid, "-CONT");
-    tokio::time::sleep(Duration::from_secs(2)).await;
     // Back in the ring: all four are live owners again.
     cluster.wait_all_up(4).await;
     let settled = settle(
@@ -129,8 +147,12 @@ async fn a_worker_restarted_empty_with_the_same_id_receives_its_share() {
     let victim = format!("worker{}", rng.usize(1..=4));
     signal(cluster.nodes[&victim].pid(), "-9");
     cluster.restart(&victim).await; // a new pod: same id, empty store, new generation
-    tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.wait_all_up(4).await;
+    cluster
+        .until(&format!("{victim} ready"), async || {
+            cluster.ready(&victim).await
+        })
+        .await;
     let settled = settle(
         &cluster,
         load,

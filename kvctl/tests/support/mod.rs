@@ -4,10 +4,11 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use bytes::Bytes;
-use kv_client::{Client, HttpClient};
-use kv_wire::{Ring, Version};
+use kv_client::{Client, Credentials, HttpClient, Pool};
+use kv_wire::message::Consistency;
+use kv_wire::{Member, Request, Response, Ring, Version};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -138,6 +139,8 @@ pub struct Cluster {
     pub nodes: HashMap<String, Node>,
     pub logs: std::path::PathBuf,
     pub http: HttpClient,
+    /// Reads workers' own copies over the wire (tombstones included).
+    pub wire: Pool,
     /// The network namespaces the workers run in, if any (removed on drop,
     /// after the nodes).
     pub net: Option<Net>,
@@ -181,6 +184,7 @@ impl Cluster {
             nodes: HashMap::new(),
             logs,
             http: HttpClient::new(),
+            wire: Pool::new(Credentials::new("kv", "checker"), Duration::from_secs(5)),
             net,
             gone: HashMap::new(),
             worker_flags: flags.iter().map(|f| f.to_string()).collect(),
@@ -419,6 +423,31 @@ impl Cluster {
         ))
     }
 
+    /// A worker's own copy of `key` read over the wire, so a tombstone
+    /// shows: (version, value, `None` for a tombstone); an error when the
+    /// worker could not be asked.
+    pub async fn copy(&self, worker: &str, key: &str) -> Result<Option<Copy>, String> {
+        let node = self.nodes.get(worker).ok_or("not running")?;
+        let member = Member {
+            id: worker.to_string(),
+            host: node.host.clone(),
+            port: node.http,
+            wire_port: node.wire,
+            generation: 0,
+        };
+        let get = Request::Get {
+            key: key.to_string(),
+            consistency: Consistency::Local,
+        };
+        match self.wire.call(&member, get).await {
+            Ok(Response::Value(entry)) => Ok(entry.map(|e| {
+                let value = e.value.map(|v| String::from_utf8_lossy(&v).into_owned());
+                (e.version, value)
+            })),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
     pub async fn metric(&self, worker: &str, name: &str) -> f64 {
         let node = &self.nodes[worker];
         let url = format!("{}/metrics", node.url());
@@ -436,15 +465,32 @@ impl Cluster {
     }
 }
 
-/// What the writers saw, per key.
+/// A copy of a key: its version, and its value (`None`: deleted).
+pub type Copy = (Version, Option<String>);
+
+/// What the writers saw, per key; a value of `None` is a delete.
 #[derive(Default)]
 pub struct History {
     /// The last acknowledged (version, value).
-    pub acked: HashMap<String, (Version, String)>,
+    pub acked: HashMap<String, Copy>,
     /// Values tried since the last acknowledgement whose outcome is unknown.
-    pub unknown: HashMap<String, Vec<String>>,
+    pub unknown: HashMap<String, Vec<Option<String>>>,
+    /// Deletes acknowledged.
+    pub deletes: u64,
     /// The first few errors the writers got, for the report.
     pub errors: Vec<String>,
+}
+
+impl History {
+    /// Every key written or deleted, or tried.
+    pub fn keys(&self) -> BTreeSet<&String> {
+        self.acked.keys().chain(self.unknown.keys()).collect()
+    }
+
+    /// Whether the last acknowledged operation on `key` left a value.
+    pub fn has_value(&self, key: &str) -> bool {
+        self.acked.get(key).is_some_and(|(_, v)| v.is_some())
+    }
 }
 
 pub struct Load {
@@ -479,11 +525,10 @@ impl Load {
             .collect();
         for ((key, value), result) in still.clone().into_iter().zip(client.put_many(still).await) {
             let version = result.unwrap();
-            history
-                .lock()
-                .unwrap()
-                .acked
-                .insert(key, (version, String::from_utf8(value.to_vec()).unwrap()));
+            history.lock().unwrap().acked.insert(
+                key,
+                (version, Some(String::from_utf8(value.to_vec()).unwrap())),
+            );
         }
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
@@ -502,12 +547,18 @@ impl Load {
                     // Each writer owns its keys: "the last acknowledged write" is well defined.
                     let key = format!("w{w}:k{}", rng.usize(..KEYS_PER_WRITER));
                     seq += 1;
-                    let value = format!("{w}-{seq}");
+                    // One operation in eight is a delete.
+                    let value = (rng.u32(..8) != 0).then(|| format!("{w}-{seq}"));
                     ops.fetch_add(1, Ordering::Relaxed);
-                    match client.put(&key, Bytes::from(value.clone())).await {
+                    let result = match &value {
+                        Some(v) => client.put(&key, Bytes::from(v.clone())).await,
+                        None => client.delete(&key).await,
+                    };
+                    match result {
                         Ok(version) => {
                             let mut h = history.lock().unwrap();
                             h.unknown.remove(&key);
+                            h.deletes += u64::from(value.is_none());
                             h.acked.insert(key, (version, value));
                         }
                         Err(e) => {
@@ -545,30 +596,64 @@ impl Load {
     }
 }
 
-/// Every acknowledged key's copy on every live owner that is older than its
-/// last acknowledged write: (key, owner, expected, found).
+/// What is wrong with the copies of the history's keys on their `live`
+/// owners, read over the wire: each must be the last acknowledged write
+/// (or delete: a tombstone), or a later attempt whose outcome was unknown
+/// — never older, never missing, never a value nobody wrote — and every
+/// owner of a key must hold the same copy.
 pub async fn violations(cluster: &Cluster, history: &History, live: &[String]) -> Vec<String> {
+    use futures::StreamExt;
     let ring = Ring::new(live.iter().cloned());
-    let mut found = Vec::new();
-    for (key, (version, value)) in &history.acked {
+    let ring = &ring;
+    let checks = futures::stream::iter(history.keys()).map(|key| async move {
+        let acked = history.acked.get(key);
+        let tried = |v: &Option<String>| history.unknown.get(key).is_some_and(|t| t.contains(v));
+        let mut wrong = Vec::new();
+        let mut copies = Vec::new();
         for owner in ring.owners(key.as_bytes(), 3) {
-            let copy = cluster.local(owner, key).await;
-            let ok = match &copy {
-                Some((v, val)) if v == version => val == value,
-                Some((v, val)) if v > version => history
-                    .unknown
-                    .get(key)
-                    .is_some_and(|tried| tried.contains(val)),
+            let copy = cluster.copy(owner, key).await;
+            let ok = match (&copy, acked) {
+                (Ok(Some((v, value))), Some((version, last))) if v == version => value == last,
+                (Ok(Some((v, value))), Some((version, _))) if v > version => tried(value),
+                (Ok(Some((_, value))), None) => tried(value),
+                (Ok(None), None) => true,
                 _ => false,
             };
             if !ok {
-                found.push(format!(
-                    "{key} on {owner}: expected {version} {value:?}, found {copy:?}"
+                let found = copy
+                    .as_ref()
+                    .map_or_else(Clone::clone, |c| show(c.as_ref()));
+                wrong.push(format!(
+                    "{key} on {owner}: expected {}, found {found}",
+                    show(acked)
                 ));
             }
+            copies.push((owner, copy));
         }
+        if copies.windows(2).any(|pair| pair[0].1 != pair[1].1) {
+            let each: Vec<String> = copies
+                .iter()
+                .map(|(owner, c)| {
+                    format!(
+                        "{owner} {}",
+                        c.as_ref().map_or_else(Clone::clone, |c| show(c.as_ref()))
+                    )
+                })
+                .collect();
+            wrong.push(format!("{key}: its owners disagree: {}", each.join(", ")));
+        }
+        wrong
+    });
+    checks.buffer_unordered(64).concat().await
+}
+
+/// A copy as a report shows it.
+fn show(copy: Option<&Copy>) -> String {
+    match copy {
+        None => "no copy".into(),
+        Some((version, Some(value))) => format!("{value:?} at {version}"),
+        Some((version, None)) => format!("a tombstone at {version}"),
     }
-    found
 }
 
 /// Checks the `n` keys `Cluster::load` wrote, once a scenario is over:
@@ -595,9 +680,8 @@ pub async fn loaded_keys_intact(
     let client = &client;
     let keys = (0..n)
         .map(|i| format!("key:{i}"))
-        .chain(history.acked.keys().cloned())
-        .chain(history.unknown.keys().cloned())
-        .collect::<std::collections::BTreeSet<_>>();
+        .chain(history.keys().into_iter().cloned())
+        .collect::<BTreeSet<_>>();
     let found: Vec<(String, bool)> = futures::stream::iter(keys)
         .map(|key| async move {
             let got = client.get(&key).await;
@@ -610,7 +694,7 @@ pub async fn loaded_keys_intact(
         .await;
     let missing: Vec<&String> = found
         .iter()
-        .filter(|(k, f)| !f && (k.starts_with("key:") || history.acked.contains_key(k)))
+        .filter(|(k, f)| !f && (k.starts_with("key:") || history.has_value(k)))
         .map(|(k, _)| k)
         .collect();
     assert!(
@@ -627,6 +711,14 @@ pub async fn loaded_keys_intact(
                 cluster.local(owner, &key).await.is_some(),
                 "{scenario}: {key} missing on its owner {owner}"
             );
+        }
+    }
+    // The history's keys deleted last are tombstones on their owners.
+    let mut tombstones = tombstones;
+    for (key, _) in found.iter().filter(|(k, f)| !f && !k.starts_with("key:")) {
+        let primary = ring.owners(key.as_bytes(), 1)[0];
+        if matches!(cluster.copy(primary, key).await, Ok(Some((_, None)))) {
+            tombstones += 1;
         }
     }
     let existing = (found.iter().filter(|(_, f)| *f).count() + tombstones) as u64;
@@ -676,7 +768,7 @@ pub fn report(
     let converged = result
         .as_ref()
         .map_or("never".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
-    println!("FAULTS | {scenario} | seed {seed} | {ops} ops | {} acknowledged keys | {failed} unacknowledged | lost {lost} | converged in {converged}", history.acked.len());
+    println!("FAULTS | {scenario} | seed {seed} | {ops} ops | {} acknowledged keys, {} acknowledged deletes | {failed} unacknowledged | lost {lost} | converged in {converged}", history.acked.len(), history.deletes);
     for e in &history.errors {
         println!("  write failed: {e}");
     }
@@ -703,13 +795,43 @@ pub async fn settle(
     scenario: &str,
     seed: u64,
 ) -> Settled {
-    let (history, ops, failed) = load.stop().await;
+    let (mut history, ops, failed) = load.stop().await;
     let result = converge(cluster, &history, live).await;
     report(scenario, seed, ops, &history, failed, &result);
+    if result.is_ok() {
+        available(cluster, &mut history, scenario).await;
+    }
     Settled {
         history,
         failed,
         result,
+    }
+}
+
+/// After the fault healed, the cluster takes writes and reads again: one
+/// key of every ten each writer used is written and read back at once
+/// (quorum), every one of them succeeding (the client retries through
+/// topology changes for its retry window). The writes join the history.
+pub async fn available(cluster: &Cluster, history: &mut History, scenario: &str) {
+    let client = Client::connect(&cluster.controller_url(), Credentials::new("kv", "probe"))
+        .await
+        .unwrap();
+    for w in 0..WRITERS {
+        for k in (0..KEYS_PER_WRITER).step_by(10) {
+            let key = format!("w{w}:k{k}");
+            let value = format!("probe-{w}-{k}");
+            let version = client.put(&key, Bytes::from(value.clone())).await;
+            let version = version.unwrap_or_else(|e| {
+                panic!("{scenario}: after the fault healed, writing {key} failed: {e}")
+            });
+            let read = client.get(&key).await;
+            assert!(
+                matches!(&read, Ok(Some((v, at))) if *v == value.as_bytes() && *at == version),
+                "{scenario}: after the fault healed, {key} read back as {read:?}, not {value:?} at {version}"
+            );
+            history.unknown.remove(&key);
+            history.acked.insert(key, (version, Some(value)));
+        }
     }
 }
 
