@@ -487,9 +487,15 @@ impl History {
         self.acked.keys().chain(self.unknown.keys()).collect()
     }
 
-    /// Whether the last acknowledged operation on `key` left a value.
-    pub fn has_value(&self, key: &str) -> bool {
+    /// Whether `key` must hold a value: the last acknowledged operation on
+    /// it left one, and no delete tried since has an unknown outcome (a
+    /// delete that failed on the client may still have been applied).
+    pub fn must_have_value(&self, key: &str) -> bool {
         self.acked.get(key).is_some_and(|(_, v)| v.is_some())
+            && !self
+                .unknown
+                .get(key)
+                .is_some_and(|tried| tried.iter().any(Option::is_none))
     }
 }
 
@@ -694,7 +700,7 @@ pub async fn loaded_keys_intact(
         .await;
     let missing: Vec<&String> = found
         .iter()
-        .filter(|(k, f)| !f && (k.starts_with("key:") || history.has_value(k)))
+        .filter(|(k, f)| !f && (k.starts_with("key:") || history.must_have_value(k)))
         .map(|(k, _)| k)
         .collect();
     assert!(
