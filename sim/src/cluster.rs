@@ -15,7 +15,7 @@ use kv_controller::detector::{Status, Why};
 use kv_controller::membership::Membership;
 use kv_wire::heartbeat::HeartbeatAck;
 use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest};
-use kv_wire::{Member, Request, Response, Topology};
+use kv_wire::{HashRange, Member, Request, Response, Topology};
 use kv_worker::node::{Limits, Node};
 use kv_worker::presence::{Ack, Presence};
 use kv_worker::store::{MemStore, Store};
@@ -134,6 +134,10 @@ pub struct Cluster {
     /// Each worker's standing with the controller, as its process has it.
     presences: Mutex<BTreeMap<String, Arc<Mutex<Presence>>>>,
     skews: Mutex<BTreeMap<String, i64>>,
+    /// Each worker's data dir: the store a restart with its data opens
+    /// again (`kill -9` of a worker with `--data-dir`: the process dies,
+    /// what it stored stays, as with `--sync always`).
+    disks: Mutex<BTreeMap<String, Arc<MemStore>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -175,6 +179,7 @@ impl Cluster {
             impaired: Mutex::default(),
             presences: Mutex::default(),
             skews: Mutex::default(),
+            disks: Mutex::default(),
         })
     }
 
@@ -494,8 +499,31 @@ impl Cluster {
     // ---- workers ----
 
     /// Starts worker `id` with an empty store: its first start, or a
-    /// restart after a crash.
+    /// restart after a crash that lost its copies.
     pub fn start_worker(self: &Arc<Self>, id: &str) {
+        lock(&self.disks).remove(id);
+        self.boot(id);
+    }
+
+    /// Starts worker `id` again on the data dir its last run left, as
+    /// `kv-worker --data-dir` does after a `kill -9`.
+    pub fn restart_worker_with_data(self: &Arc<Self>, id: &str) {
+        self.boot(id);
+    }
+
+    /// Starts worker `id` on its data dir (a new, empty one if it has none).
+    fn boot(self: &Arc<Self>, id: &str) {
+        let disk = lock(&self.disks)
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(MemStore::new()))
+            .clone();
+        // What the real worker's open reports: the copies and the newest
+        // version among them, which its clock moves past.
+        let (mut copies, mut newest) = (0usize, None);
+        disk.scan(HashRange::ALL, &mut |_, copy| {
+            copies += 1;
+            newest = newest.max(Some(copy.version));
+        });
         let alive = CancellationToken::new();
         let leaving = CancellationToken::new();
         let skew = *lock(&self.skews)
@@ -510,11 +538,7 @@ impl Cluster {
             alive: alive.clone(),
             net: self.net.clone(),
         });
-        let store: Arc<dyn Store> = Arc::new(Audited::new(
-            Arc::new(MemStore::new()),
-            id,
-            self.regressions.clone(),
-        ));
+        let store: Arc<dyn Store> = Arc::new(Audited::new(disk, id, self.regressions.clone()));
         let node = Arc::new(Node::new(
             id.to_string(),
             store,
@@ -528,6 +552,9 @@ impl Cluster {
             leaving,
             alive.clone(),
         ));
+        if let Some(newest) = newest {
+            node.clock.observe(newest);
+        }
         self.net.start(
             id,
             Proc {
@@ -535,7 +562,11 @@ impl Cluster {
                 alive: alive.clone(),
             },
         );
-        self.event(format!("{id} starts"));
+        if copies == 0 {
+            self.event(format!("{id} starts"));
+        } else {
+            self.event(format!("{id} starts with {copies} copies in its data dir"));
+        }
         lock(&self.started_at).insert(id.to_string(), self.now_ms());
         self.changed();
         spawn_in(
@@ -561,7 +592,9 @@ impl Cluster {
         spawn_in(&alive, me.heartbeats(id, node, presence, wake));
     }
 
-    /// Kills worker `id` at once (`kill -9`): its copies are gone.
+    /// Kills worker `id` at once (`kill -9`); what it stored stays in its
+    /// data dir for [`Cluster::restart_worker_with_data`], and
+    /// [`Cluster::start_worker`] starts it without.
     pub fn crash_worker(&self, id: &str) -> bool {
         let crashed = self.net.stop(id);
         if crashed {

@@ -213,8 +213,9 @@ fn pick(c: &Cluster, ok: impl Fn(&str) -> bool) -> Option<String> {
 }
 
 /// The kinds of fault, and how often each is drawn.
-const FAULTS: [(Fault, u32); 8] = [
+const FAULTS: [(Fault, u32); 9] = [
     (Fault::Crash, 3),
+    (Fault::Restart, 2),
     (Fault::Pause, 2),
     (Fault::Partition, 3),
     (Fault::Isolate, 2),
@@ -227,6 +228,7 @@ const FAULTS: [(Fault, u32); 8] = [
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Crash,
+    Restart,
     Pause,
     Partition,
     Isolate,
@@ -238,10 +240,11 @@ enum Fault {
 
 /// Injects faults for `length`; how many.
 ///
-/// A crash loses the worker's copies (its store is in memory), so crashes
-/// come one at a time, each once the cluster has settled since the last:
-/// three copies survive one loss, not two at once. Everything else may
-/// overlap.
+/// A crash loses the worker's copies (a store in memory, or a data dir
+/// lost with its pod), so crashes come one at a time, each once the
+/// cluster has settled since the last: three copies survive one loss, not
+/// two at once. A restart (`kill -9` of a worker with a data dir, started
+/// again on it) loses nothing, and like everything else may overlap.
 async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize {
     let end = tokio::time::Instant::now() + length;
     let mut injected = 0;
@@ -283,6 +286,17 @@ async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize 
                 true
             }),
             Fault::Crash => false,
+            Fault::Restart => pick(c, live).is_some_and(|id| {
+                c.crash_worker(&id);
+                c.impair(&id);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(lasts).await;
+                    c.restart_worker_with_data(&id);
+                    c.mend(&id);
+                });
+                true
+            }),
             Fault::Pause => pick(c, |id| !c.net.is_paused(id)).is_some_and(|id| {
                 c.event(format!("{id} paused for {lasts:?}"));
                 c.net.set_paused(&id, true);
