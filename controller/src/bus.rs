@@ -11,6 +11,7 @@
 use crate::metrics::Outcome;
 use crate::state::{Published, Shared};
 use kv_client::{Connection, Credentials};
+use kv_service::Backoff;
 use kv_wire::{Member, Request, Response, Topology};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,9 +23,8 @@ use tracing::{debug, warn};
 
 /// How long connecting, the hello and one push may take.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Retry delays after a failed push: doubling up to the maximum.
-const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Retry delays after a failed push.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 struct Link {
     member: Member,
@@ -119,7 +119,7 @@ async fn push_loop(
 ) {
     let mut connection: Option<Connection> = None;
     let mut acked = 0;
-    let mut retry = RETRY_MIN;
+    let mut retry = RETRY;
     loop {
         let latest = published.borrow_and_update().clone();
         let epoch = latest.topology.epoch;
@@ -127,7 +127,7 @@ async fn push_loop(
             match push(&mut connection, &member, &credentials, &latest.topology).await {
                 Ok(now_at) => {
                     acked = now_at;
-                    retry = RETRY_MIN;
+                    retry.reset();
                     shared
                         .metrics
                         .pushes
@@ -144,10 +144,9 @@ async fn push_loop(
                         .inc();
                     warn!(node = %member.id, addr = %member.wire_addr(), epoch, %error, "topology push failed; retrying");
                     tokio::select! {
-                        () = tokio::time::sleep(retry) => {}
+                        () = tokio::time::sleep(retry.next_wait()) => {}
                         () = stop.cancelled() => return,
                     }
-                    retry = (retry * 2).min(RETRY_MAX);
                     continue;
                 }
             }

@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kv_service::ApiError;
 use kv_wire::auth::Signed;
 use kv_wire::nodes::{Mapping, NodeInfo, Nodes};
 use kv_wire::register::{LeaveReply, LeaveRequest, RegisterReply};
@@ -24,38 +25,9 @@ use std::time::SystemTime;
 /// Largest request body: registrations are tiny.
 pub const MAX_BODY: usize = 64 * 1024;
 
-/// An HTTP error: a status and a message for the caller.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl ApiError {
-    fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError(StatusCode::BAD_REQUEST, message.into())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> ApiError {
-        match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than {MAX_BODY} bytes"),
-            ),
-            status => ApiError(status, r.body_text()),
-        }
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(r: QueryRejection) -> ApiError {
-        ApiError::bad_request(format!("invalid query string: {}", r.body_text()))
-    }
+/// A body that could not be read, as the caller should hear it.
+fn body_error(r: BytesRejection) -> ApiError {
+    ApiError::body(r, &format!("request body is larger than {MAX_BODY} bytes"))
 }
 
 /// The routes, with the JSON 404 and 405 fallbacks and the body limit.
@@ -107,7 +79,7 @@ async fn register(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<RegisterReply>, ApiError> {
-    let body = body?;
+    let body = body.map_err(body_error)?;
     check_proof(&shared, Signed::Register, peer, &headers, &body)?;
     let body: Registration = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
@@ -136,7 +108,7 @@ async fn leave(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<LeaveReply>, ApiError> {
-    let body = body?;
+    let body = body.map_err(body_error)?;
     check_proof(&shared, Signed::Leave, peer, &headers, &body)?;
     let leave: LeaveRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
@@ -292,15 +264,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!("no route {}: the controller serves /register, /leave, /nodes, /mapping?key=K, /cluster, /cluster/key?key=K, /ui, /healthz, /metrics", uri.path()),
-    )
+    ApiError::no_route(&uri, "the controller serves /register, /leave, /nodes, /mapping?key=K, /cluster, /cluster/key?key=K, /ui, /healthz, /metrics")
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("{method} is not allowed on {}: POST /register, /leave; GET /nodes, /mapping, /cluster, /cluster/key, /ui, /healthz, /metrics", uri.path()),
-    )
+    ApiError::not_allowed(&method, &uri, "POST /register, /leave; GET /nodes, /mapping, /cluster, /cluster/key, /ui, /healthz, /metrics")
 }

@@ -126,7 +126,7 @@ pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Resul
     }
 
     let stop = CancellationToken::new();
-    tokio::spawn(stop_on_signal(stop.clone()));
+    tokio::spawn(kv_service::signals::cancel_on_signal(stop.clone()));
     outln!(
         "starting a controller and {} workers (logs in {})...",
         args.workers,
@@ -302,32 +302,11 @@ async fn shutdown(nodes: &mut [Node]) {
     }
 }
 
-async fn stop_on_signal(stop: CancellationToken) {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    stop.cancel();
-}
-
 /// Runs one node of a local cluster with `args` as its flags, until its
 /// stdin closes (kvctl ended: stop at once) or a signal arrives (a worker
 /// leaves on the first, handing its keys over, and stops on the second).
 pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_ansi(false)
-        .init();
+    kv_service::init_logging();
     let stop = kv_worker::Stop::new();
     // A thread of its own, not tokio's stdin: tokio reads stdin on its
     // blocking pool, and a read that never returns would keep the runtime,
@@ -343,7 +322,7 @@ pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
     });
     if controller {
         let now = stop.stopping().clone();
-        tokio::spawn(stop_on_signal(now.clone()));
+        tokio::spawn(kv_service::signals::cancel_on_signal(now.clone()));
         let config = kv_controller::Config::try_parse_from(
             std::iter::once("kv-controller".to_string()).chain(args),
         )?;

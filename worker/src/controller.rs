@@ -4,6 +4,7 @@
 use crate::presence::Presence;
 use crate::topology::Topologies;
 use kv_client::HttpClient;
+use kv_service::Backoff;
 use kv_wire::auth::Signed;
 use kv_wire::register::{LeaveReply, LeaveRequest};
 use kv_wire::ClusterSecret;
@@ -15,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Backoff between registration attempts.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(2);
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// Where the controller is: `http://host:port`.
 #[derive(Debug, Clone)]
@@ -193,7 +193,7 @@ async fn register(
     if lock(presence).current().is_some() {
         info!("registering again (the controller restarted or forgot this worker, or this worker's address changed)");
     }
-    let mut retry = RETRY_MIN;
+    let mut retry = RETRY;
     loop {
         let host = if advertise_given {
             None
@@ -217,14 +217,13 @@ async fn register(
                 return;
             }
             Err(e) => {
-                warn!(controller = %controller.addr.authority(), error = %e, retry_in = ?retry, "registration failed")
+                warn!(controller = %controller.addr.authority(), error = %e, retry_in = ?retry.peek(), "registration failed")
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(retry) => {}
+            () = tokio::time::sleep(retry.next_wait()) => {}
             () = shutdown.cancelled() => return,
         }
-        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
@@ -239,7 +238,7 @@ async fn tell_leave(
     wake: &Notify,
     shutdown: &CancellationToken,
 ) {
-    let mut retry = RETRY_MIN;
+    let mut retry = RETRY;
     loop {
         match controller.leave(client, leave).await {
             Ok(reply) => {
@@ -257,15 +256,14 @@ async fn tell_leave(
                 return;
             }
             Err(e) => {
-                warn!(error = %e, retry_in = ?retry, "telling the controller this worker leaves failed")
+                warn!(error = %e, retry_in = ?retry.peek(), "telling the controller this worker leaves failed")
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(retry) => {}
+            () = tokio::time::sleep(retry.next_wait()) => {}
             () = wake.notified() => return,
             () = shutdown.cancelled() => return,
         }
-        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 

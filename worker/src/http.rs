@@ -9,22 +9,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use kv_service::ApiError;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-
-/// An HTTP error: a status and a message for the caller.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
 
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> ApiError {
@@ -43,25 +34,12 @@ impl From<OpError> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(r: BytesRejection) -> ApiError {
-        match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body is too large: values are limited (see --max-value-size)".into(),
-            ),
-            status => ApiError(status, r.body_text()),
-        }
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(r: QueryRejection) -> ApiError {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid query string: {}", r.body_text()),
-        )
-    }
+/// A body that could not be read, as the caller should hear it.
+fn body_error(r: BytesRejection) -> ApiError {
+    ApiError::body(
+        r,
+        "request body is too large: values are limited (see --max-value-size)",
+    )
 }
 
 /// The routes. `max_value` sizes the body limit: a JSON string may escape
@@ -99,7 +77,7 @@ async fn put_kv(
     State(node): State<Arc<Node>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let body: PutBody = serde_json::from_slice(&body?).map_err(|e| {
+    let body: PutBody = serde_json::from_slice(&body.map_err(body_error)?).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid body ({e}); send {{\"key\":\"...\",\"value\":\"...\"}}"),
@@ -203,7 +181,7 @@ async fn forget(
     State(node): State<Arc<Node>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let keys: Vec<String> = serde_json::from_slice(&body?).map_err(|e| {
+    let keys: Vec<String> = serde_json::from_slice(&body.map_err(body_error)?).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
             format!("invalid body ({e}); send a JSON array of keys"),
@@ -258,21 +236,13 @@ async fn readyz(State(node): State<Arc<Node>>) -> Result<Json<serde_json::Value>
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no route {}: a worker serves /kv, /healthz, /readyz, /metrics",
-            uri.path()
-        ),
-    )
+    ApiError::no_route(&uri, "a worker serves /kv, /healthz, /readyz, /metrics")
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(
-            "{method} is not allowed on {}: PUT, GET and DELETE /kv; GET /healthz, /readyz, /metrics",
-            uri.path()
-        ),
+    ApiError::not_allowed(
+        &method,
+        &uri,
+        "PUT, GET and DELETE /kv; GET /healthz, /readyz, /metrics",
     )
 }

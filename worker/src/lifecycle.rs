@@ -63,21 +63,15 @@ impl Stop {
 /// Turns SIGTERM and Ctrl-C into [`Stop::signal`], for as long as the
 /// process runs.
 pub async fn stop_on_signals(stop: Stop) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!(
-            "cannot listen for signals; the worker stops only when its process is killed"
-        );
-        return;
+    let mut signals = match kv_service::signals::Signals::new() {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for signals; the worker stops only when its process is killed");
+            return;
+        }
     };
     loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        signals.recv().await;
         stop.signal();
     }
 }

@@ -13,13 +13,7 @@ use kv_worker::{run, Config, Listeners, Stop};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // Colours only for a person at a terminal, not for log collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    kv_service::init_logging();
     let config = Config::parse();
     let listeners = Listeners::bind(config.listen, config.wire_listen)?;
     let stop = Stop::new();

@@ -18,6 +18,7 @@ use crate::node::Node;
 use crate::sync::{decide, Comparisons, Handoff, PeerArcs, Pull};
 use crate::topology::View;
 use futures::stream::{self, StreamExt};
+use kv_service::Backoff;
 use kv_wire::{Digest, Entry, HashRange, Member, Request, Response};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -125,12 +126,12 @@ impl Report {
 pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToken) {
     let mut changes = node.topologies.subscribe();
     let mut next_round = Instant::now() + interval;
-    let mut retry: Option<(Instant, Duration)> = None;
+    let mut backoff = Backoff::new(RETRY_MIN, interval);
+    let mut retry_at: Option<Instant> = None;
     // Whether a sync began since the last complete one: until one
     // completes, data may sit anywhere between the views involved.
     let mut unfinished = false;
     loop {
-        let retry_at = retry.map(|(at, _)| at);
         let why = tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() || !debounce(&mut changes, &shutdown).await {
@@ -184,10 +185,10 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         if report.complete() {
             node.topologies.settle(view);
             unfinished = false;
-            retry = None;
+            retry_at = None;
+            backoff.reset();
         } else {
-            let pause = retry.map_or(RETRY_MIN, |(_, p)| (p * 2).min(interval));
-            retry = Some((Instant::now() + pause, pause));
+            retry_at = Some(Instant::now() + backoff.next_wait());
         }
     }
 }

@@ -12,6 +12,7 @@
 use crate::metrics::Metrics;
 use crate::topology::{Topologies, View};
 use crate::transport::Transport;
+use kv_service::Backoff;
 use kv_wire::{Entry, Member, Request, Response, Version};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +31,7 @@ const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Bookkeeping counted per queued copy, besides its key and value.
 const ITEM_OVERHEAD: usize = 32;
 /// Backoff between retries of a failed batch.
-const RETRY_MIN: Duration = Duration::from_millis(20);
-const RETRY_MAX: Duration = Duration::from_secs(1);
+const RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
 
 /// What became of one copy sent to a replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,7 +215,7 @@ async fn run_link(
     shutdown: CancellationToken,
 ) {
     let mut backlog: VecDeque<Item> = VecDeque::new();
-    let mut retry = RETRY_MIN;
+    let mut retry = RETRY;
     loop {
         if backlog.is_empty() {
             tokio::select! {
@@ -254,7 +254,7 @@ async fn run_link(
                         None => item.answer(ReplicaAck::Applied),
                     }
                 }
-                retry = RETRY_MIN;
+                retry.reset();
             }
             other => {
                 let reason = match other {
@@ -277,7 +277,7 @@ async fn run_link(
                 // then falls back on its other replica instead of waiting
                 // out the backoff behind a peer that keeps failing (a full
                 // disk, say).
-                let until = tokio::time::Instant::now() + retry;
+                let until = tokio::time::Instant::now() + retry.next_wait();
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => break,
@@ -291,7 +291,6 @@ async fn run_link(
                         () = shutdown.cancelled() => return,
                     }
                 }
-                retry = (retry * 2).min(RETRY_MAX);
                 // A peer that is out of the current topology may only be
                 // flapping: until a rebalance without it has completed (the
                 // settled view drops it too), its copies are still owed.
