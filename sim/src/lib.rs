@@ -143,6 +143,7 @@ async fn scenario(seed: u64, options: &Options) -> Report {
     }
     let (trace, log) = c.trace();
     let ops = c.history().ops().len();
+    c.tear_down();
     Report {
         seed,
         trace,
