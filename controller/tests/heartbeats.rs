@@ -2,8 +2,7 @@
 //! controller restart.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::fake::*;
 use kv_wire::heartbeat::{Datagram, Heartbeat};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

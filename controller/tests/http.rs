@@ -1,8 +1,7 @@
 //! The admin HTTP API on an ephemeral port: every endpoint and every error.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::fake::*;
 use kv_wire::Ring;
 use std::time::Duration;
 
@@ -134,7 +133,7 @@ async fn nodes_and_mapping_follow_the_contract() {
 #[tokio::test]
 async fn metrics_are_prometheus_text() {
     let c = Controller::start(Duration::ZERO).await;
-    let (status, text) = common::http_raw("GET", &c.url("/metrics"), Default::default()).await;
+    let (status, text) = http_raw("GET", &c.url("/metrics"), Default::default()).await;
     assert_eq!(status, 200);
     let text = String::from_utf8(text.to_vec()).unwrap();
     for name in [

@@ -3,8 +3,7 @@
 //! forged and replayed heartbeats keep no dead worker alive and get no ack.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::fake::*;
 use kv_wire::heartbeat::{Datagram, Heartbeat};
 use kv_wire::ClusterSecret;
 use std::time::Duration;

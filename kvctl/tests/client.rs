@@ -2,11 +2,9 @@
 //! and a retried write across a primary's failure.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../worker/tests/common/mod.rs"]
-mod common;
 use bytes::Bytes;
-use common::*;
 use kv_client::{Client, Credentials};
+use kv_testkit::inproc::*;
 
 async fn client(cluster: &Cluster) -> Client {
     Client::connect(

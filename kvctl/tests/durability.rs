@@ -4,13 +4,12 @@
 //! changed; a data dir refuses another id and a second process.
 #![allow(clippy::unwrap_used)]
 
-mod support;
 use bytes::Bytes;
 use kv_client::{Client, Credentials};
+use kv_testkit::procs::*;
 use kv_wire::Ring;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::*;
 
 const LOADED: usize = 20_000;
 /// Keys written and then deleted before the crash.

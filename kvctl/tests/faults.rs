@@ -13,11 +13,10 @@
 //! each other on a small machine and turn timing into noise.
 #![allow(clippy::unwrap_used)]
 
-mod support;
 use bytes::Bytes;
+use kv_testkit::procs::*;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_primary_under_steady_writes_loses_no_acknowledged_write() {

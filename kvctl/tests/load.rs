@@ -2,9 +2,7 @@
 //! against an in-process cluster.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../worker/tests/common/mod.rs"]
-mod common;
-use common::*;
+use kv_testkit::inproc::*;
 use std::process::{Command, Stdio};
 
 fn kvctl(cluster: &Cluster, args: &[&str]) -> std::process::Output {

@@ -2,9 +2,8 @@
 //! through the seed demo's story, then killed without leaving a node behind.
 #![allow(clippy::unwrap_used)]
 
-mod local_cluster;
 use kv_client::HttpClient;
-use local_cluster::*;
+use kv_testkit::local::*;
 use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

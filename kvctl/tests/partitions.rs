@@ -6,9 +6,8 @@
 //! says it skipped.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use kv_testkit::procs::*;
 use std::time::{Duration, Instant};
-use support::*;
 
 /// Statuses of `victim` seen by the controller while the cut lasts.
 async fn watch(cluster: &Cluster, victim: &str, lasting: Duration) -> Vec<String> {

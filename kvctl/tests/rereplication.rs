@@ -9,10 +9,9 @@
 //! during a rebalance left keys at two copies, silently.)
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use kv_testkit::procs::*;
 use kv_wire::Ring;
 use std::time::Instant;
-use support::*;
 
 const KEYS: usize = 100_000;
 

@@ -14,10 +14,9 @@
 //! enough to overlap with writes and with each other.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use kv_testkit::procs::*;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use support::*;
 
 const LOADED: usize = 50_000;
 
@@ -25,7 +24,7 @@ const LOADED: usize = 50_000;
 async fn loaded(workers: usize) -> Cluster {
     let cluster = Cluster::start(workers).await;
     cluster.load(LOADED).await;
-    let all = support::workers(workers);
+    let all = kv_testkit::procs::workers(workers);
     cluster
         .until("three copies of every loaded key", async || {
             cluster.copies(&all).await == 3 * LOADED as u64

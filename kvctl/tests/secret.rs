@@ -4,9 +4,8 @@
 //! sides say why in their logs.
 #![allow(clippy::unwrap_used)]
 
-mod local_cluster;
 use kv_client::HttpClient;
-use local_cluster::*;
+use kv_testkit::local::*;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 

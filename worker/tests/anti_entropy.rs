@@ -3,9 +3,8 @@
 //! one owner missed — and move nothing when nothing differs.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
 use kv_client::{Connection, Credentials};
+use kv_testkit::inproc::*;
 use kv_wire::message::Consistency;
 use kv_wire::{Entry, Request, Response};
 use std::time::Duration;

@@ -2,9 +2,8 @@
 //! deletes, re-replication after a failure, and a join.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
 use futures::stream::{self, StreamExt};
+use kv_testkit::inproc::*;
 use kv_wire::Ring;
 use std::collections::HashMap;
 

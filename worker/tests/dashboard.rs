@@ -3,8 +3,7 @@
 //! owners with their versions, and a worker going DOWN.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::inproc::*;
 use serde_json::Value;
 use std::time::Duration;
 

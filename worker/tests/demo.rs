@@ -1,8 +1,7 @@
 //! The seed demo's story, end to end, in one process.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::inproc::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_demo_story_holds_from_put_to_failover() {

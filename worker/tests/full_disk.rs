@@ -6,8 +6,7 @@
 //! (CI runs as root); without it the test fails and says so.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::inproc::*;
 use std::path::PathBuf;
 use std::process::Command;
 

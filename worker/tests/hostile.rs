@@ -3,10 +3,9 @@
 //! off, and a well-behaved client is served throughout.
 #![allow(clippy::unwrap_used)]
 
-mod common;
 use bytes::{BufMut, BytesMut};
-use common::*;
 use futures::{SinkExt, StreamExt};
+use kv_testkit::inproc::*;
 use kv_wire::message::Hello;
 use kv_wire::{ClientFrame, FrameCodec, ServerFrame};
 use std::time::{Duration, Instant};

@@ -2,8 +2,7 @@
 //! right status, and the cluster's limits answer 503 with what to do.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::inproc::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_input_gets_a_json_error_with_the_right_status() {

@@ -5,8 +5,7 @@
 //! worker is not ready.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-use common::*;
+use kv_testkit::inproc::*;
 use std::time::Duration;
 
 /// Workers (with the test hooks) holding all three copies of `n` keys.

@@ -4,11 +4,10 @@
 //! is served.
 #![allow(clippy::unwrap_used)]
 
-mod common;
 use bytes::Bytes;
-use common::*;
 use futures::{SinkExt, StreamExt};
 use kv_client::{Connection, ConnectionError, Credentials};
+use kv_testkit::inproc::*;
 use kv_wire::message::{Challenge, Hello};
 use kv_wire::{ClientFrame, FrameCodec, Request, Response, ServerFrame};
 use tokio::net::{TcpListener, TcpStream};

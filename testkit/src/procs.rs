@@ -1,7 +1,6 @@
 //! The harness of the process-level fault tests: a controller and workers
 //! as OS processes (`kvctl node ...`) on loopback or in network namespaces,
 //! a seeded write load, and the acknowledged-write checker.
-#![allow(dead_code, clippy::unwrap_used)]
 
 use bytes::Bytes;
 use kv_client::{Client, Credentials, HttpClient, Pool};
@@ -64,7 +63,7 @@ impl Node {
             .open(log)
             .unwrap();
         let from = file.metadata().unwrap().len() as usize;
-        let kvctl = env!("CARGO_BIN_EXE_kvctl").to_string();
+        let kvctl = crate::kvctl_binary().display().to_string();
         let mut argv: Vec<String> = prefix
             .iter()
             .cloned()
@@ -325,7 +324,7 @@ impl Cluster {
 
     /// Loads `key:0..n` (100-byte values) through `kvctl load --generate`.
     pub async fn load(&self, n: usize) {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        let out = tokio::process::Command::new(crate::kvctl_binary())
             .args(["--controller", &self.controller_url(), "load", "--generate"])
             .args([n.to_string().as_str(), "--value-size", "100"])
             .output()

@@ -1,49 +1,29 @@
 //! Test harness: a controller and workers in this process, on ephemeral
 //! ports, and a small HTTP client.
-#![allow(dead_code, clippy::unwrap_used)]
 
-use bytes::Bytes;
 use futures::stream::{self, StreamExt};
-use kv_client::HttpClient;
 use kv_wire::ClusterSecret;
 use kv_wire::Ring;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Generous: many clusters share 2 cores when tests run in parallel.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::eventually_within(PATIENCE, Duration::from_millis(20), what, check).await
 }
 
-/// One HTTP request; the status and the body as JSON (or as a string).
-pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Value) {
-    let method = method.parse().unwrap();
-    let (status, bytes) = HttpClient::new()
-        .request(method, url, body.into())
-        .await
-        .unwrap();
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, value)
-}
+pub use crate::http;
 
 pub struct Service {
     pub id: String,

@@ -1,6 +1,5 @@
 //! `kvctl local` as a user runs it, for the process-level tests: started on
 //! free ports, read until "Ready.", with its nodes' process ids.
-#![allow(dead_code, clippy::unwrap_used)]
 
 use kv_client::HttpClient;
 use serde_json::Value;
@@ -47,18 +46,12 @@ pub async fn json(http: &HttpClient, url: &str) -> (u16, Value) {
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
+/// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
 pub async fn eventually<T, F: Future<Output = Option<T>>>(
     what: &str,
-    mut check: impl FnMut() -> F,
+    check: impl FnMut() -> F,
 ) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::eventually_within(PATIENCE, Duration::from_millis(50), what, check).await
 }
 
 /// A running `kvctl local`.
@@ -79,7 +72,7 @@ impl Local {
             std::process::id(),
             fastrand::u32(..)
         ));
-        let mut kvctl = Command::new(env!("CARGO_BIN_EXE_kvctl"))
+        let mut kvctl = Command::new(crate::kvctl_binary())
             .args(global)
             .args([
                 "local",

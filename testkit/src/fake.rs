@@ -1,8 +1,6 @@
 //! Test harness: a controller on ephemeral ports, an HTTP helper, and fake
 //! workers that register, send heartbeats and take topology pushes.
-#![allow(dead_code, clippy::unwrap_used)]
 
-use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use kv_controller::{run, Config, Listeners};
 use kv_wire::heartbeat::{Heartbeat, HeartbeatAck};
@@ -13,7 +11,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::codec::Framed;
@@ -23,19 +21,12 @@ use tokio_util::sync::CancellationToken;
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    crate::eventually_within(PATIENCE, Duration::from_millis(10), what, check).await
 }
 
 pub struct Controller {
@@ -104,30 +95,7 @@ impl Controller {
     }
 }
 
-/// One HTTP request; the status and the body as JSON (or as a string).
-pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Value) {
-    let (status, bytes) = http_raw(method, url, body.into()).await;
-    let value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-    (status, value)
-}
-
-pub async fn http_raw(method: &str, url: &str, body: Bytes) -> (u16, Bytes) {
-    http_authorized(method, url, body, None).await
-}
-
-/// A request with an `Authorization` header, if given.
-pub async fn http_authorized(
-    method: &str,
-    url: &str,
-    body: Bytes,
-    authorization: Option<&str>,
-) -> (u16, Bytes) {
-    kv_client::HttpClient::new()
-        .request_authorized(method.parse().unwrap(), url, body, authorization)
-        .await
-        .unwrap()
-}
+pub use crate::{http, http_authorized, http_raw};
 
 /// A fake worker: registers, sends heartbeats while `beating`, and records
 /// the topologies pushed to its wire port.

@@ -1,0 +1,90 @@
+//! kv's test support, one crate for every test suite: a controller with
+//! fake workers ([`fake`], the controller's tests), a controller and
+//! workers in the test's process ([`inproc`]), a cluster of real processes
+//! with a seeded write load and the acknowledged-write checker ([`procs`],
+//! the fault, rolling-restart and durability suites), and `kvctl local` as
+//! a user runs it ([`local`]).
+//!
+//! A test fails by panicking, so unwrapping is how this crate reports; its
+//! items are helpers named for what they do, documented where a name is
+//! not enough.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+pub mod fake;
+pub mod inproc;
+pub mod local;
+pub mod procs;
+
+use bytes::Bytes;
+use serde_json::Value;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Awaits `check` returning `Some`, polling every `poll`, for at most
+/// `patience`; then fails the test saying what it waited for.
+pub async fn eventually_within<T, F, Fut>(
+    patience: Duration,
+    poll: Duration,
+    what: &str,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// One HTTP request; the status and the body as JSON (or as a string).
+pub async fn http(method: &str, url: &str, body: impl Into<Bytes>) -> (u16, Value) {
+    let (status, bytes) = http_raw(method, url, body.into()).await;
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+/// One HTTP request; the status and the body as it came.
+pub async fn http_raw(method: &str, url: &str, body: Bytes) -> (u16, Bytes) {
+    http_authorized(method, url, body, None).await
+}
+
+/// A request with an `Authorization` header, if given.
+pub async fn http_authorized(
+    method: &str,
+    url: &str,
+    body: Bytes,
+    authorization: Option<&str>,
+) -> (u16, Bytes) {
+    kv_client::HttpClient::new()
+        .request_authorized(method.parse().unwrap(), url, body, authorization)
+        .await
+        .unwrap()
+}
+
+/// The `kvctl` binary of this build, for the process-level tests.
+///
+/// Cargo builds a package's binaries before its integration tests and puts
+/// both under the same profile directory (`target/debug/kvctl`, the tests
+/// in `target/debug/deps/`); only those tests see `CARGO_BIN_EXE_kvctl`,
+/// so the path is worked out from the running test instead.
+pub fn kvctl_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test runs from target/<profile>/deps");
+    let kvctl = profile.join("kvctl");
+    assert!(
+        kvctl.is_file(),
+        "{} is missing: the process-level tests run from kvctl's tests, which build it",
+        kvctl.display()
+    );
+    kvctl
+}
