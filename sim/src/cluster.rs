@@ -138,6 +138,10 @@ pub struct Cluster {
     /// again (`kill -9` of a worker with `--data-dir`: the process dies,
     /// what it stored stays, as with `--sync always`).
     disks: Mutex<BTreeMap<String, Arc<MemStore>>>,
+    /// When copies were lost: a worker's data dir gone (simulated ms).
+    losses: Mutex<Vec<u64>>,
+    /// Writes acknowledged while fewer than two workers held them.
+    short_acks: Mutex<Vec<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,6 +184,8 @@ impl Cluster {
             presences: Mutex::default(),
             skews: Mutex::default(),
             disks: Mutex::default(),
+            losses: Mutex::default(),
+            short_acks: Mutex::default(),
         })
     }
 
@@ -501,8 +507,16 @@ impl Cluster {
     /// Starts worker `id` with an empty store: its first start, or a
     /// restart after a crash that lost its copies.
     pub fn start_worker(self: &Arc<Self>, id: &str) {
-        lock(&self.disks).remove(id);
+        self.lose_data(id);
         self.boot(id);
+    }
+
+    /// Worker `id`'s data dir is gone (a store in memory, or a dir lost
+    /// with its pod): what it held is lost.
+    pub fn lose_data(&self, id: &str) {
+        if lock(&self.disks).remove(id).is_some() {
+            lock(&self.losses).push(self.now_ms());
+        }
     }
 
     /// Starts worker `id` again on the data dir its last run left, as
@@ -796,7 +810,7 @@ impl Cluster {
             Kind::Get => format!("get {key}"),
         };
         self.event(format!("op {i} {what} via {gateway}"));
-        let node = proc.node.clone();
+        let (node, began, written) = (proc.node.clone(), self.now_ms(), key.clone());
         let work = async move {
             match kind {
                 Kind::Put(value) => outcome_of_write(node.write(key, Some(value)).await),
@@ -815,6 +829,9 @@ impl Cluster {
             outcome = work => outcome,
         };
         self.event(format!("op {i}: {outcome:?}"));
+        if let Outcome::Written(version) = outcome {
+            self.audit_copies(i, &written, version, began);
+        }
         self.note_disagreement();
         lock(&self.history).complete(i, outcome, self.now_ms());
     }
@@ -908,6 +925,29 @@ impl Cluster {
     /// What the readiness audit found.
     pub fn unready(&self) -> Vec<String> {
         lock(&self.unready).clone()
+    }
+
+    /// W=2: once a write is acknowledged, two workers hold it (or a newer
+    /// copy of its key) in their stores or data dirs, unless copies were
+    /// lost since it began.
+    fn audit_copies(&self, op: usize, key: &str, version: kv_wire::Version, began: u64) {
+        if lock(&self.losses).iter().any(|&at| at >= began) {
+            return;
+        }
+        let holders = lock(&self.disks)
+            .values()
+            .filter(|disk| disk.held_version(key).is_some_and(|held| held >= version))
+            .count();
+        if holders < 2 {
+            lock(&self.short_acks).push(format!(
+                "op {op}: {key} at {version} acknowledged while {holders} worker(s) held it"
+            ));
+        }
+    }
+
+    /// Writes acknowledged on fewer than two copies.
+    pub fn short_acks(&self) -> Vec<String> {
+        lock(&self.short_acks).clone()
     }
 
     /// Copies some worker replaced with older ones, at any time.

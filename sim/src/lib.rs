@@ -277,6 +277,7 @@ async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize 
         let done = match fault {
             Fault::Crash if c.settled() => pick(c, live).is_some_and(|id| {
                 c.crash_worker(&id);
+                c.lose_data(&id);
                 c.impair(&id);
                 let c = c.clone();
                 tokio::spawn(async move {
@@ -485,6 +486,7 @@ async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<S
     problems.extend(c.history().check(&finals, &c.changes()));
     problems.extend(c.unready());
     problems.extend(c.regressions());
+    problems.extend(c.short_acks());
     let slack = options.settings.down_after + options.settings.heartbeat * 2;
     for down in c.downs() {
         if down.running && down.clear_for >= slack {
