@@ -279,24 +279,14 @@ async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize 
                 c.crash_worker(&id);
                 c.lose_data(&id);
                 c.impair(&id);
-                let c = c.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(lasts).await;
-                    c.start_worker(&id);
-                    c.mend(&id);
-                });
+                c.restart_later(id, lasts, false);
                 true
             }),
             Fault::Crash => false,
             Fault::Restart => pick(c, live).is_some_and(|id| {
                 c.crash_worker(&id);
                 c.impair(&id);
-                let c = c.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(lasts).await;
-                    c.restart_worker_with_data(&id);
-                    c.mend(&id);
-                });
+                c.restart_later(id, lasts, true);
                 true
             }),
             Fault::Pause => pick(c, |id| !c.net.is_paused(id)).is_some_and(|id| {
@@ -427,7 +417,11 @@ fn heal(c: &Arc<Cluster>) {
 async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<String>) {
     // Crashed workers restart within 3 s of their crash, a controller
     // within 1 s: give the cluster a minute to be whole again.
-    if !wait_until(Duration::from_secs(60), || c.settled()).await {
+    if !wait_until(Duration::from_secs(60), || {
+        c.restarting() == 0 && c.settled()
+    })
+    .await
+    {
         problems.push(format!(
             "not settled 60 s after the faults healed: {}",
             c.describe()
