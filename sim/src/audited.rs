@@ -7,11 +7,15 @@ use kv_wire::{Digest, HashRange, Version};
 use kv_worker::store::{Applied, Persisted, Store, StoreError, Stored};
 use std::sync::{Arc, Mutex};
 
+/// Told of every copy a worker removes: its key and version.
+pub type OnRemove = Arc<dyn Fn(&str, Version) + Send + Sync>;
+
 /// Wraps a worker's store; reports into `regressions`.
 pub struct Audited {
     inner: Arc<dyn Store>,
     worker: String,
     regressions: Arc<Mutex<Vec<String>>>,
+    on_remove: Option<OnRemove>,
 }
 
 impl Audited {
@@ -21,7 +25,14 @@ impl Audited {
             inner,
             worker: worker.to_string(),
             regressions,
+            on_remove: None,
         }
+    }
+
+    /// Also tells `on_remove` of every copy removed.
+    pub fn on_remove(mut self, on_remove: OnRemove) -> Self {
+        self.on_remove = Some(on_remove);
+        self
     }
 
     /// Records a regression if `key` went from `before` to an older copy.
@@ -78,7 +89,11 @@ impl Store for Audited {
     }
 
     fn remove_if(&self, key: &str, version: Version) -> bool {
-        self.inner.remove_if(key, version)
+        let removed = self.inner.remove_if(key, version);
+        if let (true, Some(on_remove)) = (removed, &self.on_remove) {
+            on_remove(key, version);
+        }
+        removed
     }
 
     fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored)) {

@@ -139,11 +139,15 @@ pub struct Cluster {
     /// what it stored stays, as with `--sync always`).
     disks: Mutex<BTreeMap<String, Arc<MemStore>>>,
     /// When copies were lost: a worker's data dir gone (simulated ms).
-    losses: Mutex<Vec<u64>>,
-    /// Writes acknowledged while fewer than two workers held them.
-    short_acks: Mutex<Vec<String>>,
+    losses: Mutex<Vec<(String, u64)>>,
+    /// What the audits of acknowledgements and removals found: writes
+    /// acknowledged on fewer than two copies, copies removed before their
+    /// owners held them.
+    broken_promises: Mutex<Vec<String>>,
     /// Crashed workers not started again yet.
     restarting: Mutex<usize>,
+    /// The newest version of each key each worker removed (handed off).
+    removed: Mutex<BTreeMap<(String, String), kv_wire::Version>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,8 +191,9 @@ impl Cluster {
             skews: Mutex::default(),
             disks: Mutex::default(),
             losses: Mutex::default(),
-            short_acks: Mutex::default(),
+            broken_promises: Mutex::default(),
             restarting: Mutex::default(),
+            removed: Mutex::default(),
         })
     }
 
@@ -518,7 +523,7 @@ impl Cluster {
     /// with its pod): what it held is lost.
     pub fn lose_data(&self, id: &str) {
         if lock(&self.disks).remove(id).is_some() {
-            lock(&self.losses).push(self.now_ms());
+            lock(&self.losses).push((id.to_string(), self.now_ms()));
         }
     }
 
@@ -555,7 +560,16 @@ impl Cluster {
             alive: alive.clone(),
             net: self.net.clone(),
         });
-        let store: Arc<dyn Store> = Arc::new(Audited::new(disk, id, self.regressions.clone()));
+        let audit = {
+            let (cluster, id) = (Arc::downgrade(self), id.to_string());
+            Arc::new(move |key: &str, version| {
+                if let Some(c) = cluster.upgrade() {
+                    c.audit_removal(&id, key, version);
+                }
+            })
+        };
+        let store: Arc<dyn Store> =
+            Arc::new(Audited::new(disk, id, self.regressions.clone()).on_remove(audit));
         let node = Arc::new(Node::new(
             id.to_string(),
             store,
@@ -958,7 +972,7 @@ impl Cluster {
     /// copy of its key) in their stores or data dirs, unless copies were
     /// lost since it began.
     fn audit_copies(&self, op: usize, key: &str, version: kv_wire::Version, began: u64) {
-        if lock(&self.losses).iter().any(|&at| at >= began) {
+        if lock(&self.losses).iter().any(|(_, at)| *at >= began) {
             return;
         }
         let holders = lock(&self.disks)
@@ -966,15 +980,66 @@ impl Cluster {
             .filter(|disk| disk.held_version(key).is_some_and(|held| held >= version))
             .count();
         if holders < 2 {
-            lock(&self.short_acks).push(format!(
+            lock(&self.broken_promises).push(format!(
                 "op {op}: {key} at {version} acknowledged while {holders} worker(s) held it"
             ));
         }
     }
 
-    /// Writes acknowledged on fewer than two copies.
-    pub fn short_acks(&self) -> Vec<String> {
-        lock(&self.short_acks).clone()
+    /// A worker removes a copy only when it hands its keys off, at the end
+    /// of a sync towards some view, once every owner of the key there
+    /// confirmed it holds that version or a newer one: so each of them
+    /// holds it now, or handed it off in turn (in a later view), unless it
+    /// lost its copies since that view was published.
+    fn audit_removal(&self, worker: &str, key: &str, version: kv_wire::Version) {
+        lock(&self.removed)
+            .entry((worker.to_string(), key.to_string()))
+            .and_modify(|v| *v = (*v).max(version))
+            .or_insert(version);
+        let Some(proc) = self.net.proc(worker) else {
+            return;
+        };
+        let problem = match proc.node.progress.snapshot((0, 0), 0).0 {
+            None => Some(format!(
+                "{worker} removed {key} at {version} outside a sync"
+            )),
+            Some(running) => {
+                let rings = lock(&self.rings);
+                let view = rings.iter().find(|(_, view)| view.epoch() == running.epoch);
+                view.and_then(|(since, view)| {
+                    let since = *since;
+                    let losses = lock(&self.losses);
+                    let disks = lock(&self.disks);
+                    let removed = lock(&self.removed);
+                    view.owners(key)
+                        .into_iter()
+                        .filter(|o| !losses.iter().any(|(id, at)| *id == o.id && *at >= since))
+                        .find_map(|o| {
+                            let held = disks.get(&o.id).and_then(|d| d.held_version(key));
+                            let passed_on = removed
+                                .get(&(o.id.clone(), key.to_string()))
+                                .is_some_and(|r| *r >= version);
+                            (!passed_on && held.is_none_or(|h| h < version)).then(|| {
+                                format!(
+                                    "{worker} removed {key} at {version} in its sync towards epoch {} while its owner {} held {}",
+                                    running.epoch,
+                                    o.id,
+                                    held.map_or("nothing".into(), |h| h.to_string())
+                                )
+                            })
+                        })
+                })
+            }
+        };
+        if let Some(problem) = problem {
+            lock(&self.broken_promises).push(problem);
+        }
+    }
+
+    /// Writes acknowledged on fewer than two copies, copies removed
+    /// before their owners held them.
+    pub fn broken_promises(&self) -> Vec<String> {
+        lock(&self.broken_promises).clone()
     }
 
     /// Copies some worker replaced with older ones, at any time.

@@ -480,7 +480,7 @@ async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<S
     problems.extend(c.history().check(&finals, &c.changes()));
     problems.extend(c.unready());
     problems.extend(c.regressions());
-    problems.extend(c.short_acks());
+    problems.extend(c.broken_promises());
     let slack = options.settings.down_after + options.settings.heartbeat * 2;
     for down in c.downs() {
         if down.running && down.clear_for >= slack {
