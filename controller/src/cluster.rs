@@ -206,7 +206,12 @@ pub fn render(g: &Gathered<'_>) -> Value {
             let id = node.worker.member.id.as_str();
             let mut w = serde_json::to_value(crate::http::node_info(node)).unwrap_or_default();
             w["share"] = json!(shares.get(id).copied().unwrap_or(0.0));
-            let answer = g.answers.get(id).unwrap_or(&Answer::NotAsked);
+            // A DOWN worker is not asked; an answer from a gathering that
+            // began before it went DOWN is not shown as its state either.
+            let answer = match node.status {
+                Status::Down => &Answer::NotAsked,
+                _ => g.answers.get(id).unwrap_or(&Answer::NotAsked),
+            };
             w["answer"] = answer.label().into();
             if let Some(error) = answer.error() {
                 w["error"] = error.into();
@@ -502,6 +507,8 @@ mod tests {
                 }),
             ),
             ("b".to_string(), Answer::Slow),
+            // Asked while still SUSPECT, DOWN by the time of rendering.
+            ("c".to_string(), Answer::Failed("connection refused".into())),
         ]);
         let rates = HashMap::from([("a".to_string(), 12.34)]);
         let events = vec![
