@@ -7,7 +7,6 @@ use kv_wire::heartbeat::{Heartbeat, HeartbeatAck};
 use kv_wire::message::Challenge;
 use kv_wire::{ClientFrame, ClusterSecret, FrameCodec, Request, Response, ServerFrame, Topology};
 use serde_json::Value;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,17 +16,7 @@ use tokio::sync::watch;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-/// Generous: many clusters share 2 cores when tests run in parallel.
-pub const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    crate::eventually_within(PATIENCE, Duration::from_millis(10), what, check).await
-}
+pub use crate::{eventually, PATIENCE};
 
 pub struct Controller {
     pub addr: SocketAddr,

@@ -6,22 +6,11 @@ use kv_wire::ClusterSecret;
 use kv_wire::Ring;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Generous: many clusters share 2 cores when tests run in parallel.
-pub const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    crate::eventually_within(PATIENCE, Duration::from_millis(20), what, check).await
-}
+pub use crate::{eventually, PATIENCE};
 
 pub use crate::http;
 

@@ -20,6 +20,19 @@ use serde_json::Value;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// How long an in-process test waits for what it expects: generous, since
+/// many clusters share 2 cores when tests run in parallel.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Awaits `check` returning `Some`, polling, for at most [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_within(PATIENCE, Duration::from_millis(20), what, check).await
+}
+
 /// Awaits `check` returning `Some`, polling every `poll`, for at most
 /// `patience`; then fails the test saying what it waited for.
 pub async fn eventually_within<T, F, Fut>(
