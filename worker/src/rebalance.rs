@@ -366,7 +366,7 @@ async fn sync_peer(
             .filter_map(|(i, theirs)| {
                 let (range, my) = *mine.get(i as usize)?;
                 let expected = theirs.count.saturating_sub(my.count);
-                match decide(my, theirs, arcs.holder) {
+                match decide(my, theirs) {
                     Pull::Nothing => None,
                     how => Some((i as usize, range, how, expected)),
                 }

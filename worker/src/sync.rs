@@ -10,8 +10,10 @@
 //!   arc when it holds nothing there, otherwise the keys whose versions
 //!   differ. It asks the arc's first co-owner (in ring order) first and the
 //!   others after, so a worker that gained an arc receives it once, from
-//!   one holder. When a co-owner holds fewer copies, it is left to pull
-//!   from this worker rather than this worker reading its list.
+//!   one holder. A digest tells how many copies a peer holds, not how new
+//!   they are: one holding fewer (a worker back on an old data dir) may
+//!   still hold the newest version of some, so an arc that differs is
+//!   always compared key by key, whichever side holds more.
 //! - **Leavers are asked too.** A worker leaving the cluster (on SIGTERM)
 //!   is out of the ring but listed in the topology while it hands over;
 //!   owners compare every arc with it last, and read its list whenever it
@@ -32,10 +34,10 @@ use crate::topology::View;
 use kv_wire::{Digest, HashRange, Member, Version};
 use std::collections::BTreeMap;
 
-/// What to fetch from a co-owner whose digest of an arc differs.
+/// What to fetch from a peer whose digest of an arc differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pull {
-    /// Nothing: equal, or the peer holds fewer copies and pulls from us.
+    /// Nothing: the digests are equal, or the peer holds nothing there.
     Nothing,
     /// The whole arc: nothing is held here.
     All,
@@ -53,13 +55,11 @@ pub enum Holder {
 }
 
 /// What to do about an arc given this worker's digest and its holder's.
-pub fn decide(mine: Digest, theirs: Digest, holder: Holder) -> Pull {
+pub fn decide(mine: Digest, theirs: Digest) -> Pull {
     if mine == theirs || theirs.count == 0 {
         Pull::Nothing
     } else if mine.count == 0 {
         Pull::All
-    } else if theirs.count < mine.count && holder == Holder::CoOwner {
-        Pull::Nothing
     } else {
         Pull::Diff
     }
@@ -230,25 +230,20 @@ mod tests {
     #[test]
     fn decisions() {
         let d = |count, xor| Digest { count, xor };
-        let co = Holder::CoOwner;
-        assert_eq!(decide(d(3, 1), d(3, 1), co), Pull::Nothing);
-        assert_eq!(decide(d(0, 0), d(3, 1), co), Pull::All);
+        assert_eq!(decide(d(3, 1), d(3, 1)), Pull::Nothing);
+        assert_eq!(decide(d(0, 0), d(3, 1)), Pull::All);
         assert_eq!(
-            decide(d(3, 1), d(2, 5), co),
-            Pull::Nothing,
-            "they pull from us"
+            decide(d(3, 1), d(2, 5)),
+            Pull::Diff,
+            "fewer copies there may still be newer ones"
         );
         assert_eq!(
-            decide(d(3, 1), d(3, 2), co),
+            decide(d(3, 1), d(3, 2)),
             Pull::Diff,
             "same count, other versions"
         );
-        assert_eq!(decide(d(3, 1), d(4, 2), co), Pull::Diff);
-        assert_eq!(decide(d(3, 1), d(0, 0), co), Pull::Nothing, "nothing there");
-        // A leaver pulls nothing itself: fewer copies there may still hold
-        // one missing here.
-        assert_eq!(decide(d(3, 1), d(2, 5), Holder::Leaver), Pull::Diff);
-        assert_eq!(decide(d(3, 1), d(0, 0), Holder::Leaver), Pull::Nothing);
+        assert_eq!(decide(d(3, 1), d(4, 2)), Pull::Diff);
+        assert_eq!(decide(d(3, 1), d(0, 0)), Pull::Nothing, "nothing there");
     }
 
     #[test]
@@ -390,8 +385,7 @@ mod tests {
                         let theirs_all = self.stores.get(*peer).unwrap_or(&empty);
                         let mine = digest(self.stores.get(me).unwrap_or(&empty), range);
                         let theirs = digest(theirs_all, range);
-                        let wanted: Vec<(String, Version)> = match decide(mine, theirs, arcs.holder)
-                        {
+                        let wanted: Vec<(String, Version)> = match decide(mine, theirs) {
                             Pull::Nothing => Vec::new(),
                             Pull::All | Pull::Diff => in_range(theirs_all, range)
                                 .map(|((_, k), v)| (k.clone(), *v))
@@ -488,6 +482,29 @@ mod tests {
             }
             newest
         }
+    }
+
+    #[test]
+    fn a_co_owner_holding_fewer_copies_of_an_arc_may_hold_newer_ones() {
+        // A worker back on an old data dir holds more copies of an arc
+        // than a co-owner that kept up, but older ones. Counts say nothing
+        // of newness: it must still compare.
+        let v = view(1, &["a", "w"]);
+        let arc_of = |key: &str| {
+            let hash = Ring::key_hash(key.as_bytes());
+            v.ring.arcs().iter().position(|(r, _)| r.contains(hash))
+        };
+        let (k1, k2) = (0..)
+            .map(|i| (format!("k{i}"), format!("k{}", i + 1)))
+            .find(|(a, b)| arc_of(a) == arc_of(b))
+            .expect("two keys in one arc");
+        let (old, new) = (Version { hlc: 1, node: 1 }, Version { hlc: 2, node: 1 });
+        let mut m = Model::default();
+        apply(m.store("a"), &k1, new);
+        apply(m.store("w"), &k1, old);
+        apply(m.store("w"), &k2, old);
+        m.pull("w", &v, &mut usize::MAX);
+        assert_eq!(m.store("w").get(&place(&k1)), Some(&new));
     }
 
     /// A random history: a starting set of workers, keys written to their
