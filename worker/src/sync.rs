@@ -503,7 +503,8 @@ mod tests {
         apply(m.store("a"), &k1, new);
         apply(m.store("w"), &k1, old);
         apply(m.store("w"), &k2, old);
-        m.pull("w", &v, &mut usize::MAX);
+        let mut unlimited = usize::MAX;
+        m.pull("w", &v, &mut unlimited);
         assert_eq!(m.store("w").get(&place(&k1)), Some(&new));
     }
 
