@@ -7,15 +7,24 @@ use kv_wire::{Digest, HashRange, Version};
 use kv_worker::store::{Applied, Persisted, Store, StoreError, Stored};
 use std::sync::{Arc, Mutex};
 
-/// Told of every copy a worker removes: its key and version.
-pub type OnRemove = Arc<dyn Fn(&str, Version) + Send + Sync>;
+/// What became of a copy in a worker's store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A newer copy was stored.
+    Stored,
+    /// The copy was removed (handed off).
+    Removed,
+}
+
+/// Told of every copy a worker stores or removes: its key and version.
+pub type OnChange = Arc<dyn Fn(Change, &str, Version) + Send + Sync>;
 
 /// Wraps a worker's store; reports into `regressions`.
 pub struct Audited {
     inner: Arc<dyn Store>,
     worker: String,
     regressions: Arc<Mutex<Vec<String>>>,
-    on_remove: Option<OnRemove>,
+    on_change: Option<OnChange>,
 }
 
 impl Audited {
@@ -25,14 +34,20 @@ impl Audited {
             inner,
             worker: worker.to_string(),
             regressions,
-            on_remove: None,
+            on_change: None,
         }
     }
 
-    /// Also tells `on_remove` of every copy removed.
-    pub fn on_remove(mut self, on_remove: OnRemove) -> Self {
-        self.on_remove = Some(on_remove);
+    /// Also tells `on_change` of every copy stored or removed.
+    pub fn on_change(mut self, on_change: OnChange) -> Self {
+        self.on_change = Some(on_change);
         self
+    }
+
+    fn tell(&self, change: Change, key: &str, version: Version) {
+        if let Some(on_change) = &self.on_change {
+            on_change(change, key, version);
+        }
     }
 
     /// Records a regression if `key` went from `before` to an older copy.
@@ -40,6 +55,9 @@ impl Audited {
     /// so nothing else touches the key between the two looks.)
     fn check(&self, key: &str, before: Option<Version>) {
         let after = self.inner.held_version(key);
+        if let Some(after) = after.filter(|after| before < Some(*after)) {
+            self.tell(Change::Stored, key, after);
+        }
         if let (Some(before), Some(after)) = (before, after) {
             if after < before {
                 self.regressions
@@ -90,8 +108,8 @@ impl Store for Audited {
 
     fn remove_if(&self, key: &str, version: Version) -> bool {
         let removed = self.inner.remove_if(key, version);
-        if let (true, Some(on_remove)) = (removed, &self.on_remove) {
-            on_remove(key, version);
+        if removed {
+            self.tell(Change::Removed, key, version);
         }
         removed
     }

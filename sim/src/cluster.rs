@@ -7,7 +7,7 @@
 //! registration, the heartbeat datagrams and the topology pushes are
 //! messages on the simulated network, with the same timings and retries.
 
-use crate::audited::Audited;
+use crate::audited::{Audited, Change};
 use crate::history::{Kind, Outcome};
 use crate::net::{self, Net, Proc, SimTransport, CONTROLLER};
 use bytes::Bytes;
@@ -146,6 +146,8 @@ pub struct Cluster {
     broken_promises: Mutex<Vec<String>>,
     /// Crashed workers not started again yet.
     restarting: Mutex<usize>,
+    /// When each worker stored the copy of each key it holds (simulated ms).
+    arrivals: Mutex<BTreeMap<(String, String), u64>>,
     /// The newest version of each key each worker removed (handed off).
     removed: Mutex<BTreeMap<(String, String), kv_wire::Version>>,
 }
@@ -194,6 +196,7 @@ impl Cluster {
             broken_promises: Mutex::default(),
             restarting: Mutex::default(),
             removed: Mutex::default(),
+            arrivals: Mutex::default(),
         })
     }
 
@@ -560,16 +563,21 @@ impl Cluster {
             alive: alive.clone(),
             net: self.net.clone(),
         });
-        let audit = {
+        let watch = {
             let (cluster, id) = (Arc::downgrade(self), id.to_string());
-            Arc::new(move |key: &str, version| {
-                if let Some(c) = cluster.upgrade() {
-                    c.audit_removal(&id, key, version);
+            Arc::new(move |change, key: &str, version| {
+                let Some(c) = cluster.upgrade() else { return };
+                match change {
+                    Change::Stored => {
+                        let now = c.now_ms();
+                        lock(&c.arrivals).insert((id.clone(), key.to_string()), now);
+                    }
+                    Change::Removed => c.audit_removal(&id, key, version),
                 }
             })
         };
         let store: Arc<dyn Store> =
-            Arc::new(Audited::new(disk, id, self.regressions.clone()).on_remove(audit));
+            Arc::new(Audited::new(disk, id, self.regressions.clone()).on_change(watch));
         let node = Arc::new(Node::new(
             id.to_string(),
             store,
@@ -943,15 +951,22 @@ impl Cluster {
                 continue;
             };
             // Owed only if it could have been had: a co-owner or a leaver
-            // holds it. A write whose copies sit only on workers out of
-            // the ring (cut off, called DOWN) comes back with them.
+            // held it when the epoch was published, before this worker's
+            // sync towards it began. A write whose copies sit only on
+            // workers out of the ring (cut off, called DOWN) comes back
+            // with them; one only non-owners held reaches the owners by
+            // hand-off, which readiness does not wait for.
             let others = view.owners(&key).into_iter().chain(&view.topology.leaving);
+            let arrivals = lock(&self.arrivals);
             let reachable = others.filter(|m| m.id != id).any(|m| {
-                self.net
+                let held = self
+                    .net
                     .proc(&m.id)
-                    .and_then(|p| p.node.store.held_version(&key))
-                    .is_some_and(|v| v >= owed)
+                    .and_then(|p| p.node.store.held_version(&key));
+                let since = arrivals.get(&(m.id.clone(), key.clone()));
+                held.is_some_and(|v| v >= owed) && since.is_some_and(|t| *t <= at)
             });
+            drop(arrivals);
             let held = proc.node.store.get(&key).map(|c| c.version);
             if reachable && held.is_none_or(|held| held < owed) {
                 let problem = format!(
