@@ -125,3 +125,87 @@ async fn a_worker_called_down_and_back_syncs_before_it_is_ready() {
         &missing[..missing.len().min(3)]
     );
 }
+
+/// A worker called DOWN (cut off from the controller alone) and then told
+/// to stop leaves with the members unchanged: the next topology lists it
+/// as leaving and nothing else moves. Its keys are to be pulled from it
+/// before the owners say they are ready; the same-members shortcut (a
+/// controller restart moves nothing) skipped that sync, so they said it at
+/// once without the keys only the leaver held (simulator seeds 4405 and
+/// 4475).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_worker_leaving_after_it_was_called_down_is_pulled_from_before_owners_are_ready() {
+    let c = Cluster::new(1, Settings::default(), false);
+    c.start_controller();
+    for i in 1..=4 {
+        c.start_worker(&format!("worker{i}"));
+    }
+    until("the cluster to settle", Duration::from_secs(20), || {
+        c.settled()
+    })
+    .await;
+
+    // Keys only worker3 holds, as if their other copies were lost.
+    let leaver = c.net.proc("worker3").expect("running").node;
+    let keys: Vec<String> = (0..50).map(|k| format!("only{k}")).collect();
+    for key in &keys {
+        let copy = kv_worker::store::Stored {
+            version: leaver.clock.tick(leaver.now_ms()),
+            value: Some(bytes::Bytes::from_static(b"only on worker3")),
+        };
+        leaver.store.apply(key, copy).expect("stored");
+    }
+
+    c.net.set_cut("worker3", CONTROLLER, true);
+    until("worker3 DOWN", Duration::from_secs(10), || {
+        c.statuses().get("worker3") == Some(&Status::Down)
+    })
+    .await;
+    let without = c.published().expect("a topology").epoch;
+    let owners = ["worker1", "worker2", "worker4"];
+    until(
+        "the others ready without worker3",
+        Duration::from_secs(20),
+        || {
+            owners.iter().all(|id| {
+                let node = c.net.proc(id).expect("running").node;
+                node.readiness() == Ok(without)
+            })
+        },
+    )
+    .await;
+
+    assert!(c.leave_worker("worker3"), "worker3 leaves");
+    c.net.set_cut("worker3", CONTROLLER, false);
+    until(
+        "a topology listing worker3 as leaving",
+        Duration::from_secs(10),
+        || {
+            c.published()
+                .is_some_and(|t| t.epoch > without && t.leaving.iter().any(|m| m.id == "worker3"))
+        },
+    )
+    .await;
+    let leaving = c.published().expect("a topology");
+    let view = kv_worker::topology::View::new(leaving.clone());
+    for owner in owners {
+        let node = c.net.proc(owner).expect("running").node;
+        until(
+            &format!("{owner} ready at epoch {}", leaving.epoch),
+            Duration::from_secs(20),
+            || node.readiness().is_ok_and(|epoch| epoch >= leaving.epoch),
+        )
+        .await;
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|key| view.owners(key).iter().any(|m| m.id == owner))
+            .filter(|key| node.store.get(key).is_none())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{owner} said it was ready without {} of the leaver's keys, such as {:?}",
+            missing.len(),
+            &missing[..missing.len().min(3)]
+        );
+    }
+}

@@ -154,12 +154,15 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         // nothing, provided the last sync completed: then every arc was
         // verified with these very co-owners. Not after a gap: the epochs
         // missed meanwhile may have left this worker out (it was called
-        // DOWN while cut off) and routed writes past it.
+        // DOWN while cut off) and routed writes past it. Nor when a worker
+        // starts leaving: its keys are to be pulled from it (one called
+        // DOWN and then told to stop leaves with the members unchanged).
         let settled = node.topologies.settled();
         if why == Why::Change
             && !unfinished
             && view.epoch() == settled.epoch() + 1
             && settled.topology.members == view.topology.members
+            && settled.topology.leaving == view.topology.leaving
         {
             node.topologies.settle(view);
             continue;
