@@ -20,6 +20,20 @@ async fn until(what: &str, limit: Duration, done: impl Fn() -> bool) {
     }
 }
 
+/// A controller and four workers, settled.
+async fn settled_cluster() -> std::sync::Arc<Cluster> {
+    let c = Cluster::new(1, Settings::default(), false);
+    c.start_controller();
+    for i in 1..=4 {
+        c.start_worker(&format!("worker{i}"));
+    }
+    until("the cluster to settle", Duration::from_secs(20), || {
+        c.settled()
+    })
+    .await;
+    c
+}
+
 fn cut_off(c: &Cluster, id: &str, cut: bool) {
     let others = c
         .net
@@ -42,15 +56,7 @@ fn cut_off(c: &Cluster, id: &str, cut: bool) {
 /// at once, without them: simulator seeds 113, 140 and 183.)
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_worker_called_down_and_back_syncs_before_it_is_ready() {
-    let c = Cluster::new(1, Settings::default(), false);
-    c.start_controller();
-    for i in 1..=4 {
-        c.start_worker(&format!("worker{i}"));
-    }
-    until("the cluster to settle", Duration::from_secs(20), || {
-        c.settled()
-    })
-    .await;
+    let c = settled_cluster().await;
     let before = c.published().expect("a topology").epoch;
 
     // Written while worker3 is cut off but still in the ring: its copies
@@ -135,15 +141,7 @@ async fn a_worker_called_down_and_back_syncs_before_it_is_ready() {
 /// 4475).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_worker_leaving_after_it_was_called_down_is_pulled_from_before_owners_are_ready() {
-    let c = Cluster::new(1, Settings::default(), false);
-    c.start_controller();
-    for i in 1..=4 {
-        c.start_worker(&format!("worker{i}"));
-    }
-    until("the cluster to settle", Duration::from_secs(20), || {
-        c.settled()
-    })
-    .await;
+    let c = settled_cluster().await;
 
     // Keys only worker3 holds, as if their other copies were lost.
     let leaver = c.net.proc("worker3").expect("running").node;
