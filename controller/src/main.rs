@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kv_service::no_huge_pages();
     kv_service::init_logging();
     let config = Config::parse();
     let listeners = Listeners::bind(config.listen)?;

@@ -155,7 +155,6 @@ enum Role {
 }
 
 fn main() -> Result<()> {
-    kv_service::no_huge_pages();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

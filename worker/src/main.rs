@@ -13,7 +13,6 @@ use kv_worker::{run, Config, Listeners, Stop};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kv_service::no_huge_pages();
     kv_service::init_logging();
     let config = Config::parse();
     let listeners = Listeners::bind(config.listen, config.wire_listen)?;
