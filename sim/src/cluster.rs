@@ -1019,8 +1019,20 @@ impl Cluster {
                 "{worker} removed {key} at {version} outside a sync"
             )),
             Some(running) => {
+                // The sync's view: the worker's own when it is still at
+                // that epoch, else the last published under that number (a
+                // restarted controller that never heard of an epoch may
+                // publish another topology under it).
                 let rings = lock(&self.rings);
-                let view = rings.iter().find(|(_, view)| view.epoch() == running.epoch);
+                let current = proc.node.topologies.current();
+                let view = rings
+                    .iter()
+                    .rev()
+                    .find(|(_, view)| view.epoch() == running.epoch)
+                    .map(|(since, view)| {
+                        let own = current.epoch() == running.epoch;
+                        (since, if own { current.as_ref() } else { view })
+                    });
                 view.and_then(|(since, view)| {
                     let since = *since;
                     let losses = lock(&self.losses);
