@@ -1,11 +1,5 @@
 //! kvctl: the kv command line.
 
-// glibc's malloc spent a third of a bulk load's CPU in allocation; mimalloc
-// keeps per-thread free lists and is several times cheaper for our small,
-// short-lived buffers.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod bench;
 mod load;
 mod local;
@@ -155,6 +149,7 @@ enum Role {
 }
 
 fn main() -> Result<()> {
+    kv_alloc::configure();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
