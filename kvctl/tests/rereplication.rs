@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used)]
 
 use kv_testkit::procs::*;
-use kv_wire::Ring;
 use std::time::Instant;
 
 const KEYS: usize = 100_000;
@@ -24,16 +23,7 @@ async fn on_all_owners(cluster: &Cluster, live: &[String], n: usize, scenario: &
             cluster.copies(live).await == 3 * n as u64
         })
         .await;
-    let ring = Ring::new(live.iter().cloned());
-    for i in (0..n).step_by(250) {
-        let key = format!("key:{i}");
-        for owner in ring.owners(key.as_bytes(), 3) {
-            assert!(
-                cluster.local(owner, &key).await.is_some(),
-                "{scenario}: {key} missing on its owner {owner}"
-            );
-        }
-    }
+    cluster.sample_on_owners(live, n, 250, scenario).await;
     println!(
         "REREPLICATION | {scenario} | {n} keys on all owners {:.2} s after the last fault",
         started.elapsed().as_secs_f64()

@@ -34,6 +34,19 @@ async fn settled_cluster() -> std::sync::Arc<Cluster> {
     c
 }
 
+/// The keys `owner` owns in `view` but its store does not hold.
+fn lacking<'k>(
+    keys: &'k [String],
+    view: &kv_worker::topology::View,
+    owner: &str,
+    node: &kv_worker::node::Node,
+) -> Vec<&'k String> {
+    keys.iter()
+        .filter(|key| view.owners(key).iter().any(|m| m.id == owner))
+        .filter(|key| node.store.get(key).is_none())
+        .collect()
+}
+
 fn cut_off(c: &Cluster, id: &str, cut: bool) {
     let others = c
         .net
@@ -119,11 +132,7 @@ async fn a_worker_called_down_and_back_syncs_before_it_is_ready() {
     let published = c.published().expect("a topology");
     let view = kv_worker::topology::View::new(published);
     let node = c.net.proc("worker3").expect("running").node;
-    let missing: Vec<&String> = acked
-        .iter()
-        .filter(|key| view.owners(key).iter().any(|m| m.id == "worker3"))
-        .filter(|key| node.store.get(key).is_none())
-        .collect();
+    let missing = lacking(&acked, &view, "worker3", &node);
     assert!(
         missing.is_empty(),
         "worker3 said it was ready without {} of its keys, such as {:?}",
@@ -194,11 +203,7 @@ async fn a_worker_leaving_after_it_was_called_down_is_pulled_from_before_owners_
             || node.readiness().is_ok_and(|epoch| epoch >= leaving.epoch),
         )
         .await;
-        let missing: Vec<&String> = keys
-            .iter()
-            .filter(|key| view.owners(key).iter().any(|m| m.id == owner))
-            .filter(|key| node.store.get(key).is_none())
-            .collect();
+        let missing = lacking(&keys, &view, owner, &node);
         assert!(
             missing.is_empty(),
             "{owner} said it was ready without {} of the leaver's keys, such as {:?}",

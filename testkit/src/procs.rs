@@ -412,6 +412,21 @@ impl Cluster {
         }
     }
 
+    /// Reads every `step`th of the `n` keys `Cluster::load` wrote from each
+    /// of its owners among `live`; fails naming the first one missing.
+    pub async fn sample_on_owners(&self, live: &[String], n: usize, step: usize, scenario: &str) {
+        let ring = Ring::new(live.iter().cloned());
+        for i in (0..n).step_by(step) {
+            let key = format!("key:{i}");
+            for owner in ring.owners(key.as_bytes(), 3) {
+                assert!(
+                    self.local(owner, &key).await.is_some(),
+                    "{scenario}: {key} missing on its owner {owner}"
+                );
+            }
+        }
+    }
+
     /// A worker's own copy of `key`: (version, value).
     pub async fn local(&self, worker: &str, key: &str) -> Option<(Version, String)> {
         let node = self.nodes.get(worker)?;
@@ -708,17 +723,9 @@ pub async fn loaded_keys_intact(
         missing.len(),
         &missing[..missing.len().min(5)]
     );
-    let ring = Ring::new(live.iter().cloned());
-    for i in (0..n).step_by(25) {
-        let key = format!("key:{i}");
-        for owner in ring.owners(key.as_bytes(), 3) {
-            assert!(
-                cluster.local(owner, &key).await.is_some(),
-                "{scenario}: {key} missing on its owner {owner}"
-            );
-        }
-    }
+    cluster.sample_on_owners(live, n, 25, scenario).await;
     // The history's keys deleted last are tombstones on their owners.
+    let ring = Ring::new(live.iter().cloned());
     let mut tombstones = tombstones;
     for (key, _) in found.iter().filter(|(k, f)| !f && !k.starts_with("key:")) {
         let primary = ring.owners(key.as_bytes(), 1)[0];
