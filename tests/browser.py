@@ -57,7 +57,7 @@ class Node:
         self.log_path = os.path.join(logs, f"{name}.log")
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen([kvctl, "node", *args], stdin=subprocess.PIPE, stdout=log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "TOKIO_WORKER_THREADS": "1"})
+                                     stderr=subprocess.STDOUT, env={**os.environ, "KV_THREADS": "1"})
         deadline = time.monotonic() + PATIENCE
         while True:
             text = ANSI.sub("", open(self.log_path).read())

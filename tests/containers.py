@@ -159,6 +159,23 @@ def cluster_comes_up():
     print(f"     compose up -> 4 workers UP in {state['up']:.2f} s")
 
 
+def metric(worker_id, name):
+    """The value of the metric `name` on a worker."""
+    metrics = urllib.request.urlopen(f"{worker_url(worker_id)}/metrics", timeout=5).read().decode()
+    return sum(float(l.split()[1]) for l in metrics.splitlines() if l.startswith(f"{name} "))
+
+
+def workers_run_on_their_cpu_quota():
+    """compose gives each worker one CPU (`cpus: 1`, a CFS quota, as the
+    manifests' limits.cpu): the worker, given no --threads, sizes its
+    runtime to it rather than to the host's cores."""
+    host_cpus = os.cpu_count()
+    for i in range(1, 5):
+        threads = metric(f"worker{i}", "kv_worker_runtime_threads")
+        assert threads == 1, f"worker{i} runs {threads:.0f} threads on a quota of 1 CPU ({host_cpus} on the host)"
+    print(f"     every worker: 1 runtime thread on its 1-CPU quota ({host_cpus} CPUs on the host)")
+
+
 def demo_story():
     owners = mapping("user123")
     assert len(owners) == 3, owners
@@ -312,10 +329,7 @@ def every_worker_killed_then_up_keeps_its_data():
     compose("up", "-d", *numbered)
     eventually("4 workers UP and ready", lambda: len(live_workers()) == 4 and all(ready(w) for w in numbered))
     eventually("every acknowledged write on every owner", lambda: every_owner_holds(acked))
-    pulled = 0
-    for w in numbered:
-        metrics = urllib.request.urlopen(f"{worker_url(w)}/metrics", timeout=5).read().decode()
-        pulled += sum(float(l.split()[1]) for l in metrics.splitlines() if l.startswith("kv_worker_rebalance_keys_total "))
+    pulled = sum(metric(w, "kv_worker_rebalance_keys_total") for w in numbered)
     print(f"     kill of every worker, then up: {len(acked)} writes on all their owners {time.monotonic() - start:.2f} s after up; {pulled:.0f} copies moved")
 
 
@@ -351,6 +365,7 @@ def main():
         check("images build from host binaries (no base image)", images_build)
         if results[-1][1] is None:
             check("the compose cluster comes up with 4 workers UP", cluster_comes_up)
+            check("each worker sizes its runtime to its CPU quota", workers_run_on_their_cpu_quota)
             check("the demo story: mapping, PUT to the primary, values on the owners", demo_story)
             check("docker stop of the primary: DOWN, smaller mapping, value on every new owner", failure_and_rebalance)
             check("docker pause of a worker, writes meanwhile, unpause: every acknowledged write on every owner", paused_worker_converges)

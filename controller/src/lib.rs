@@ -73,6 +73,12 @@ pub struct Config {
     /// topology pushes to workers prove the secret, and strangers are refused.
     #[arg(long = "cluster-secret-file", env = "KV_CLUSTER_SECRET_FILE", value_name = "FILE", value_parser = ClusterSecret::from_flag)]
     pub cluster_secret: Option<ClusterSecret>,
+    /// Threads that run this node's tasks. Default: one per CPU this
+    /// process may use, as its CPU quota (a pod's `limits.cpu`, compose's
+    /// `cpus`) and affinity allow. Nodes sharing a machine without quotas
+    /// run better on their share of its cores (`kvctl local` gives it).
+    #[arg(long, env = "KV_THREADS")]
+    pub threads: Option<std::num::NonZeroUsize>,
 }
 
 impl Config {

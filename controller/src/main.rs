@@ -6,12 +6,14 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     kv_alloc::configure();
-    tokio::runtime::Runtime::new()?.block_on(serve())
+    let config = Config::parse();
+    let (runtime, sizing) = kv_service::runtime::for_flag(config.threads)?;
+    runtime.block_on(serve(config, sizing))
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(config: Config, sizing: kv_service::runtime::Sizing) -> anyhow::Result<()> {
     kv_service::init_logging();
-    let config = Config::parse();
+    kv_service::runtime::log(sizing);
     let listeners = Listeners::bind(config.listen)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(kv_service::signals::cancel_on_signal(shutdown.clone()));

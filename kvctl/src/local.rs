@@ -8,7 +8,6 @@
 
 use crate::out::outln;
 use anyhow::{bail, Context, Result};
-use clap::Parser;
 use kv_client::HttpClient;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -78,6 +77,12 @@ pub async fn run(args: Args, cluster: &str, secret_file: Option<&Path>) -> Resul
         let file = std::path::absolute(file)
             .with_context(|| format!("cannot resolve {}", file.display()))?;
         common.extend(["--cluster-secret-file".into(), file.display().to_string()]);
+    }
+    // The nodes share this machine: each gets its share of the cores rather
+    // than a runtime per core each (threads contending for CPUs, context
+    // switches on every message), unless KV_THREADS says otherwise.
+    if std::env::var_os("KV_THREADS").is_none() {
+        common.extend(["--threads".into(), threads_per_node().to_string()]);
     }
     let common: Vec<&str> = common.iter().map(String::as_str).collect();
 
@@ -186,12 +191,6 @@ fn spawn(
         std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let err = file.try_clone().context("cannot share the log file")?;
     let mut command = Command::new(exe);
-    // The nodes share this machine: give each its share of the cores rather
-    // than a full runtime per core each, which on a laptop means threads
-    // contending for CPUs and context switches on every message.
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        command.env("TOKIO_WORKER_THREADS", threads_per_node().to_string());
-    }
     let child = command
         .arg("node")
         .args(flags)
@@ -302,11 +301,50 @@ async fn shutdown(nodes: &mut [Node]) {
     }
 }
 
-/// Runs one node of a local cluster with `args` as its flags, until its
-/// stdin closes (kvctl ended: stop at once) or a signal arrives (a worker
-/// leaves on the first, handing its keys over, and stops on the second).
-pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
+/// Which node `kvctl node` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Controller,
+    Worker,
+}
+
+/// A node of a local cluster (`kvctl node controller|worker FLAGS`), its
+/// flags parsed as `kv-controller` and `kv-worker` parse theirs.
+#[derive(Debug)]
+pub enum NodeConfig {
+    Controller(kv_controller::Config),
+    Worker(kv_worker::Config),
+}
+
+impl NodeConfig {
+    /// Parses `args` as the flags of a `role` node.
+    pub fn parse(role: Role, args: &[String]) -> Result<NodeConfig> {
+        use clap::Parser;
+        Ok(match role {
+            Role::Controller => NodeConfig::Controller(kv_controller::Config::try_parse_from(
+                std::iter::once("kv-controller").chain(args.iter().map(String::as_str)),
+            )?),
+            Role::Worker => NodeConfig::Worker(kv_worker::Config::try_parse_from(
+                std::iter::once("kv-worker").chain(args.iter().map(String::as_str)),
+            )?),
+        })
+    }
+
+    /// Its `--threads`, which sizes the runtime it runs on.
+    pub fn threads(&self) -> Option<std::num::NonZeroUsize> {
+        match self {
+            NodeConfig::Controller(config) => config.threads,
+            NodeConfig::Worker(config) => config.threads,
+        }
+    }
+}
+
+/// Runs one node of a local cluster until its stdin closes (kvctl ended:
+/// stop at once) or a signal arrives (a worker leaves on the first, handing
+/// its keys over, and stops on the second).
+pub async fn node(config: NodeConfig, sizing: kv_service::runtime::Sizing) -> Result<()> {
     kv_service::init_logging();
+    kv_service::runtime::log(sizing);
     let stop = kv_worker::Stop::new();
     // A thread of its own, not tokio's stdin: tokio reads stdin on its
     // blocking pool, and a read that never returns would keep the runtime,
@@ -320,21 +358,18 @@ pub async fn node(controller: bool, args: Vec<String>) -> Result<()> {
             stop.now();
         }
     });
-    if controller {
-        let now = stop.stopping().clone();
-        tokio::spawn(kv_service::signals::cancel_on_signal(now.clone()));
-        let config = kv_controller::Config::try_parse_from(
-            std::iter::once("kv-controller".to_string()).chain(args),
-        )?;
-        let listeners = kv_controller::Listeners::bind(config.listen)?;
-        kv_controller::run(config, listeners, now).await?;
-    } else {
-        let config = kv_worker::Config::try_parse_from(
-            std::iter::once("kv-worker".to_string()).chain(args),
-        )?;
-        let listeners = kv_worker::Listeners::bind(config.listen, config.wire_listen)?;
-        tokio::spawn(kv_worker::lifecycle::stop_on_signals(stop.clone()));
-        kv_worker::run(config, listeners, stop).await?;
+    match config {
+        NodeConfig::Controller(config) => {
+            let now = stop.stopping().clone();
+            tokio::spawn(kv_service::signals::cancel_on_signal(now.clone()));
+            let listeners = kv_controller::Listeners::bind(config.listen)?;
+            kv_controller::run(config, listeners, now).await?;
+        }
+        NodeConfig::Worker(config) => {
+            let listeners = kv_worker::Listeners::bind(config.listen, config.wire_listen)?;
+            tokio::spawn(kv_worker::lifecycle::stop_on_signals(stop.clone()));
+            kv_worker::run(config, listeners, stop).await?;
+        }
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ mod status;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use kv_client::{Client, Credentials};
 use kv_wire::ClusterSecret;
 use out::outln;
@@ -135,30 +135,28 @@ enum Command {
     #[command(hide = true)]
     Node {
         /// Which node.
-        role: Role,
-        /// Its flags.
+        role: local::Role,
+        /// Its flags (those of `kv-controller` or `kv-worker`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Role {
-    Controller,
-    Worker,
-}
-
 fn main() -> Result<()> {
     kv_alloc::configure();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(run(cli))
+    // A node's runtime is sized by its own `--threads`, so its flags are
+    // read before the runtime is built (and again to run it).
+    let threads = match &cli.command {
+        Command::Node { role, args } => local::NodeConfig::parse(*role, args)?.threads(),
+        _ => None,
+    };
+    let (runtime, sizing) =
+        kv_service::runtime::for_flag(threads).context("cannot start the async runtime")?;
+    runtime.block_on(run(cli, sizing))
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, sizing: kv_service::runtime::Sizing) -> Result<()> {
     let target = Target {
         controller: cli.controller,
         cluster: cli.cluster,
@@ -170,7 +168,9 @@ async fn run(cli: Cli) -> Result<()> {
             target.secret()?;
             local::run(args, &target.cluster, target.secret_file.as_deref()).await
         }
-        Command::Node { role, args } => local::node(role == Role::Controller, args).await,
+        Command::Node { role, args } => {
+            local::node(local::NodeConfig::parse(role, &args)?, sizing).await
+        }
         Command::Load(args) => load::run(&connect(&target).await?, args).await,
         Command::Bench(args) => {
             bench::run(&target.controller, target.credentials("kvctl-bench")?, args).await

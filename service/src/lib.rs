@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod runtime;
 pub mod signals;
 
 pub use api::ApiError;

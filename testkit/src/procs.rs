@@ -57,6 +57,18 @@ impl Node {
         host: &str,
         log: &std::path::Path,
     ) -> Node {
+        // One thread each: many nodes share the machine's cores.
+        Node::spawn_sized(prefix, args, host, log, Some(1)).await
+    }
+
+    /// [`Node::spawn`] with `KV_THREADS` set to `threads`, or unset.
+    pub async fn spawn_sized(
+        prefix: Vec<String>,
+        args: Vec<String>,
+        host: &str,
+        log: &std::path::Path,
+        threads: Option<usize>,
+    ) -> Node {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -71,9 +83,13 @@ impl Node {
             .chain(args.iter().cloned())
             .collect();
         let program = argv.remove(0);
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        match threads {
+            Some(n) => command.env("KV_THREADS", n.to_string()),
+            None => command.env_remove("KV_THREADS"),
+        };
+        let mut child = command
             .args(&argv)
-            .env("TOKIO_WORKER_THREADS", "1")
             .stdin(Stdio::piped()) // the node exits when the test does
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -463,19 +479,7 @@ impl Cluster {
     }
 
     pub async fn metric(&self, worker: &str, name: &str) -> f64 {
-        let node = &self.nodes[worker];
-        let url = format!("{}/metrics", node.url());
-        let Ok((_, body)) = self
-            .http
-            .request("GET".parse().unwrap(), &url, Bytes::new())
-            .await
-        else {
-            return 0.0;
-        };
-        String::from_utf8_lossy(&body)
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or(0.0)
+        metric_of(&self.http, &self.nodes[worker].url(), name).await
     }
 }
 
@@ -860,6 +864,25 @@ pub async fn others_down(cluster: &Cluster, except: &str) -> Vec<String> {
         .filter(|(id, s)| id != except && s == "DOWN")
         .map(|(id, _)| id)
         .collect()
+}
+
+/// The value of the metric `name` of the node at `url` (0 when it cannot
+/// be read).
+pub async fn metric_of(http: &HttpClient, url: &str, name: &str) -> f64 {
+    let Ok((_, body)) = http
+        .request(
+            "GET".parse().unwrap(),
+            &format!("{url}/metrics"),
+            Bytes::new(),
+        )
+        .await
+    else {
+        return 0.0;
+    };
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A worker metric summed over `among`.

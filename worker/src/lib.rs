@@ -117,6 +117,12 @@ pub struct Config {
     /// With --sync interval, how often the data dir is fsynced.
     #[arg(long, env = "KV_SYNC_EVERY", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub sync_every: Duration,
+    /// Threads that run this node's tasks. Default: one per CPU this
+    /// process may use, as its CPU quota (a pod's `limits.cpu`, compose's
+    /// `cpus`) and affinity allow. Nodes sharing a machine without quotas
+    /// run better on their share of its cores (`kvctl local` gives it).
+    #[arg(long, env = "KV_THREADS")]
+    pub threads: Option<std::num::NonZeroUsize>,
     /// Test-only hooks (`POST /test/forget`: drop local copies behind the
     /// cluster's back, as a lost disk block would). Never in production.
     #[arg(long, env = "KV_TEST_HOOKS", hide = true)]
@@ -252,6 +258,10 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         node.clock.observe(newest);
     }
     let topologies = node.topologies.clone();
+    let threads = tokio::runtime::Handle::current().metrics().num_workers();
+    node.metrics
+        .runtime_threads
+        .set(i64::try_from(threads).unwrap_or(i64::MAX));
 
     listeners
         .wire

@@ -7,12 +7,14 @@ use kv_worker::{run, Config, Listeners, Stop};
 
 fn main() -> anyhow::Result<()> {
     kv_alloc::configure();
-    tokio::runtime::Runtime::new()?.block_on(serve())
+    let config = Config::parse();
+    let (runtime, sizing) = kv_service::runtime::for_flag(config.threads)?;
+    runtime.block_on(serve(config, sizing))
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(config: Config, sizing: kv_service::runtime::Sizing) -> anyhow::Result<()> {
     kv_service::init_logging();
-    let config = Config::parse();
+    kv_service::runtime::log(sizing);
     let listeners = Listeners::bind(config.listen, config.wire_listen)?;
     let stop = Stop::new();
     tokio::spawn(stop_on_signals(stop.clone()));

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub bytes: Gauge,
     /// The topology epoch held.
     pub epoch: Gauge,
+    /// Threads of the runtime this worker runs on (`--threads`).
+    pub runtime_threads: Gauge,
     /// Wire hellos and heartbeat acks refused for the cluster secret.
     pub auth_refusals: Family<Refused, Counter>,
     /// Client operations served: puts (bulk items included), deletes and
@@ -104,6 +106,7 @@ impl Metrics {
             keys: Gauge::default(),
             bytes: Gauge::default(),
             epoch: Gauge::default(),
+            runtime_threads: Gauge::default(),
             auth_refusals: Family::default(),
             ops: Counter::default(),
             registry: Registry::default(),
@@ -197,6 +200,11 @@ impl Metrics {
         registry.register("keys", "Keys held, tombstones included", m.keys.clone());
         registry.register("bytes", "Bytes of keys and values held", m.bytes.clone());
         registry.register("epoch", "Topology epoch held", m.epoch.clone());
+        registry.register(
+            "runtime_threads",
+            "Threads of the runtime this worker runs on (--threads; default: the CPUs it may use)",
+            m.runtime_threads.clone(),
+        );
         registry.register(
             "auth_refusals",
             "Wire hellos and heartbeat acks refused for the cluster secret, by what and why",
