@@ -1,6 +1,6 @@
 //! The plumbing kv's services share, so each is written once: logging
-//! set-up, termination signals, JSON API errors, the metrics text and the
-//! backoff between retries.
+//! set-up, the runtime and its size, termination signals, JSON API errors,
+//! the metrics text and the backoff between retries.
 
 pub mod api;
 pub mod backoff;
