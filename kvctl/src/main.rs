@@ -75,6 +75,9 @@ impl Target {
 enum Command {
     /// Run a controller and 4 workers on this machine, each its own process,
     /// on the demo ports; Ctrl-C stops them all.
+    ///
+    /// Each node runs on its share of the cores (`--threads`: cores / 5, at
+    /// least 1) unless KV_THREADS says otherwise.
     Local(local::Args),
     /// List the workers the controller knows.
     Nodes {
