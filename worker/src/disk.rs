@@ -30,7 +30,7 @@
 //! to recover.
 
 use crate::store::{
-    bucket_of, buckets_of, Applied, Persisted, Store, StoreError, Stored, BUCKET_BITS,
+    bucket_of, Applied, BucketDigests, Persisted, Store, StoreError, Stored, BUCKET_BITS,
 };
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
@@ -116,10 +116,9 @@ fn key_check(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x6b76_6368_6563_6b31)
 }
 
-/// One bucket's copies as the store knows them in memory, and their digest.
+/// One bucket's copies as the store knows them in memory.
 #[derive(Debug, Default)]
 struct Summary {
-    digest: Digest,
     held: Vec<Held>,
 }
 
@@ -132,19 +131,20 @@ impl Summary {
             .copied()
     }
 
-    /// Records `now` in place of `before` (what `find` gave for its key).
-    fn replace(&mut self, before: Option<Held>, now: Held) {
+    /// Records `now` in place of `before` (what `find` gave for its key),
+    /// in the bucket's digest too.
+    fn replace(&mut self, digests: &BucketDigests, before: Option<Held>, now: Held) {
         if let Some(b) = before {
-            self.remove(b);
+            self.remove(digests, b);
         }
-        self.digest.add(now.hash, now.version);
+        digests.add(now.hash, now.version);
         self.held.push(now);
     }
 
-    fn remove(&mut self, gone: Held) {
+    fn remove(&mut self, digests: &BucketDigests, gone: Held) {
         if let Some(i) = self.held.iter().position(|h| *h == gone) {
             self.held.swap_remove(i);
-            self.digest.remove(gone.hash, gone.version);
+            digests.remove(gone.hash, gone.version);
         }
     }
 
@@ -215,6 +215,7 @@ pub struct DiskStore {
     db: Database,
     copies: Keyspace,
     buckets: Vec<Mutex<Summary>>,
+    digests: BucketDigests,
     keys: AtomicI64,
     bytes: AtomicI64,
     tombstones: AtomicI64,
@@ -380,6 +381,7 @@ impl DiskStore {
             buckets: (0..1usize << BUCKET_BITS)
                 .map(|_| Mutex::default())
                 .collect(),
+            digests: BucketDigests::new(),
             keys: AtomicI64::new(0),
             bytes: AtomicI64::new(0),
             tombstones: AtomicI64::new(0),
@@ -408,7 +410,8 @@ impl DiskStore {
             let (hash, version, tombstone) = decode_header(&k, &v)?;
             let size = k.len() - 8 + v.len() - HEADER;
             let held = Held::new(hash, &k[8..], version, size, tombstone);
-            self.bucket(bucket_of(hash)).replace(None, held);
+            self.bucket(bucket_of(hash))
+                .replace(&self.digests, None, held);
             keys += 1;
             bytes += size as i64;
             tombstones += i64::from(tombstone);
@@ -522,7 +525,7 @@ impl DiskStore {
         self.syncer.written();
         let (mut keys, mut bytes, mut tombstones) = (0, 0, 0);
         for (before, now, _) in planned.into_values() {
-            locked[slot(now.hash)].replace(before, now);
+            locked[slot(now.hash)].replace(&self.digests, before, now);
             if let Some(b) = before {
                 keys -= 1;
                 bytes -= i64::from(b.size);
@@ -760,7 +763,7 @@ impl Store for DiskStore {
             self.failed("remove a copy", e);
             return false;
         }
-        summary.remove(held);
+        summary.remove(&self.digests, held);
         drop(summary);
         self.account(-1, -i64::from(held.size), -i64::from(held.tombstone));
         true
@@ -771,17 +774,7 @@ impl Store for DiskStore {
     }
 
     fn digest(&self, range: HashRange) -> Digest {
-        let mut total = Digest::default();
-        // The same 2^16 buckets as the in-memory store.
-        for (b, whole) in buckets_of(range) {
-            let bucket = self.bucket(b);
-            total.merge(if whole {
-                bucket.digest
-            } else {
-                bucket.within(range)
-            });
-        }
-        total
+        self.digests.over(range, |b| self.bucket(b).within(range))
     }
 
     fn purge_tombstones(&self, before: Version) -> usize {
