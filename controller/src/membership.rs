@@ -22,6 +22,11 @@ use thiserror::Error;
 pub const MAX_WORKERS: usize = 65_536;
 /// Longest worker id or host name (a DNS name's limit).
 pub const MAX_NAME_LEN: usize = 253;
+/// Highest epoch or generation a worker may present (2^53, the largest
+/// integer every JSON reader holds exactly): far above what a cluster
+/// reaches, and far enough below `u64::MAX` that counting on from it never
+/// overflows.
+pub const MAX_COUNTER: u64 = 1 << 53;
 
 /// A worker's registration, as received.
 pub use kv_wire::register::RegisterRequest as Registration;
@@ -180,7 +185,7 @@ impl Membership {
     ) -> Result<Registered, RegisterError> {
         validate(&reg)?;
         if let Some(seen) = reg.epoch {
-            self.epoch = self.epoch.max(seen);
+            self.heard_epoch(seen);
             self.restarted = true;
         }
         let (number, generation) = match self.workers.get(&reg.id) {
@@ -216,6 +221,22 @@ impl Membership {
         })
     }
 
+    /// A worker holds a topology of epoch `seen`. Numbering continues above
+    /// the highest heard, from registrations and heartbeats alike, so that
+    /// a restarted controller never publishes an epoch a worker already
+    /// holds with another ring (it would keep its own: epochs only move
+    /// up). One above what this controller published is such a topology,
+    /// of the controller before it: publish again, above it.
+    fn heard_epoch(&mut self, seen: u64) {
+        if seen > MAX_COUNTER {
+            return;
+        }
+        if self.published > 0 && seen > self.published {
+            self.dirty = true;
+        }
+        self.epoch = self.epoch.max(seen);
+    }
+
     /// The heartbeat number for a worker new to this controller: the first
     /// free one from a hash of its id. Numbers must not depend on the order
     /// workers register in: after a controller restart, a worker that has
@@ -243,6 +264,7 @@ impl Membership {
         wall: SystemTime,
     ) -> HeartbeatOutcome {
         let observation = self.detector.observe(hb.member, hb.generation, hb.seq, now);
+        self.heard_epoch(hb.epoch_seen);
         match observation {
             Observation::Alive | Observation::Recovered(_) => {
                 if let Some(worker) = self
@@ -434,6 +456,13 @@ fn validate(reg: &Registration) -> Result<(), RegisterError> {
     };
     name("id", &reg.id)?;
     name("host", &reg.host)?;
+    for (field, counter) in [("epoch", reg.epoch), ("generation", reg.generation)] {
+        if counter.is_some_and(|n| n > MAX_COUNTER) {
+            return Err(RegisterError::Invalid(format!(
+                "\"{field}\" must be at most 2^53 ({MAX_COUNTER})"
+            )));
+        }
+    }
     for (field, port) in [("port", reg.port), ("wire_port", reg.wire_port)] {
         if port == 0 {
             return Err(RegisterError::Invalid(format!(
@@ -636,6 +665,84 @@ mod tests {
         m.register(old, t0 + ms(150), SystemTime::now()).unwrap();
         let topology = m.publish(t0 + GRACE).unwrap();
         assert_eq!((ids(&topology), topology.epoch), (vec!["fresh", "old"], 5));
+    }
+
+    /// A worker that alone heard the previous controller's last epochs
+    /// says so in its heartbeats before it registers again: the restarted
+    /// controller numbers above it, or that worker would keep its own ring
+    /// under the epoch number of the new one.
+    #[test]
+    fn a_restarted_controller_numbers_above_the_epochs_heartbeats_show() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new(DOWN_AFTER, GRACE, t0);
+        let old = Registration {
+            epoch: Some(4),
+            generation: Some(1),
+            ..reg("old")
+        };
+        m.register(old, t0, SystemTime::now()).unwrap();
+        let ahead = Heartbeat {
+            member: 12_345,
+            generation: 1,
+            seq: 99,
+            epoch_seen: 9,
+        };
+        m.heartbeat(&ahead, t0 + ms(100), SystemTime::now());
+        let topology = m.publish(t0 + GRACE).unwrap();
+        assert_eq!((ids(&topology), topology.epoch), (vec!["old"], 10));
+        // An epoch no worker can hold is not believed.
+        let absurd = Heartbeat {
+            epoch_seen: u64::MAX,
+            ..ahead
+        };
+        m.heartbeat(&absurd, t0 + GRACE, SystemTime::now());
+        assert_eq!(m.epoch(), 10);
+    }
+
+    #[test]
+    fn a_heartbeat_showing_an_epoch_above_the_published_one_gets_a_newer_topology() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker1", "worker2"]);
+        assert_eq!(m.publish(t0).map(|t| t.epoch), Some(1));
+        m.heartbeat(&hb(regs[0]), t0, SystemTime::now());
+        assert_eq!(m.publish(t0), None, "nothing changed");
+        let ahead = Heartbeat {
+            epoch_seen: 7,
+            seq: 2,
+            ..hb(regs[1])
+        };
+        m.heartbeat(&ahead, t0, SystemTime::now());
+        let topology = m.publish(t0).expect("published above the epoch heard");
+        assert_eq!(
+            (ids(&topology), topology.epoch),
+            (vec!["worker1", "worker2"], 8)
+        );
+    }
+
+    #[test]
+    fn epochs_and_generations_beyond_2_to_the_53_are_refused_and_counting_never_overflows() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(DOWN_AFTER, Duration::ZERO, t0);
+        for (epoch, generation) in [(Some(u64::MAX), None), (None, Some(MAX_COUNTER + 1))] {
+            let r = Registration {
+                epoch,
+                generation,
+                ..reg("w")
+            };
+            let e = m.register(r, t0, SystemTime::now()).unwrap_err();
+            assert!(e.to_string().contains("at most 2^53"), "{e}");
+        }
+        assert_eq!((m.epoch(), m.nodes(t0).len()), (0, 0), "nothing registered");
+        let highest = Registration {
+            epoch: Some(MAX_COUNTER),
+            generation: Some(MAX_COUNTER),
+            ..reg("w")
+        };
+        m.register(highest.clone(), t0, SystemTime::now()).unwrap();
+        let again = m.register(highest, t0, SystemTime::now()).unwrap();
+        assert_eq!(again.generation, MAX_COUNTER + 1);
+        assert_eq!(m.publish(t0).map(|t| t.epoch), Some(MAX_COUNTER + 1));
     }
 
     #[test]
