@@ -33,7 +33,10 @@ fn main() {
     let started = Instant::now();
     for i in 0..n {
         let copy = Stored {
-            version: Version { hlc: i + 1, node: 1 },
+            version: Version {
+                hlc: i + 1,
+                node: 1,
+            },
             // A fresh buffer per copy, as decoding a frame gives.
             value: Some(Bytes::copy_from_slice(&value)),
         };

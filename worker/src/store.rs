@@ -274,7 +274,7 @@ impl Held {
         Held {
             version: copy.version,
             key_and_value: key_and_value.into_boxed_slice(),
-            // Keys are at most a few KiB: checked where they enter.
+            // Every key came in a frame, whose length is a u32.
             key_len: key.len() as u32,
             tombstone: copy.value.is_none(),
         }
@@ -346,7 +346,7 @@ impl MemStore {
         bucket.find(slot, |h| h.key_bytes() == key.as_bytes())
     }
 
-    // A writer that panicked mid-insert leaves a HashMap that is still
+    // A writer that panicked mid-insert leaves a hash table that is still
     // valid; keep serving rather than poison every later request.
     fn read(&self, bucket: usize) -> RwLockReadGuard<'_, Bucket> {
         self.buckets[bucket]
