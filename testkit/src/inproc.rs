@@ -2,8 +2,11 @@
 //! ports, and a small HTTP client.
 
 use futures::stream::{self, StreamExt};
+use kv_client::{Connection, Credentials};
+use kv_wire::message::Consistency;
 use kv_wire::ClusterSecret;
 use kv_wire::Ring;
+use kv_wire::{Entry, Request, Response};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +46,26 @@ impl Service {
     /// Tells a worker to leave, as SIGTERM does.
     pub fn leave(&self) {
         self.lifecycle.as_ref().expect("a worker").leave();
+    }
+
+    /// A wire connection to this worker (no cluster secret).
+    pub async fn wire(&self) -> Connection {
+        let credentials = Credentials::new("kv", "test");
+        Connection::connect(&self.wire.to_string(), &credentials, PATIENCE)
+            .await
+            .unwrap()
+    }
+
+    /// The copy this worker holds of `key`, tombstones included.
+    pub async fn copy(&self, key: &str) -> Option<Entry> {
+        let request = Request::Get {
+            key: key.into(),
+            consistency: Consistency::Local,
+        };
+        match self.wire().await.call(request).await.unwrap() {
+            Response::Value(entry) => entry,
+            other => panic!("{other:?}"),
+        }
     }
 
     /// The value this worker holds locally for `key`, if any.

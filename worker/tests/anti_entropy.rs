@@ -3,10 +3,8 @@
 //! one owner missed — and move nothing when nothing differs.
 #![allow(clippy::unwrap_used)]
 
-use kv_client::{Connection, Credentials};
 use kv_testkit::inproc::*;
-use kv_wire::message::Consistency;
-use kv_wire::{Entry, Request, Response};
+use kv_wire::{Request, Response};
 use std::time::Duration;
 
 /// Rounds every 300 ms, and the test hook that drops copies.
@@ -49,25 +47,6 @@ async fn rounds(cluster: &Cluster, rounds: u64) {
             (now >= start + rounds).then_some(())
         })
         .await;
-    }
-}
-
-async fn wire(worker: &Service) -> Connection {
-    let credentials = Credentials::new("kv", "test");
-    Connection::connect(&worker.wire.to_string(), &credentials, PATIENCE)
-        .await
-        .unwrap()
-}
-
-/// The copy `worker` holds, tombstones included.
-async fn copy(worker: &Service, key: &str) -> Option<Entry> {
-    let request = Request::Get {
-        key: key.into(),
-        consistency: Consistency::Local,
-    };
-    match wire(worker).await.call(request).await.unwrap() {
-        Response::Value(entry) => entry,
-        other => panic!("{other:?}"),
     }
 }
 
@@ -121,7 +100,7 @@ async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
     for id in &owners {
         written = Some(
             eventually("the value on every owner", || async {
-                copy(cluster.worker(id), "doomed").await
+                cluster.worker(id).copy("doomed").await
             })
             .await,
         );
@@ -131,7 +110,7 @@ async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
     assert_eq!(status, 200);
     for id in &owners {
         eventually("the tombstone on every owner", || async {
-            let c = copy(cluster.worker(id), "doomed").await?;
+            let c = cluster.worker(id).copy("doomed").await?;
             c.value.is_none().then_some(())
         })
         .await;
@@ -142,7 +121,8 @@ async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
     let stale = cluster.worker(&owners[2]);
     let (status, _) = http("POST", &stale.url("/test/forget"), r#"["doomed"]"#).await;
     assert_eq!(status, 200);
-    let replicated = wire(stale)
+    let replicated = stale
+        .wire()
         .await
         .call(Request::Replicate {
             entries: vec![written.clone()],
@@ -157,14 +137,14 @@ async fn a_delete_one_owner_missed_wins_and_the_value_never_returns() {
 
     // Anti-entropy brings the tombstone back; the value never wins.
     let tombstone = eventually("the tombstone to be repaired", || async {
-        let c = copy(stale, "doomed").await?;
+        let c = stale.copy("doomed").await?;
         c.value.is_none().then_some(c)
     })
     .await;
     assert!(tombstone.version > written.version);
     rounds(&cluster, 2).await;
     for id in &owners {
-        let c = copy(cluster.worker(id), "doomed").await.unwrap();
+        let c = cluster.worker(id).copy("doomed").await.unwrap();
         assert_eq!(c, tombstone, "{id}");
         let (status, _) = cluster
             .worker(id)

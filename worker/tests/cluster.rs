@@ -4,7 +4,7 @@
 
 use futures::stream::{self, StreamExt};
 use kv_testkit::inproc::*;
-use kv_wire::Ring;
+use kv_wire::{Entry, Request, Response, Ring};
 use std::collections::HashMap;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,6 +36,65 @@ async fn a_put_to_a_non_owner_reaches_the_primary() {
     let (status, _) = http("DELETE", &outsider.url("/kv?key=routed"), "").await;
     assert_eq!(status, 200);
     assert_eq!(cluster.worker(&owners[0]).local("routed").await, None);
+    cluster.shutdown().await;
+}
+
+/// The primary holds a copy newer than its clock gives (another
+/// primary's, whose clock ran ahead): a write there is stored above that
+/// copy, on every owner, one write or a batch. Two things see to it: the
+/// clock observes every copy replicated to the worker, and a write its
+/// store finds older than the copy held is stored again above it (which a
+/// race between two writes to one key needs too). Without both, this fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_at_a_primary_holding_a_newer_copy_goes_above_it() {
+    let cluster = Cluster::start(3).await;
+    for (key, batched) in [("ahead", false), ("ahead-batched", true)] {
+        let owners = cluster.mapping(key).await;
+        let primary = cluster.worker(&owners[0]);
+        // An hour ahead of every clock here.
+        let future = kv_wire::Version {
+            hlc: (kv_testkit::fake::now_ms() + 3_600_000) << 16,
+            node: 7,
+        };
+        let planted = Entry {
+            key: key.into(),
+            version: future,
+            value: Some("from-the-future".into()),
+        };
+        let request = Request::Replicate {
+            entries: vec![planted],
+        };
+        let reply = primary.wire().await.call(request).await.unwrap();
+        assert!(
+            matches!(reply, Response::Replicated { applied: 1, .. }),
+            "{reply:?}"
+        );
+        let request = if batched {
+            Request::PutMany {
+                items: vec![(key.into(), "now".into())],
+            }
+        } else {
+            Request::Put {
+                key: key.into(),
+                value: "now".into(),
+            }
+        };
+        let reply = primary.wire().await.call(request).await.unwrap();
+        let version = match reply {
+            Response::Written { version, .. } => version,
+            Response::PutMany(results) => results[0].clone().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert!(version > future, "{key}: {version:?} not above {future:?}");
+        for id in &owners {
+            let copy = eventually("the write on every owner", || async {
+                let c = cluster.worker(id).copy(key).await?;
+                (c.version == version).then_some(c)
+            })
+            .await;
+            assert_eq!(copy.value.as_deref(), Some(&b"now"[..]), "{id}");
+        }
+    }
     cluster.shutdown().await;
 }
 
