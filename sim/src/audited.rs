@@ -114,7 +114,7 @@ impl Store for Audited {
         removed
     }
 
-    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored)) {
+    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, Version)) {
         self.inner.scan(range, visit)
     }
 

@@ -545,9 +545,9 @@ impl Cluster {
         // What the real worker's open reports: the copies and the newest
         // version among them, which its clock moves past.
         let (mut copies, mut newest) = (0usize, None);
-        disk.scan(HashRange::ALL, &mut |_, copy| {
+        disk.scan(HashRange::ALL, &mut |_, version| {
             copies += 1;
-            newest = newest.max(Some(copy.version));
+            newest = newest.max(Some(version));
         });
         let alive = CancellationToken::new();
         let leaving = CancellationToken::new();

@@ -769,8 +769,8 @@ impl Store for DiskStore {
         true
     }
 
-    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, &Stored)) {
-        self.each(range, &mut |_, key, copy| visit(key, copy));
+    fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, Version)) {
+        self.each(range, &mut |_, key, copy| visit(key, copy.version));
     }
 
     fn digest(&self, range: HashRange) -> Digest {

@@ -36,10 +36,10 @@ fn keys_after(
 ) -> Vec<(u64, String, Version)> {
     let cursor = after.map(|k| (Ring::key_hash(k.as_bytes()), k));
     let mut keys = Vec::new();
-    store.scan(range, &mut |key, copy| {
+    store.scan(range, &mut |key, version| {
         let hash = Ring::key_hash(key.as_bytes());
         if cursor.is_none_or(|c| (hash, key) > c) {
-            keys.push((hash, key.to_string(), copy.version));
+            keys.push((hash, key.to_string(), version));
         }
     });
     keys.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));

@@ -496,8 +496,8 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
             continue;
         }
         let owners: Vec<String> = owners.iter().map(|o| o.to_string()).collect();
-        node.store.scan(range, &mut |key, copy| {
-            handoff.add(key.to_string(), copy.version, owners.clone());
+        node.store.scan(range, &mut |key, version| {
+            handoff.add(key.to_string(), version, owners.clone());
         });
     }
     report.foreign = handoff.len();
