@@ -75,17 +75,33 @@ pub struct Report {
     pub log: Vec<String>,
 }
 
+impl Report {
+    /// A seed that failed before it could run its scenario to the end.
+    fn failed(seed: u64, problem: String) -> Report {
+        Report {
+            seed,
+            trace: 0,
+            problems: vec![problem],
+            ops: 0,
+            faults: 0,
+            simulated: Duration::ZERO,
+            log: Vec::new(),
+        }
+    }
+}
+
+/// What a panic said, if it said it with a string.
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Runs seed `seed`.
 pub fn run(seed: u64, options: &Options) -> Report {
-    let failed = |problem: String| Report {
-        seed,
-        trace: 0,
-        problems: vec![problem],
-        ops: 0,
-        faults: 0,
-        simulated: Duration::ZERO,
-        log: Vec::new(),
-    };
+    let failed = |problem: String| Report::failed(seed, problem);
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_time().start_paused(true);
     if !seed_scheduler(&mut builder, seed) {
@@ -302,7 +318,8 @@ async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize 
                 });
                 true
             }),
-            Fault::Partition => {
+            // With every worker process down there is nothing to cut apart.
+            Fault::Partition if !c.net.procs().is_empty() => {
                 let mut hosts: Vec<String> = c.net.procs().into_iter().map(|(id, _)| id).collect();
                 hosts.push(CONTROLLER.to_string());
                 let (a, b, both) = {
@@ -318,6 +335,7 @@ async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize 
                 cut(c, &a, &b, both, lasts);
                 true
             }
+            Fault::Partition => false,
             Fault::Isolate => pick(c, |_| true).is_some_and(|id| {
                 c.event(format!("{id} cut off for {lasts:?}"));
                 let mut others: Vec<String> = c
@@ -502,14 +520,28 @@ pub fn run_many(
     threads: usize,
     each: impl Fn(&Report) + Sync,
 ) -> (usize, usize) {
+    seed_by_seed(seeds, threads, |seed| run(seed, options), each)
+}
+
+/// [`run_many`]'s loop, with `run` for running one seed.
+fn seed_by_seed(
+    seeds: &[u64],
+    threads: usize,
+    run: impl Fn(u64) -> Report + Sync,
+    each: impl Fn(&Report) + Sync,
+) -> (usize, usize) {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let tally = std::sync::Mutex::new((0, 0));
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(seed) = seeds.get(i) else { return };
-                let report = run(*seed, options);
+                let Some(&seed) = seeds.get(i) else { return };
+                // A panic is this seed's failure, not the end of every seed.
+                let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)))
+                    .unwrap_or_else(|panic| {
+                        Report::failed(seed, format!("panicked: {}", panic_message(&panic)))
+                    });
                 each(&report);
                 let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
                 if report.problems.is_empty() {
@@ -521,4 +553,36 @@ pub fn run_many(
         }
     });
     tally.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_seed_is_reported_as_that_seeds_failure_and_the_others_run() {
+        let reports = std::sync::Mutex::new(Vec::new());
+        let tally = seed_by_seed(
+            &[1, 2, 3],
+            2,
+            |seed| {
+                assert_ne!(seed, 2, "seed 2 breaks");
+                Report {
+                    problems: Vec::new(),
+                    ..Report::failed(seed, String::new())
+                }
+            },
+            |report| reports.lock().unwrap().push(report.clone()),
+        );
+        let mut reports = reports.into_inner().unwrap();
+        reports.sort_by_key(|r| r.seed);
+        assert_eq!(tally, (2, 1));
+        assert_eq!(reports.len(), 3);
+        assert!(
+            reports[1].problems[0]
+                .starts_with("panicked: assertion `left != right` failed: seed 2 breaks"),
+            "{:?}",
+            reports[1].problems
+        );
+    }
 }
