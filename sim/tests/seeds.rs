@@ -80,3 +80,18 @@ fn a_seed_with_every_worker_down_at_a_partition_passes() {
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert!(report.ops > 0, "{report:?}");
 }
+
+/// Seed 40572 publishes a topology with no workers while a worker's sync
+/// waits to retry: the worker's rebalancing loop found its retry due at
+/// once on every turn and spun without ever letting simulated time move,
+/// so the run never ended (a worker at 100% CPU, in a real cluster). It
+/// ends now, and passes; a return of the bug fails here rather than hang.
+#[test]
+fn a_seed_with_an_empty_topology_during_a_retry_ends_and_passes() {
+    let (done, report) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(run(40_572, &Options::default())));
+    let report = report
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("seed 40572 ends (it takes under a second; it used to spin for ever)");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}

@@ -148,6 +148,10 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
             next_round = Instant::now() + interval;
         }
         if view.topology.members.is_empty() {
+            // Nothing to sync towards until a topology with workers comes
+            // (a change wakes this loop); a retry left pending would be due
+            // at once, every turn, and spin (found by the simulator).
+            retry_at = None;
             continue;
         }
         // The next epoch of the same workers (a controller restart) moves
