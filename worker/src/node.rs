@@ -451,6 +451,12 @@ impl Node {
         acks
     }
 
+    /// A version of this worker's clock above `held`.
+    fn version_above(&self, held: Version) -> Version {
+        self.clock.observe(held);
+        self.clock.tick(self.now_ms())
+    }
+
     /// Stores a write here at `version`, a fresh tick of the clock; if the
     /// copy held is newer, at a version above it instead. Returns the
     /// version stored. The clock observes every copy this worker receives,
@@ -470,10 +476,7 @@ impl Node {
                 value: value.clone(),
             };
             match self.store.apply(key, copy)? {
-                Applied::Older { held } => {
-                    self.clock.observe(held);
-                    version = self.clock.tick(self.now_ms());
-                }
+                Applied::Older { held } => version = self.version_above(held),
                 Applied::Stored | Applied::Held => return Ok(version),
             }
         }
@@ -511,8 +514,7 @@ impl Node {
             // A newer copy held here: stored again, above it.
             let version = match outcome {
                 Ok(Applied::Older { held }) => {
-                    self.clock.observe(held);
-                    self.store_new(&key, &copy.value, self.clock.tick(self.now_ms()))
+                    self.store_new(&key, &copy.value, self.version_above(held))
                 }
                 other => other.map(|_| copy.version),
             };

@@ -306,6 +306,11 @@ impl Held {
     }
 }
 
+/// Whether a copy held is `key`'s.
+fn is(key: &str) -> impl Fn(&Held) -> bool + '_ {
+    move |held| held.key_bytes() == key.as_bytes()
+}
+
 /// One bucket's copies, placed by foldhash of the key (randomly seeded per
 /// store: several times faster than SipHash on short keys, still
 /// unpredictable to clients choosing keys).
@@ -345,7 +350,7 @@ impl MemStore {
     }
 
     fn find<'b>(&self, bucket: &'b Bucket, key: &str, slot: u64) -> Option<&'b Held> {
-        bucket.find(slot, |h| h.key_bytes() == key.as_bytes())
+        bucket.find(slot, is(key))
     }
 
     // A writer that panicked mid-insert leaves a hash table that is still
@@ -390,30 +395,28 @@ impl Store for MemStore {
     fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
         let (hash, slot) = self.place(key);
         let mut bucket = self.write(bucket_of(hash));
-        Ok(
-            match bucket.find_mut(slot, |h| h.key_bytes() == key.as_bytes()) {
-                Some(held) if held.version > copy.version => Applied::Older { held: held.version },
-                Some(held) if held.version == copy.version => Applied::Held,
-                Some(held) => {
-                    let delta = copy.size(key) as i64 - held.size() as i64;
-                    self.digests.remove(hash, held.version);
-                    self.digests.add(hash, copy.version);
-                    *held = Held::new(key, &copy);
-                    drop(bucket);
-                    self.account(0, delta);
-                    Applied::Stored
-                }
-                None => {
-                    self.digests.add(hash, copy.version);
-                    bucket.insert_unique(slot, Held::new(key, &copy), |h| {
-                        self.hasher.hash_one(h.key_bytes())
-                    });
-                    drop(bucket);
-                    self.account(1, copy.size(key) as i64);
-                    Applied::Stored
-                }
-            },
-        )
+        Ok(match bucket.find_mut(slot, is(key)) {
+            Some(held) if held.version > copy.version => Applied::Older { held: held.version },
+            Some(held) if held.version == copy.version => Applied::Held,
+            Some(held) => {
+                let delta = copy.size(key) as i64 - held.size() as i64;
+                self.digests.remove(hash, held.version);
+                self.digests.add(hash, copy.version);
+                *held = Held::new(key, &copy);
+                drop(bucket);
+                self.account(0, delta);
+                Applied::Stored
+            }
+            None => {
+                self.digests.add(hash, copy.version);
+                bucket.insert_unique(slot, Held::new(key, &copy), |h| {
+                    self.hasher.hash_one(h.key_bytes())
+                });
+                drop(bucket);
+                self.account(1, copy.size(key) as i64);
+                Applied::Stored
+            }
+        })
     }
 
     fn persisted(&self) -> Persisted {
@@ -423,7 +426,7 @@ impl Store for MemStore {
     fn remove_if(&self, key: &str, version: Version) -> bool {
         let (hash, slot) = self.place(key);
         let mut bucket = self.write(bucket_of(hash));
-        match bucket.find_entry(slot, |h| h.key_bytes() == key.as_bytes()) {
+        match bucket.find_entry(slot, is(key)) {
             Ok(held) if held.get().version == version => {
                 let (gone, _) = held.remove();
                 self.digests.remove(hash, version);
