@@ -471,6 +471,10 @@ impl DiskStore {
         // to the engine).
         let mut planned: HashMap<&str, (Option<Held>, Held, usize)> = HashMap::new();
         for (i, (&(key, copy), &hash)) in copies.iter().zip(&hashes).enumerate() {
+            if let Err(e) = crate::store::storable(key) {
+                outcomes.push(Err(e));
+                continue;
+            }
             let now = Held::of(hash, key, copy);
             let held = match planned.get(key) {
                 Some(&(_, latest, _)) => Some(latest),
