@@ -139,12 +139,8 @@ impl Client {
         let deadline = Instant::now() + RETRY_WINDOW;
         loop {
             let view = self.view();
-            let primary = view
-                .owners(key)
-                .first()
-                .map(|m| (*m).clone())
-                .ok_or(ClientError::NoWorkers)?;
-            let reason = match self.pool.call(&primary, request()).await {
+            let primary = *view.owners(key).first().ok_or(ClientError::NoWorkers)?;
+            let reason = match self.pool.call(primary, request()).await {
                 Ok(Response::Written { version, .. }) => return Ok(version),
                 Ok(Response::Failed(f)) if f.kind == FailureKind::BadRequest => {
                     return Err(ClientError::Refused(f))

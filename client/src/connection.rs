@@ -423,12 +423,31 @@ fn fail_all(pending: &Pending, addr: &str, reason: String) {
     }
 }
 
-/// Connections by address, opened on first use and replaced when broken.
+/// Connections by worker id, each to the address the worker had when it
+/// was opened; opened on first use, replaced when broken or when the
+/// worker moves. Keyed by id rather than by address, a call finds its
+/// connection without formatting an address (every request of a client,
+/// and every replication batch and quorum read of a worker, does this).
 #[derive(Debug)]
 pub struct Pool {
     credentials: Credentials,
     timeout: Duration,
-    connections: Mutex<HashMap<String, Arc<Connection>>>,
+    connections: Mutex<HashMap<String, Pooled>>,
+}
+
+/// A pooled connection, and where it goes.
+#[derive(Debug)]
+struct Pooled {
+    host: String,
+    wire_port: u16,
+    conn: Arc<Connection>,
+}
+
+impl Pooled {
+    /// Whether this is a live connection to where `member` is now.
+    fn serves(&self, member: &Member) -> bool {
+        !self.conn.is_closed() && self.wire_port == member.wire_port && self.host == member.host
+    }
 }
 
 impl Pool {
@@ -446,19 +465,29 @@ impl Pool {
     /// (a pod IP reused, a container reattached), and a copy it acknowledged
     /// would be counted for the wrong owner.
     pub async fn get(&self, member: &Member) -> Result<Arc<Connection>, ConnectionError> {
-        let addr = member.wire_addr();
-        let cached = self.lock().get(&addr).filter(|c| !c.is_closed()).cloned();
+        let cached = self
+            .lock()
+            .get(&member.id)
+            .filter(|pooled| pooled.serves(member))
+            .map(|pooled| pooled.conn.clone());
         let conn = match cached {
             Some(conn) => conn,
             None => {
-                let fresh =
-                    Arc::new(Connection::connect(&addr, &self.credentials, self.timeout).await?);
+                let fresh = Arc::new(
+                    Connection::connect(&member.wire_addr(), &self.credentials, self.timeout)
+                        .await?,
+                );
                 let mut connections = self.lock();
                 // Another caller may have connected meanwhile: keep one.
-                match connections.get(&addr) {
-                    Some(existing) if !existing.is_closed() => existing.clone(),
+                match connections.get(&member.id) {
+                    Some(existing) if existing.serves(member) => existing.conn.clone(),
                     _ => {
-                        connections.insert(addr.clone(), fresh.clone());
+                        let pooled = Pooled {
+                            host: member.host.clone(),
+                            wire_port: member.wire_port,
+                            conn: fresh.clone(),
+                        };
+                        connections.insert(member.id.clone(), pooled);
                         fresh
                     }
                 }
@@ -466,9 +495,9 @@ impl Pool {
         };
         if conn.welcome().node != member.id {
             let found = conn.welcome().node.clone();
-            self.forget(&addr);
+            self.forget(&member.id);
             return Err(ConnectionError::WrongNode {
-                addr,
+                addr: conn.addr().to_string(),
                 expected: member.id.clone(),
                 found,
             });
@@ -488,14 +517,14 @@ impl Pool {
         result
     }
 
-    /// Closes and forgets the connection to `addr`, if any.
-    pub fn forget(&self, addr: &str) {
-        if let Some(conn) = self.lock().remove(addr) {
-            conn.close();
+    /// Closes and forgets the connection to worker `id`, if any.
+    pub fn forget(&self, id: &str) {
+        if let Some(pooled) = self.lock().remove(id) {
+            pooled.conn.close();
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Connection>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pooled>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

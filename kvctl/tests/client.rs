@@ -109,5 +109,18 @@ async fn an_address_that_now_belongs_to_another_worker_is_refused() {
         ),
         other => panic!("expected WrongNode, got {other:?}"),
     }
+    // The same worker at another address (it moved): not the connection
+    // pooled for its old one, but one to where it is said to be now — where
+    // another worker answers.
+    let other = &cluster.workers[1];
+    let moved = kv_wire::Member {
+        wire_port: other.wire.port(),
+        ..member(&w.id)
+    };
+    match pool.call(&moved, request()).await {
+        Err(kv_client::ConnectionError::WrongNode { found, .. }) => assert_eq!(found, other.id),
+        other => panic!("expected WrongNode, got {other:?}"),
+    }
+    assert!(pool.call(&member(&w.id), request()).await.is_ok());
     cluster.shutdown().await;
 }

@@ -247,7 +247,7 @@ impl Ring {
 
     /// Indices into [`Ring::nodes`] of up to `n` distinct owners of the key
     /// hashing to `hash`, primary first.
-    fn owner_indices(&self, hash: u64, n: usize) -> Vec<u32> {
+    pub(crate) fn owner_indices(&self, hash: u64, n: usize) -> Vec<u32> {
         let want = n.min(self.nodes.len());
         let mut owners = Vec::with_capacity(want);
         if want == 0 {

@@ -578,22 +578,21 @@ impl Node {
         self.validate(key, None)?;
         let current = self.view().await;
         let settled = self.topologies.settled();
-        let owners: Vec<Member> = current.owners(key).into_iter().cloned().collect();
+        let owners = current.owners(key);
         if owners.is_empty() {
             return Err(OpError::Unavailable);
         }
-        let previous: Vec<Member> = if settled.epoch() == current.epoch() {
+        let previous: Vec<&Member> = if settled.epoch() == current.epoch() {
             Vec::new()
         } else {
             settled
                 .owners(key)
                 .into_iter()
                 .filter(|m| current.has(m) && !owners.iter().any(|o| o.id == m.id))
-                .cloned()
                 .collect()
         };
         let needed = READ_QUORUM.min(owners.len());
-        let (mut read, first) = ReadQuorum::new(&self.id, &owners, &previous, needed);
+        let (mut read, first) = ReadQuorum::new(&self.id, owners, previous, needed);
         let mut asks: FuturesUnordered<_> = first
             .into_iter()
             .map(|(asked, m)| self.read_copy_of(asked, m, key))

@@ -103,11 +103,13 @@ impl<'m> ReadQuorum<'m> {
     /// copies; with the asks to make first.
     pub fn new(
         me: &str,
-        owners: &'m [Member],
-        previous: &'m [Member],
+        owners: impl IntoIterator<Item = &'m Member>,
+        previous: impl IntoIterator<Item = &'m Member>,
         needed: usize,
     ) -> (ReadQuorum<'m>, Vec<(Asked, &'m Member)>) {
-        let mut order: Vec<&Member> = owners.iter().collect();
+        let mut order: Vec<&Member> = owners.into_iter().collect();
+        let (owners, previous): (usize, Vec<&Member>) =
+            (order.len(), previous.into_iter().collect());
         if let Some(mine) = order.iter().position(|m| m.id == me) {
             let mine = order.remove(mine);
             order.insert(0, mine);
@@ -116,11 +118,11 @@ impl<'m> ReadQuorum<'m> {
         let first = order
             .into_iter()
             .map(|m| (Asked::Owner, m))
-            .chain(previous.iter().map(|m| (Asked::Previous, m)))
+            .chain(previous.iter().map(|&m| (Asked::Previous, m)))
             .collect();
         let read = ReadQuorum {
             needed,
-            owners: owners.len(),
+            owners,
             spare,
             answered: 0,
             failed: 0,
