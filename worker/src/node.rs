@@ -445,8 +445,11 @@ impl Node {
             }
         }
         let mut acks = Vec::with_capacity(replicas.len());
-        for replica in replicas {
-            acks.push(self.replicator.send(replica, entry.clone()).await);
+        if let Some((last, others)) = replicas.split_last() {
+            for replica in others {
+                acks.push(self.replicator.send(replica, entry.clone()).await);
+            }
+            acks.push(self.replicator.send(last, entry).await);
         }
         acks
     }

@@ -414,6 +414,35 @@ impl MemStore {
         self.keys.fetch_add(keys, Ordering::Relaxed);
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
+
+    /// [`Store::apply`] on a borrowed copy.
+    fn put(&self, key: &str, copy: &Stored) -> Result<Applied, StoreError> {
+        storable(key)?;
+        let (hash, slot) = self.place(key);
+        let mut bucket = self.write(bucket_of(hash));
+        Ok(match bucket.find_mut(slot.hash(), is(key)) {
+            Some(held) if held.version > copy.version => Applied::Older { held: held.version },
+            Some(held) if held.version == copy.version => Applied::Held,
+            Some(held) => {
+                let fresh = Held::new(key, slot, copy);
+                let delta = copy.size(key) as i64 - held.size() as i64;
+                self.digests.remove(hash, held.version);
+                self.digests.add(hash, copy.version);
+                *held = fresh;
+                drop(bucket);
+                self.account(0, delta);
+                Applied::Stored
+            }
+            None => {
+                let fresh = Held::new(key, slot, copy);
+                self.digests.add(hash, copy.version);
+                bucket.insert_unique(slot.hash(), fresh, |h| h.slot.hash());
+                drop(bucket);
+                self.account(1, copy.size(key) as i64);
+                Applied::Stored
+            }
+        })
+    }
 }
 
 impl Default for MemStore {
@@ -436,31 +465,16 @@ impl Store for MemStore {
     }
 
     fn apply(&self, key: &str, copy: Stored) -> Result<Applied, StoreError> {
-        storable(key)?;
-        let (hash, slot) = self.place(key);
-        let mut bucket = self.write(bucket_of(hash));
-        Ok(match bucket.find_mut(slot.hash(), is(key)) {
-            Some(held) if held.version > copy.version => Applied::Older { held: held.version },
-            Some(held) if held.version == copy.version => Applied::Held,
-            Some(held) => {
-                let fresh = Held::new(key, slot, &copy);
-                let delta = copy.size(key) as i64 - held.size() as i64;
-                self.digests.remove(hash, held.version);
-                self.digests.add(hash, copy.version);
-                *held = fresh;
-                drop(bucket);
-                self.account(0, delta);
-                Applied::Stored
-            }
-            None => {
-                let fresh = Held::new(key, slot, &copy);
-                self.digests.add(hash, copy.version);
-                bucket.insert_unique(slot.hash(), fresh, |h| h.slot.hash());
-                drop(bucket);
-                self.account(1, copy.size(key) as i64);
-                Applied::Stored
-            }
-        })
+        self.put(key, &copy)
+    }
+
+    /// Copies a peer sent are borrowed, not cloned: a clone of a value
+    /// fresh from a frame allocates (its bytes become shared).
+    fn apply_many(&self, copies: &[(String, Stored)]) -> Vec<Result<Applied, StoreError>> {
+        copies
+            .iter()
+            .map(|(key, copy)| self.put(key, copy))
+            .collect()
     }
 
     fn persisted(&self) -> Persisted {
