@@ -47,7 +47,7 @@ pub enum ReplicaAck {
 struct Item {
     entry: Entry,
     reply: Option<oneshot::Sender<ReplicaAck>>,
-    _budget: OwnedSemaphorePermit,
+    budget: OwnedSemaphorePermit,
 }
 
 impl Item {
@@ -139,7 +139,7 @@ impl Replicator {
         let item = Item {
             entry,
             reply: Some(tx),
-            _budget: permit,
+            budget: permit,
         };
         if let Err(mpsc::error::SendError(mut item)) = queue.send(item) {
             item.answer(ReplicaAck::Failed("replication link closed".into()));
@@ -161,7 +161,7 @@ impl Replicator {
                 let _ = queue.send(Item {
                     entry,
                     reply: None,
-                    _budget: permit,
+                    budget: permit,
                 });
                 self.metrics.hints.inc();
             }
@@ -260,6 +260,12 @@ async fn run_link(
                         None => item.answer(ReplicaAck::Applied),
                     }
                 }
+                // The batch's budget back at once: each permit given back
+                // on its own takes the semaphore's lock, a lock per copy.
+                let mut budgets = batch.into_iter().map(|item| item.budget);
+                if let Some(mut budget) = budgets.next() {
+                    budgets.for_each(|other| budget.merge(other));
+                }
                 retry.reset();
             }
             other => {
@@ -316,4 +322,73 @@ async fn run_link(
 
 fn still_owner(view: &View, peer: &Member, key: &str) -> bool {
     view.owners(key).iter().any(|m| m.id == peer.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::Call;
+    use bytes::Bytes;
+
+    /// A peer that holds every copy it is sent.
+    struct Holds;
+
+    impl Transport for Holds {
+        fn call<'a>(
+            &'a self,
+            _peer: &'a Member,
+            request: Request,
+            _timeout: Option<Duration>,
+        ) -> Call<'a> {
+            Box::pin(async move {
+                let applied = match request {
+                    Request::Replicate { entries } => entries.len() as u32,
+                    _ => 0,
+                };
+                Ok(Response::Replicated {
+                    applied,
+                    stale: Vec::new(),
+                })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivered_batch_gives_its_budget_back() {
+        let replicator = Replicator::new(
+            Arc::new(Holds),
+            Arc::new(Topologies::new()),
+            Arc::new(Metrics::new()),
+            CancellationToken::new(),
+        );
+        let peer = Member {
+            id: "w2".into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            wire_port: 2,
+            generation: 1,
+        };
+        let mut acks = Vec::new();
+        for i in 0..500 {
+            let entry = Entry {
+                key: format!("k{i}"),
+                version: Version::default(),
+                value: Some(Bytes::from_static(b"value")),
+            };
+            acks.push(replicator.send(&peer, entry).await);
+        }
+        for ack in acks {
+            assert_eq!(ack.await, Ok(ReplicaAck::Applied));
+        }
+        // The link gives the budget back just after it answers.
+        let budget = replicator.link(&peer).budget;
+        let full = async {
+            while budget.available_permits() < LINK_BUDGET {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), full)
+            .await
+            .expect("the whole budget back");
+    }
 }
