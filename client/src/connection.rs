@@ -356,11 +356,14 @@ async fn write_loop(
     closed: Arc<Closed>,
     addr: String,
 ) {
+    // One wait for closing, not one per burst (each takes a lock).
+    let cancelled = closed.token.cancelled();
+    tokio::pin!(cancelled);
     let result: Result<(), WireError> = async {
         loop {
             let (id, body) = tokio::select! {
                 next = queue.recv() => match next { Some(call) => call, None => return Ok(()) },
-                () = closed.token.cancelled() => return Ok(()),
+                () = &mut cancelled => return Ok(()),
             };
             writer.feed(ClientFrame::Request { id, body }).await?;
             // Let the callers already runnable on this thread queue their
@@ -384,10 +387,13 @@ async fn write_loop(
 }
 
 async fn read_loop(mut reader: Reader, pending: Pending, closed: Arc<Closed>, addr: String) {
+    // One wait for closing, not one per frame (each takes a lock).
+    let cancelled = closed.token.cancelled();
+    tokio::pin!(cancelled);
     let reason = loop {
         let frame = tokio::select! {
             frame = reader.next() => frame,
-            () = closed.token.cancelled() => break "closed".to_string(),
+            () = &mut cancelled => break "closed".to_string(),
         };
         match frame {
             Some(Ok(ServerFrame::Response { id, body })) => {

@@ -174,6 +174,14 @@ async fn connection(
     // 90/10, with as many writes per op).
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // Made once, not for every wait: the shutdown signal, and the idle
+    // deadline, which moves only when it comes (to the last frame's time
+    // plus the timeout) instead of being a new timer each time.
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let idle = tokio::time::sleep(settings.idle_timeout);
+    tokio::pin!(idle);
+    let mut last_frame = tokio::time::Instant::now();
     let result = loop {
         let frame = match reader.next().now_or_never() {
             Some(frame) => frame,
@@ -182,14 +190,20 @@ async fn connection(
                     break Err(format!("cannot write: {e}"));
                 }
                 tokio::select! {
-                    frame = tokio::time::timeout(settings.idle_timeout, reader.next()) => match frame {
-                        Ok(frame) => frame,
-                        Err(_) => break Err(format!("no complete frame within {:?}", settings.idle_timeout)),
-                    },
-                    () = shutdown.cancelled() => break Ok(()),
+                    frame = reader.next() => frame,
+                    () = &mut idle => {
+                        let quiet_until = last_frame + settings.idle_timeout;
+                        if tokio::time::Instant::now() >= quiet_until {
+                            break Err(format!("no complete frame within {:?}", settings.idle_timeout));
+                        }
+                        idle.as_mut().reset(quiet_until);
+                        continue;
+                    }
+                    () = &mut cancelled => break Ok(()),
                 }
             }
         };
+        last_frame = tokio::time::Instant::now();
         let (id, body) = match frame {
             Some(Ok(ClientFrame::Request { id, body })) => (id, body),
             Some(Ok(ClientFrame::Hello(_))) => break Err("a second hello".to_string()),
