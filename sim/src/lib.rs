@@ -513,37 +513,62 @@ async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<S
 }
 
 /// Runs `seeds` on `threads` threads, telling `each` of every report as it
-/// comes; how many passed and failed.
+/// comes, and `stuck` of each seed still running after `limit` (a thread
+/// cannot be stopped: a seed that spins would otherwise hang the run
+/// without a word); how many passed and failed.
 pub fn run_many(
     seeds: &[u64],
     options: &Options,
     threads: usize,
+    limit: Duration,
     each: impl Fn(&Report) + Sync,
+    stuck: impl Fn(u64) + Sync,
 ) -> (usize, usize) {
-    seed_by_seed(seeds, threads, |seed| run(seed, options), each)
+    seed_by_seed(
+        seeds,
+        threads,
+        limit,
+        |seed| run(seed, options),
+        each,
+        stuck,
+    )
 }
 
 /// [`run_many`]'s loop, with `run` for running one seed.
 fn seed_by_seed(
     seeds: &[u64],
     threads: usize,
+    limit: Duration,
     run: impl Fn(u64) -> Report + Sync,
     each: impl Fn(&Report) + Sync,
+    stuck: impl Fn(u64) + Sync,
 ) -> (usize, usize) {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let tally = std::sync::Mutex::new((0, 0));
+    // Which seed each runner is on, since when.
+    let running: Vec<std::sync::Mutex<Option<(u64, std::time::Instant)>>> =
+        (0..threads.max(1)).map(|_| Default::default()).collect();
+    // Disconnected once every runner is done (none ever sends).
+    let (finished, all_done) = std::sync::mpsc::channel::<()>();
+    let (next, tally, run, each) = (&next, &tally, &run, &each);
     std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| loop {
+        for slot in &running {
+            let finished = finished.clone();
+            s.spawn(move || loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&seed) = seeds.get(i) else { return };
+                let Some(&seed) = seeds.get(i) else {
+                    drop(finished);
+                    return;
+                };
+                *lock(slot) = Some((seed, std::time::Instant::now()));
                 // A panic is this seed's failure, not the end of every seed.
                 let report = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed)))
                     .unwrap_or_else(|panic| {
                         Report::failed(seed, format!("panicked: {}", panic_message(&panic)))
                     });
+                *lock(slot) = None;
                 each(&report);
-                let mut tally = tally.lock().unwrap_or_else(|p| p.into_inner());
+                let mut tally = lock(tally);
                 if report.problems.is_empty() {
                     tally.0 += 1;
                 } else {
@@ -551,8 +576,31 @@ fn seed_by_seed(
                 }
             });
         }
+        drop(finished);
+        // The watchdog: looks at the runners ten times a limit until all
+        // are done, and tells of each seed over the limit once.
+        let (running, stuck) = (&running, &stuck);
+        s.spawn(move || {
+            let mut told = std::collections::HashSet::new();
+            let every = (limit / 10).max(Duration::from_millis(1));
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = all_done.recv_timeout(every)
+            {
+                for slot in running {
+                    if let Some((seed, since)) = *lock(slot) {
+                        if since.elapsed() >= limit && told.insert(seed) {
+                            stuck(seed);
+                        }
+                    }
+                }
+            }
+        });
     });
-    tally.into_inner().unwrap_or_else(|p| p.into_inner())
+    let counts = *lock(tally);
+    counts
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -565,6 +613,7 @@ mod tests {
         let tally = seed_by_seed(
             &[1, 2, 3],
             2,
+            Duration::from_secs(3600),
             |seed| {
                 assert_ne!(seed, 2, "seed 2 breaks");
                 Report {
@@ -573,6 +622,7 @@ mod tests {
                 }
             },
             |report| reports.lock().unwrap().push(report.clone()),
+            |seed| panic!("seed {seed} is not stuck"),
         );
         let mut reports = reports.into_inner().unwrap();
         reports.sort_by_key(|r| r.seed);
@@ -584,5 +634,38 @@ mod tests {
             "{:?}",
             reports[1].problems
         );
+    }
+
+    #[test]
+    fn a_seed_over_the_limit_is_told_of_once_and_the_run_goes_on() {
+        // Seed 2 runs until the watchdog tells of it.
+        let (release, released) = std::sync::mpsc::channel();
+        let released = std::sync::Mutex::new(released);
+        let stuck = std::sync::Mutex::new(Vec::new());
+        let tally = seed_by_seed(
+            &[1, 2, 3],
+            2,
+            Duration::from_millis(50),
+            |seed| {
+                if seed == 2 {
+                    let told = released
+                        .lock()
+                        .unwrap()
+                        .recv_timeout(Duration::from_secs(30));
+                    told.expect("the watchdog told of seed 2 within 30 s");
+                }
+                Report {
+                    problems: Vec::new(),
+                    ..Report::failed(seed, String::new())
+                }
+            },
+            |_| {},
+            |seed| {
+                stuck.lock().unwrap().push(seed);
+                release.send(()).unwrap();
+            },
+        );
+        assert_eq!(tally, (3, 0));
+        assert_eq!(stuck.into_inner().unwrap(), [2]);
     }
 }

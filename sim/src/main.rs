@@ -8,7 +8,7 @@
 use clap::Parser;
 use kv_sim::{run, Options, Report};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Runs seeds of kv's deterministic cluster simulation and checks each.
 #[derive(Debug, Parser)]
@@ -31,6 +31,11 @@ struct Args {
     /// Threads running seeds side by side (default: the CPUs).
     #[arg(long)]
     threads: Option<usize>,
+    /// With --seeds: a seed still running after this many seconds is a
+    /// failure, and ends the run (a seed takes well under a second: one
+    /// that does not end spins, and its thread cannot be stopped).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    seed_limit: u64,
 }
 
 fn main() -> ExitCode {
@@ -59,11 +64,24 @@ fn main() -> ExitCode {
         .max(1);
     let began = Instant::now();
     let seeds: Vec<u64> = (args.start..args.start + args.seeds).collect();
-    let (passed, failed) = kv_sim::run_many(&seeds, &options, threads, |report| {
-        if !report.problems.is_empty() {
-            print_one(report);
-        }
-    });
+    let limit = Duration::from_secs(args.seed_limit);
+    let (passed, failed) = kv_sim::run_many(
+        &seeds,
+        &options,
+        threads,
+        limit,
+        |report| {
+            if !report.problems.is_empty() {
+                print_one(report);
+            }
+        },
+        |seed| {
+            println!(
+                "seed {seed}: FAILED: still running after {limit:?}; it never ends (replay it with --seed {seed} --verbose)"
+            );
+            std::process::exit(1);
+        },
+    );
     let took = began.elapsed();
     println!(
         "{passed} passed, {failed} failed ({:.0} seeds a minute on {threads} threads)",

@@ -4,6 +4,7 @@
 use kv_sim::{run, run_many, Options};
 use std::process::Command;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// Seeds every `cargo test` runs (`kv-sim --seeds N` runs more).
 const SEEDS: u64 = 100;
@@ -12,15 +13,26 @@ const SEEDS: u64 = 100;
 fn the_default_seeds_pass() {
     let seeds: Vec<u64> = (0..SEEDS).collect();
     let failures = Mutex::new(Vec::new());
-    let (passed, failed) = run_many(&seeds, &Options::default(), 2, |report| {
-        if !report.problems.is_empty() {
-            failures.lock().unwrap().push(format!(
-                "seed {}: {}",
-                report.seed,
-                report.problems.join(" | ")
-            ));
-        }
-    });
+    let (passed, failed) = run_many(
+        &seeds,
+        &Options::default(),
+        2,
+        Duration::from_secs(120),
+        |report| {
+            if !report.problems.is_empty() {
+                failures.lock().unwrap().push(format!(
+                    "seed {}: {}",
+                    report.seed,
+                    report.problems.join(" | ")
+                ));
+            }
+        },
+        // Its thread cannot be stopped: end the test binary, loudly.
+        |seed| {
+            eprintln!("seed {seed} still runs after 120 s: it never ends");
+            std::process::exit(1);
+        },
+    );
     let failures = failures.into_inner().unwrap();
     assert!(
         failed == 0,
