@@ -13,7 +13,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use kv_service::ApiError;
-use serde::Deserialize;
+use kv_wire::Version;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -73,10 +74,36 @@ struct PutBody {
     value: String,
 }
 
+/// The answer to a write: typed rather than a `json!` map, which costs a
+/// tree and an allocation per field on every request.
+#[derive(Serialize)]
+struct WrittenBody {
+    key: String,
+    #[serde(serialize_with = "as_text")]
+    version: Version,
+    acks: u8,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+}
+
+/// The answer to a read.
+#[derive(Serialize)]
+struct ValueBody {
+    key: String,
+    value: String,
+    #[serde(serialize_with = "as_text")]
+    version: Version,
+}
+
+/// A version as the text SPEC shows (`millis.logical@node`).
+fn as_text<S: serde::Serializer>(version: &Version, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(version)
+}
+
 async fn put_kv(
     State(node): State<Arc<Node>>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<WrittenBody>, ApiError> {
     let body: PutBody = serde_json::from_slice(&body.map_err(body_error)?).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -89,9 +116,12 @@ async fn put_kv(
     node.metrics
         .count("put", result.as_ref().map_or_else(OpError::label, |_| "ok"));
     let written = result?;
-    Ok(Json(
-        json!({ "key": body.key, "version": written.version.to_string(), "acks": written.acks }),
-    ))
+    Ok(Json(WrittenBody {
+        key: body.key,
+        version: written.version,
+        acks: written.acks,
+        deleted: false,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -115,7 +145,7 @@ impl KeyQuery {
 async fn get_kv(
     State(node): State<Arc<Node>>,
     query: Result<Query<KeyQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ValueBody>, ApiError> {
     let (key, consistency) = query?.0.key()?;
     node.validate(&key, None)?;
     let (op, copy) = match consistency.as_deref() {
@@ -147,9 +177,11 @@ async fn get_kv(
                     "the value is binary, not UTF-8 text: read it with kvctl get".into(),
                 )
             })?;
-            Ok(Json(
-                json!({ "key": key, "value": value, "version": version.to_string() }),
-            ))
+            Ok(Json(ValueBody {
+                key,
+                value,
+                version,
+            }))
         }
         _ => {
             node.metrics.count(op, "not_found");
@@ -161,7 +193,7 @@ async fn get_kv(
 async fn delete_kv(
     State(node): State<Arc<Node>>,
     query: Result<Query<KeyQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<WrittenBody>, ApiError> {
     let (key, _) = query?.0.key()?;
     let result = node.write(key.clone(), None).await;
     node.metrics.count(
@@ -169,9 +201,12 @@ async fn delete_kv(
         result.as_ref().map_or_else(OpError::label, |_| "ok"),
     );
     let written = result?;
-    Ok(Json(
-        json!({ "key": key, "version": written.version.to_string(), "acks": written.acks, "deleted": true }),
-    ))
+    Ok(Json(WrittenBody {
+        key,
+        version: written.version,
+        acks: written.acks,
+        deleted: true,
+    }))
 }
 
 /// Test hook: drops this worker's copies of the keys in the body (a JSON
