@@ -4,12 +4,13 @@
 //! HTTP, or Redis (SET, then WAIT for replicas: the W=2 analogue), so the
 //! figures compare like with like.
 
+use crate::http1::Http1;
 use crate::out::outln;
 use crate::resp::{Reply, Resp};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use kv_client::{Client, Connection, Credentials, HttpClient};
+use kv_client::{Client, Connection, Credentials};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,7 +21,8 @@ use std::time::{Duration, Instant};
 pub enum Protocol {
     /// kv over the wire protocol, each request sent to the key's primary.
     Wire,
-    /// kv over HTTP (`PUT/GET /kv`), sent to the key's primary.
+    /// kv over HTTP (`PUT/GET /kv`), sent to the key's primary over a
+    /// keep-alive HTTP/1.1 connection per worker.
     Http,
     /// Redis: SET (then WAIT for replicas), or GET.
     Redis,
@@ -74,7 +76,7 @@ pub struct Args {
 /// One connection's way of issuing requests.
 enum Conn {
     Wire(Client),
-    Http(Arc<Client>, HttpClient),
+    Http(Arc<Client>, Http1),
     Redis(Resp),
     Handshake(Arc<Client>, Credentials),
 }
@@ -87,12 +89,10 @@ impl Conn {
                 client.put(key, value.clone()).await?;
             }
             Conn::Http(routes, http) => {
-                let url = primary_url(routes, key)?;
+                let addr = primary_http(routes, key)?;
                 let body =
                     json!({ "key": key, "value": String::from_utf8_lossy(value) }).to_string();
-                let (status, reply) = http
-                    .request(hyper_method("PUT"), &url, Bytes::from(body))
-                    .await?;
+                let (status, reply) = http.request(&addr, "PUT", "/kv", body.as_bytes()).await?;
                 if status != 200 {
                     bail!("{status}: {}", String::from_utf8_lossy(&reply));
                 }
@@ -126,10 +126,9 @@ impl Conn {
                 client.get(key).await?;
             }
             Conn::Http(routes, http) => {
-                let url = format!("{}?key={key}&consistency=quorum", primary_url(routes, key)?);
-                let (status, reply) = http
-                    .request(hyper_method("GET"), &url, Bytes::new())
-                    .await?;
+                let addr = primary_http(routes, key)?;
+                let path = format!("/kv?key={key}&consistency=quorum");
+                let (status, reply) = http.request(&addr, "GET", &path, b"").await?;
                 if status != 200 && status != 404 {
                     bail!("{status}: {}", String::from_utf8_lossy(&reply));
                 }
@@ -159,17 +158,14 @@ async fn handshake(routes: &Client, credentials: &Credentials, key: &str) -> Res
 /// How long one handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn hyper_method(name: &str) -> kv_client::Method {
-    name.parse().unwrap_or_default()
-}
-
-fn primary_url(routes: &Client, key: &str) -> Result<String> {
+/// The HTTP address of `key`'s primary.
+fn primary_http(routes: &Client, key: &str) -> Result<String> {
     let primary = routes
         .owners(key)
         .into_iter()
         .next()
         .context("no live worker")?;
-    Ok(format!("http://{}/kv", primary.http_addr()))
+    Ok(primary.http_addr())
 }
 
 fn expect_ok(reply: Reply) -> Result<()> {
@@ -205,7 +201,7 @@ pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Resu
                     .await
                     .with_context(|| format!("cannot reach the cluster at {controller}"))?,
             ),
-            Protocol::Http => Conn::Http(routes.clone().context("no routes")?, HttpClient::new()),
+            Protocol::Http => Conn::Http(routes.clone().context("no routes")?, Http1::default()),
             Protocol::Handshake => {
                 Conn::Handshake(routes.clone().context("no routes")?, credentials.clone())
             }

@@ -1,6 +1,7 @@
 //! kvctl: the kv command line.
 
 mod bench;
+mod http1;
 mod load;
 mod local;
 mod out;
