@@ -603,9 +603,10 @@ impl Node {
             .into_iter()
             .map(|(asked, m)| self.read_copy_of(asked, m, key))
             .collect();
-        let deadline = tokio::time::Instant::now() + self.limits.read_timeout;
+        // Both timers made once for the read, not once per answer.
+        let deadline = tokio::time::sleep(self.limits.read_timeout);
         let hedge = tokio::time::sleep(READ_HEDGE);
-        tokio::pin!(hedge);
+        tokio::pin!(deadline, hedge);
         while !read.done() {
             let next = tokio::select! {
                 next = asks.next() => next,
@@ -614,7 +615,7 @@ impl Node {
                     asks.extend(rest.into_iter().map(|m| self.read_copy_of(Asked::Owner, m, key)));
                     continue;
                 }
-                () = tokio::time::sleep_until(deadline) => break,
+                () = &mut deadline => break,
             };
             let Some((asked, copy)) = next else { break };
             let instead = read.answer(asked, copy.ok());
