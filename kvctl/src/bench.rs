@@ -127,7 +127,8 @@ impl Conn {
             }
             Conn::Http(routes, http) => {
                 let addr = primary_http(routes, key)?;
-                let path = format!("/kv?key={key}&consistency=quorum");
+                let query = serde_urlencoded::to_string([("key", key), ("consistency", "quorum")])?;
+                let path = format!("/kv?{query}");
                 let (status, reply) = http.request(&addr, "GET", &path, b"").await?;
                 if status != 200 && status != 404 {
                     bail!("{status}: {}", String::from_utf8_lossy(&reply));

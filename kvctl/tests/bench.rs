@@ -28,7 +28,8 @@ fn bench(cluster: &Cluster, args: &[&str]) -> Value {
 async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
     let cluster = Cluster::start(3).await;
     for protocol in ["wire", "http"] {
-        let prefix = format!("{protocol}:");
+        // A prefix a URL must escape.
+        let prefix = format!("{protocol} &?");
         let writes = tokio::task::block_in_place(|| {
             bench(
                 &cluster,
@@ -56,9 +57,10 @@ async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
         for i in 0..4 {
             let key = format!("{prefix}{i}");
             let owners = cluster.mapping(&key).await;
+            let query = serde_urlencoded::to_string([("key", &key)]).unwrap();
             let (status, body) = cluster
                 .worker(&owners[0])
-                .get(&format!("/kv?key={key}"))
+                .get(&format!("/kv?{query}"))
                 .await;
             assert_eq!(
                 (status, body["value"].as_str().map(str::len)),

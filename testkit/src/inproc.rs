@@ -166,7 +166,8 @@ impl Cluster {
     }
 
     pub async fn mapping(&self, key: &str) -> Vec<String> {
-        let (status, m) = self.controller.get(&format!("/mapping?key={key}")).await;
+        let query = serde_urlencoded::to_string([("key", key)]).unwrap();
+        let (status, m) = self.controller.get(&format!("/mapping?{query}")).await;
         assert_eq!(status, 200, "{m}");
         m["workers"]
             .as_array()

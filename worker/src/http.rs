@@ -74,8 +74,7 @@ struct PutBody {
     value: String,
 }
 
-/// The answer to a write: typed rather than a `json!` map, which costs a
-/// tree and an allocation per field on every request.
+/// The answer to a write, its fields in SPEC's order.
 #[derive(Serialize)]
 struct WrittenBody {
     key: String,
