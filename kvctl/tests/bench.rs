@@ -7,12 +7,14 @@ use kv_testkit::inproc::*;
 use serde_json::Value;
 use std::process::Command;
 
-/// Runs `kvctl bench --json` with `args` and returns what it printed.
-fn bench(cluster: &Cluster, args: &[&str]) -> Value {
+/// Runs `kvctl bench` for 400 requests over `protocol` on keys starting
+/// with `prefix`, with `args` besides, and checks that every one succeeded.
+fn bench_400(cluster: &Cluster, protocol: &str, prefix: &str, args: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_kvctl"))
         .arg("--controller")
         .arg(format!("http://{}", cluster.controller.http))
-        .args(["bench", "--json", "--connections", "4"])
+        .args(["bench", "--json", "--connections", "4", "--count", "400"])
+        .args(["--protocol", protocol, "--prefix", prefix])
         .args(args)
         .output()
         .unwrap();
@@ -21,7 +23,13 @@ fn bench(cluster: &Cluster, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"))
+    let figures: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    assert_eq!(
+        (figures["errors"].as_u64(), figures["ops"].as_u64()),
+        (Some(0), Some(400)),
+        "{protocol}: {figures}\n{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,28 +38,8 @@ async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
     for protocol in ["wire", "http"] {
         // A prefix a URL must escape.
         let prefix = format!("{protocol} &?");
-        let writes = tokio::task::block_in_place(|| {
-            bench(
-                &cluster,
-                &[
-                    "--protocol",
-                    protocol,
-                    "--count",
-                    "400",
-                    "--keys",
-                    "4",
-                    "--value-size",
-                    "48",
-                    "--prefix",
-                    &prefix,
-                ],
-            )
-        });
-        assert_eq!(
-            (writes["errors"].as_u64(), writes["ops"].as_u64()),
-            (Some(0), Some(400)),
-            "{protocol}: {writes}"
-        );
+        let writes = ["--keys", "4", "--value-size", "48"];
+        tokio::task::block_in_place(|| bench_400(&cluster, protocol, &prefix, &writes));
         // 400 writes over 4 keys: each key written (the chance of one
         // missed is (3/4)^400), with a 48-byte value.
         for i in 0..4 {
@@ -68,28 +56,8 @@ async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
                 "{protocol}: {key}: {body}"
             );
         }
-        let mixed = tokio::task::block_in_place(|| {
-            bench(
-                &cluster,
-                &[
-                    "--protocol",
-                    protocol,
-                    "--count",
-                    "400",
-                    "--get-percent",
-                    "50",
-                    "--keys",
-                    "8",
-                    "--prefix",
-                    &prefix,
-                ],
-            )
-        });
-        assert_eq!(
-            (mixed["errors"].as_u64(), mixed["ops"].as_u64()),
-            (Some(0), Some(400)),
-            "{protocol}: {mixed}"
-        );
+        let mixed = ["--keys", "8", "--get-percent", "50"];
+        tokio::task::block_in_place(|| bench_400(&cluster, protocol, &prefix, &mixed));
     }
     cluster.shutdown().await;
 }
