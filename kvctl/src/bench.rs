@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use kv_client::{Client, Connection, Credentials};
+use kv_wire::Member;
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -89,7 +90,7 @@ impl Conn {
                 client.put(key, value.clone()).await?;
             }
             Conn::Http(routes, http) => {
-                let addr = primary_http(routes, key)?;
+                let addr = primary(routes, key)?.http_addr();
                 let body =
                     json!({ "key": key, "value": String::from_utf8_lossy(value) }).to_string();
                 let (status, reply) = http.request(&addr, "PUT", "/kv", body.as_bytes()).await?;
@@ -126,7 +127,7 @@ impl Conn {
                 client.get(key).await?;
             }
             Conn::Http(routes, http) => {
-                let addr = primary_http(routes, key)?;
+                let addr = primary(routes, key)?.http_addr();
                 let query = serde_urlencoded::to_string([("key", key), ("consistency", "quorum")])?;
                 let path = format!("/kv?{query}");
                 let (status, reply) = http.request(&addr, "GET", &path, b"").await?;
@@ -146,12 +147,8 @@ impl Conn {
 
 /// Opens a wire connection to `key`'s primary, and closes it.
 async fn handshake(routes: &Client, credentials: &Credentials, key: &str) -> Result<()> {
-    let primary = routes
-        .owners(key)
-        .into_iter()
-        .next()
-        .context("no live worker")?;
-    let conn = Connection::connect(&primary.wire_addr(), credentials, HANDSHAKE_TIMEOUT).await?;
+    let addr = primary(routes, key)?.wire_addr();
+    let conn = Connection::connect(&addr, credentials, HANDSHAKE_TIMEOUT).await?;
     conn.close();
     Ok(())
 }
@@ -159,14 +156,13 @@ async fn handshake(routes: &Client, credentials: &Credentials, key: &str) -> Res
 /// How long one handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The HTTP address of `key`'s primary.
-fn primary_http(routes: &Client, key: &str) -> Result<String> {
-    let primary = routes
+/// `key`'s primary.
+fn primary(routes: &Client, key: &str) -> Result<Member> {
+    routes
         .owners(key)
         .into_iter()
         .next()
-        .context("no live worker")?;
-    Ok(primary.http_addr())
+        .context("no live worker")
 }
 
 fn expect_ok(reply: Reply) -> Result<()> {

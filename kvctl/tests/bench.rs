@@ -59,5 +59,7 @@ async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
         let mixed = ["--keys", "8", "--get-percent", "50"];
         tokio::task::block_in_place(|| bench_400(&cluster, protocol, &prefix, &mixed));
     }
+    // Each request a connection opened to its key's primary, and closed.
+    tokio::task::block_in_place(|| bench_400(&cluster, "handshake", "h", &[]));
     cluster.shutdown().await;
 }
