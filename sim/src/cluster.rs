@@ -984,16 +984,28 @@ impl Cluster {
     }
 
     /// W=2: once a write is acknowledged, two workers hold it (or a newer
-    /// copy of its key) in their stores or data dirs, unless copies were
-    /// lost since it began.
+    /// copy of its key) in their stores or data dirs, or held it and
+    /// handed it off (each removal is audited on its own: the key's owners
+    /// held it first), unless copies were lost since it began. The client
+    /// may hear of a write long after its primary acknowledged it (a
+    /// paused worker passing the answer on), and the cluster may have
+    /// shrunk to one owner meanwhile: a copy handed off to it still counts.
     fn audit_copies(&self, op: usize, key: &str, version: kv_wire::Version, began: u64) {
         if lock(&self.losses).iter().any(|(_, at)| *at >= began) {
             return;
         }
-        let holders = lock(&self.disks)
-            .values()
-            .filter(|disk| disk.held_version(key).is_some_and(|held| held >= version))
-            .count();
+        let mut holders: BTreeSet<String> = lock(&self.disks)
+            .iter()
+            .filter(|(_, disk)| disk.held_version(key).is_some_and(|held| held >= version))
+            .map(|(id, _)| id.clone())
+            .collect();
+        holders.extend(
+            lock(&self.removed)
+                .iter()
+                .filter(|((_, removed), held)| removed == key && **held >= version)
+                .map(|((worker, _), _)| worker.clone()),
+        );
+        let holders = holders.len();
         if holders < 2 {
             lock(&self.broken_promises).push(format!(
                 "op {op}: {key} at {version} acknowledged while {holders} worker(s) held it"

@@ -107,3 +107,24 @@ fn a_seed_with_an_empty_topology_during_a_retry_ends_and_passes() {
         .expect("seed 40572 ends (it takes under a second; it used to spin for ever)");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// Seeds 130414 and 132426: a write's primary acknowledged it on two
+/// copies, but the client heard of it only seconds later (through a paused
+/// worker, or after a replica that hung was given up on), by when workers
+/// had left and handed their copies to the one owner left. The audit
+/// counted the data dirs at that moment and called one copy a broken
+/// promise; a copy handed off (an audited removal) counts now. A checker
+/// that counts none of them would still catch a write acknowledged on one
+/// copy (proven: a quorum that takes two failed replicas for success fails
+/// 68 of 300 seeds).
+#[test]
+fn writes_whose_copies_were_handed_to_a_lone_owner_keep_their_promise() {
+    for seed in [130_414, 132_426] {
+        let report = run(seed, &Options::default());
+        assert!(
+            report.problems.is_empty(),
+            "seed {seed}: {:?}",
+            report.problems
+        );
+    }
+}
