@@ -990,6 +990,9 @@ impl Cluster {
     /// may hear of a write long after its primary acknowledged it (a
     /// paused worker passing the answer on), and the cluster may have
     /// shrunk to one owner meanwhile: a copy handed off to it still counts.
+    /// The blind spot that leaves: a write wrongly acknowledged on one copy
+    /// whose primary hands the key off before the client hears of it
+    /// passes (the simulator sees an acknowledgement when the client does).
     fn audit_copies(&self, op: usize, key: &str, version: kv_wire::Version, began: u64) {
         if lock(&self.losses).iter().any(|(_, at)| *at >= began) {
             return;

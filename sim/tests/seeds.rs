@@ -113,10 +113,9 @@ fn a_seed_with_an_empty_topology_during_a_retry_ends_and_passes() {
 /// worker, or after a replica that hung was given up on), by when workers
 /// had left and handed their copies to the one owner left. The audit
 /// counted the data dirs at that moment and called one copy a broken
-/// promise; a copy handed off (an audited removal) counts now. A checker
-/// that counts none of them would still catch a write acknowledged on one
-/// copy (proven: a quorum that takes two failed replicas for success fails
-/// 68 of 300 seeds).
+/// promise; a copy handed off (an audited removal) counts now. The audit
+/// still catches a write acknowledged on one copy (proven: a quorum that
+/// takes two failed replicas for success fails 68 of 300 seeds).
 #[test]
 fn writes_whose_copies_were_handed_to_a_lone_owner_keep_their_promise() {
     for seed in [130_414, 132_426] {
