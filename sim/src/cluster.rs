@@ -152,7 +152,9 @@ pub struct Cluster {
     removed: Mutex<BTreeMap<(String, String), kv_wire::Version>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A mutex's guard, poisoned or not (a panicking seed is reported as its
+/// own failure; its locks must not fail every other).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

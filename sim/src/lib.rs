@@ -22,7 +22,7 @@ pub mod cluster;
 pub mod history;
 pub mod net;
 
-use crate::cluster::{Cluster, Settings};
+use crate::cluster::{lock, Cluster, Settings};
 use crate::history::Kind;
 use crate::net::CONTROLLER;
 use std::sync::Arc;
@@ -597,10 +597,6 @@ fn seed_by_seed(
     });
     let counts = *lock(tally);
     counts
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
