@@ -49,6 +49,15 @@ impl Service {
     }
 
     /// A wire connection to this worker (no cluster secret).
+    /// A counter or gauge from this worker's `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let (_, text) = self.get("/metrics").await;
+        let text = text.as_str().unwrap().to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
     pub async fn wire(&self) -> Connection {
         let credentials = Credentials::new("kv", "test");
         Connection::connect(&self.wire.to_string(), &credentials, PATIENCE)

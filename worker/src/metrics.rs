@@ -65,6 +65,10 @@ pub struct Metrics {
     pub handoff_pending: Gauge,
     /// Duration of the last rebalance, in milliseconds.
     pub rebalance_last_ms: Gauge,
+    /// Wire requests waiting for a turn to coordinate their keys (see
+    /// `wire_server::MAX_COORDINATING`): above zero, the worker is
+    /// saturated and its clients are queueing.
+    pub coordination_waiting: Gauge,
     /// Keys held, tombstones included.
     pub keys: Gauge,
     /// Bytes of keys and values held.
@@ -103,6 +107,7 @@ impl Metrics {
             arcs_unverified: Gauge::default(),
             handoff_pending: Gauge::default(),
             rebalance_last_ms: Gauge::default(),
+            coordination_waiting: Gauge::default(),
             keys: Gauge::default(),
             bytes: Gauge::default(),
             epoch: Gauge::default(),
@@ -191,6 +196,11 @@ impl Metrics {
             "handoff_pending_keys",
             "Keys held here that this worker does not own, not yet confirmed by all their owners",
             m.handoff_pending.clone(),
+        );
+        registry.register(
+            "coordination_waiting",
+            "Wire requests waiting for a turn to coordinate their keys (above zero: saturated, clients queue)",
+            m.coordination_waiting.clone(),
         );
         registry.register(
             "rebalance_last_duration_ms",

@@ -13,15 +13,6 @@ fn fast_rounds(c: &mut kv_worker::Config) {
     c.test_hooks = true;
 }
 
-/// A counter or gauge from a worker's `/metrics`.
-async fn metric(worker: &Service, name: &str) -> u64 {
-    let (_, text) = worker.get("/metrics").await;
-    let text = text.as_str().unwrap().to_string();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
 /// Waits until every worker holds all three copies of `n` keys.
 async fn fully_replicated(cluster: &Cluster, n: u64) {
     eventually("three copies of every key", || async {
@@ -41,9 +32,9 @@ async fn loaded(n: usize) -> Cluster {
 /// Waits for `rounds` more anti-entropy rounds on every worker.
 async fn rounds(cluster: &Cluster, rounds: u64) {
     for w in &cluster.workers {
-        let start = metric(w, "kv_worker_anti_entropy_rounds_total").await;
+        let start = w.metric("kv_worker_anti_entropy_rounds_total").await;
         eventually("anti-entropy rounds", || async {
-            let now = metric(w, "kv_worker_anti_entropy_rounds_total").await;
+            let now = w.metric("kv_worker_anti_entropy_rounds_total").await;
             (now >= start + rounds).then_some(())
         })
         .await;
@@ -64,7 +55,9 @@ async fn copies_lost_behind_the_clusters_back_come_back_with_no_topology_change(
         .filter(|k| ring.is_owner(k.as_bytes(), 3, "worker1"))
         .step_by(10)
         .collect();
-    let repaired_before = metric(victim, "kv_worker_anti_entropy_keys_repaired_total").await;
+    let repaired_before = victim
+        .metric("kv_worker_anti_entropy_keys_repaired_total")
+        .await;
     let body = serde_json::to_string(&lost).unwrap();
     let (status, reply) = http("POST", &victim.url("/test/forget"), body).await;
     assert_eq!(status, 200, "{reply}");
@@ -75,7 +68,9 @@ async fn copies_lost_behind_the_clusters_back_come_back_with_no_topology_change(
         let i: usize = key["key:".len()..].parse().unwrap();
         assert_eq!(victim.local(key).await, Some(format!("value-{i}")), "{key}");
     }
-    let repaired = metric(victim, "kv_worker_anti_entropy_keys_repaired_total").await;
+    let repaired = victim
+        .metric("kv_worker_anti_entropy_keys_repaired_total")
+        .await;
     assert!(
         repaired >= repaired_before + lost.len() as u64,
         "{repaired} repaired, {} lost",
@@ -170,14 +165,14 @@ async fn rounds_with_nothing_different_compare_everything_and_move_nothing() {
     let mut before = Vec::new();
     for w in &cluster.workers {
         for name in names {
-            before.push(metric(w, name).await);
+            before.push(w.metric(name).await);
         }
     }
     rounds(&cluster, 2).await;
     let mut i = 0;
     for w in &cluster.workers {
         for name in names {
-            let now = metric(w, name).await;
+            let now = w.metric(name).await;
             if name.contains("compared") {
                 // Each round compares every arc this worker owns with both
                 // co-owners: 3/4 of 4 x 2048 arcs, twice.
@@ -191,9 +186,9 @@ async fn rounds_with_nothing_different_compare_everything_and_move_nothing() {
             }
             i += 1;
         }
-        assert_eq!(metric(w, "kv_worker_arcs_unverified").await, 0, "{}", w.id);
+        assert_eq!(w.metric("kv_worker_arcs_unverified").await, 0, "{}", w.id);
         assert_eq!(
-            metric(w, "kv_worker_handoff_pending_keys").await,
+            w.metric("kv_worker_handoff_pending_keys").await,
             0,
             "{}",
             w.id

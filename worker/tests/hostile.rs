@@ -145,3 +145,98 @@ async fn a_thousand_silent_connections_do_not_keep_a_client_out() {
     }
     cluster.shutdown().await;
 }
+
+/// A client with more writes in flight than a worker can coordinate at
+/// once (`MAX_COORDINATING` keys): the writes past that wait their turn,
+/// shown in `/metrics`, instead of piling work onto the runtime ahead of
+/// the replication batches those writes wait for; copies sent to the
+/// worker are still answered meanwhile.
+#[tokio::test]
+async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_answered() {
+    use kv_testkit::fake::{Controller, FakeWorker};
+    use kv_wire::{Entry, Request, Response};
+    use std::sync::Arc;
+
+    // Nobody goes DOWN while this one-threaded test is busy with the flood.
+    let controller = Controller::start_configured(|c| {
+        c.grace = Duration::ZERO;
+        c.down_after = Duration::from_secs(600);
+    })
+    .await;
+    let at = Service {
+        id: "controller".into(),
+        http: controller.addr,
+        wire: controller.addr,
+        stop: Default::default(),
+        lifecycle: None,
+        task: tokio::spawn(async {}),
+    };
+    // The writes it coordinates wait on its replicas for ten minutes.
+    let worker = start_worker_with("worker1", &at, |c| {
+        c.write_timeout = Duration::from_secs(600)
+    })
+    .await;
+    eventually("worker1 ready", || async {
+        (worker.get("/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    // Its two replicas take copies and never confirm them.
+    let _hung = [
+        FakeWorker::start(&controller, "hung1").await,
+        FakeWorker::start(&controller, "hung2").await,
+    ];
+    eventually("worker1 routes by a topology of all three", || async {
+        let (_, mapping) = controller.get("/mapping?key=any").await;
+        let workers = mapping["workers"].as_array().unwrap().len();
+        let epoch = mapping["epoch"].as_u64().unwrap();
+        (workers == 3 && worker.metric("kv_worker_epoch").await == epoch).then_some(())
+    })
+    .await;
+
+    let budget = kv_worker::wire_server::MAX_COORDINATING;
+    let conn = Arc::new(worker.wire().await);
+    // Three times the budget: a third of the keys are worker1's to
+    // coordinate, and they hang, holding every turn.
+    let items = (0..3 * budget)
+        .map(|i| (format!("key:{i}"), "v".into()))
+        .collect();
+    let flood = tokio::spawn({
+        let conn = conn.clone();
+        async move { conn.call(Request::PutMany { items }).await }
+    });
+    let late = tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            let request = Request::Put {
+                key: "late".into(),
+                value: "v".into(),
+            };
+            conn.call(request).await
+        }
+    });
+    eventually("a write waiting for its turn", || async {
+        (worker.metric("kv_worker_coordination_waiting").await == 1).then_some(())
+    })
+    .await;
+
+    // A peer's copy is answered all the same, on another connection.
+    let copy = Entry {
+        key: "from-a-peer".into(),
+        version: kv_wire::Version {
+            hlc: kv_testkit::fake::now_ms() << 16,
+            node: 7,
+        },
+        value: Some("copy".into()),
+    };
+    let request = Request::Replicate {
+        entries: vec![copy],
+    };
+    let reply = worker.wire().await.call(request).await.unwrap();
+    assert!(
+        matches!(reply, Response::Replicated { applied: 1, .. }),
+        "{reply:?}"
+    );
+    assert!(!flood.is_finished() && !late.is_finished());
+    flood.abort();
+    late.abort();
+}
