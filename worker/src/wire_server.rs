@@ -235,14 +235,25 @@ async fn connection(
                 break Ok(());
             };
             let (node, writer) = (node.clone(), writer.clone());
-            let coordinating = settings.coordinating.clone();
+            let keys = weight(&body);
+            // Taken here when there is room (the usual case, and no
+            // future to poll); else the task waits for it.
+            let turn = (settings.coordinating.clone())
+                .try_acquire_many_owned(keys)
+                .map_err(|_| settings.coordinating.clone());
             tokio::spawn(async move {
-                let waiting = &node.metrics.coordination_waiting;
-                waiting.inc();
-                let turn = coordinating.acquire_many_owned(weight(&body)).await;
-                waiting.dec();
-                // The semaphore is never closed.
-                let Ok(turn) = turn else { return };
+                let turn = match turn {
+                    Ok(turn) => turn,
+                    Err(coordinating) => {
+                        let waiting = &node.metrics.coordination_waiting;
+                        waiting.inc();
+                        let turn = coordinating.acquire_many_owned(keys).await;
+                        waiting.dec();
+                        // The semaphore is never closed.
+                        let Ok(turn) = turn else { return };
+                        turn
+                    }
+                };
                 let body = answer(&node, body).await;
                 drop(turn);
                 // A failed write shows in the reader's next flush.
