@@ -65,9 +65,9 @@ pub struct Metrics {
     pub handoff_pending: Gauge,
     /// Duration of the last rebalance, in milliseconds.
     pub rebalance_last_ms: Gauge,
-    /// Wire requests waiting for a turn to coordinate their keys (see
-    /// `wire_server::MAX_COORDINATING`): above zero, the worker is
-    /// saturated and its clients are queueing.
+    /// Requests waiting for a turn to coordinate their keys (see
+    /// `node::MAX_COORDINATING`): above zero, the worker is saturated and
+    /// its clients are queueing.
     pub coordination_waiting: Gauge,
     /// Keys held, tombstones included.
     pub keys: Gauge,
@@ -199,7 +199,7 @@ impl Metrics {
         );
         registry.register(
             "coordination_waiting",
-            "Wire requests waiting for a turn to coordinate their keys (above zero: saturated, clients queue)",
+            "Requests waiting for a turn to coordinate their keys (above zero: saturated, clients queue)",
             m.coordination_waiting.clone(),
         );
         registry.register(

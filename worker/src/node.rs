@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 /// How often a write is reissued with a newer version when a replica holds
@@ -28,6 +28,20 @@ const MAX_ROUTE_ATTEMPTS: usize = 3;
 /// How long a quorum read waits on the R owners it asked before asking
 /// the rest too: a slow (paused, overloaded) owner costs at most this.
 const READ_HEDGE: Duration = Duration::from_millis(50);
+/// Keys this worker coordinates at once — writes it is the primary of
+/// (single or batched, from the wire or HTTP) and quorum reads; the rest
+/// wait their turn, idle, in arrival order. Enough to keep replication
+/// pipelined (a batch's round trip is a few milliseconds); few enough that
+/// the work queued ahead of a peer's replication batch stays well inside
+/// the write timeout on a slow (durable, large) store. Without a bound, a
+/// bulk load with half a million keys in flight flooded each worker's
+/// runtime with writes whose replication batches then waited behind them,
+/// past the write timeout: on a durable cluster, 2.8 million of 3 million
+/// keys failed with "write quorum not reached". What a coordinator waits
+/// on takes no turn (a peer's replication batch, a local read for a
+/// quorum), and a write forwarded to its primary takes its turn there, so
+/// no worker holding turns waits on one waiting for them.
+pub const MAX_COORDINATING: usize = 4096;
 
 /// Limits and timeouts of the data path.
 #[derive(Debug, Clone)]
@@ -179,6 +193,8 @@ pub struct Node {
     pub leaving: CancellationToken,
     /// Where its rebalancing stands.
     pub progress: crate::progress::Progress,
+    /// Turns to coordinate keys ([`MAX_COORDINATING`]).
+    turns: Semaphore,
 }
 
 impl Node {
@@ -213,7 +229,25 @@ impl Node {
             limits,
             leaving,
             progress: crate::progress::Progress::default(),
+            turns: Semaphore::new(MAX_COORDINATING),
         }
+    }
+
+    /// A turn to coordinate `keys` keys (a batch larger than the whole
+    /// budget takes all of it): at once when there is room, else after the
+    /// requests ahead of it, counted meanwhile in
+    /// `kv_worker_coordination_waiting`.
+    async fn turn(&self, keys: usize) -> Result<SemaphorePermit<'_>, OpError> {
+        let keys = keys.clamp(1, MAX_COORDINATING) as u32;
+        if let Ok(turn) = self.turns.try_acquire_many(keys) {
+            return Ok(turn);
+        }
+        let waiting = &self.metrics.coordination_waiting;
+        waiting.inc();
+        let turn = self.turns.acquire_many(keys).await;
+        waiting.dec();
+        // The semaphore is never closed.
+        turn.map_err(|_| OpError::Unavailable)
     }
 
     /// The wall clock now, in milliseconds since the Unix epoch.
@@ -362,6 +396,16 @@ impl Node {
     /// primary and the first replica, which is what rebalancing relies on
     /// when the primary dies.
     pub async fn coordinate(&self, key: &str, value: Option<Bytes>) -> Result<Written, OpError> {
+        let _turn = self.turn(1).await?;
+        self.coordinate_in_turn(key, value).await
+    }
+
+    /// [`Node::coordinate`], in a turn already held.
+    async fn coordinate_in_turn(
+        &self,
+        key: &str,
+        value: Option<Bytes>,
+    ) -> Result<Written, OpError> {
         self.validate(key, value.as_ref())?;
         let view = self.view().await;
         let replicas = self.replicas_if_primary(&view, key)?;
@@ -492,6 +536,10 @@ impl Node {
     /// own: all are issued before any is awaited, so their copies share
     /// replication batches.
     pub async fn put_many(&self, items: Vec<(String, Bytes)>) -> Vec<Result<Version, Failure>> {
+        let _turn = match self.turn(items.len()).await {
+            Ok(turn) => turn,
+            Err(e) => return items.iter().map(|_| Err(e.to_failure())).collect(),
+        };
         let view = self.view().await;
         let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
         let mut results: Vec<Option<Result<Version, Failure>>> = vec![None; items.len()];
@@ -549,7 +597,7 @@ impl Node {
                     Ok(Quorum::Stale(held)) => {
                         self.clock.observe(held);
                         let (key, value) = &items[i];
-                        self.coordinate(key, Some(value.clone()))
+                        self.coordinate_in_turn(key, Some(value.clone()))
                             .await
                             .map(|w| w.version)
                             .map_err(|e| e.to_failure())
@@ -582,6 +630,7 @@ impl Node {
     /// rebalance runs, its previous owners too.
     pub async fn get_quorum(&self, key: &str) -> Result<Option<Stored>, OpError> {
         self.validate(key, None)?;
+        let _turn = self.turn(1).await?;
         let current = self.view().await;
         let settled = self.topologies.settled();
         let owners = current.owners(key);

@@ -8,16 +8,8 @@
 //! write their answer when done, so one slow write does not hold up the
 //! requests behind it. A connection has at most [`MAX_IN_FLIGHT`] such
 //! tasks: past that it stops reading, and TCP pushes back on the client.
-//!
-//! Across connections, such a task starts its work only once the keys it
-//! coordinates fit in [`MAX_COORDINATING`]; the rest wait, idle, in
-//! arrival order. Without that bound a client with a large window (a bulk
-//! load of half a million keys in flight) floods the runtime with writes
-//! whose replication batches to this worker then wait behind them, past the
-//! write timeout: measured on a durable cluster, 2.8 million of 3 million
-//! keys failed with "write quorum not reached". Replication batches are
-//! answered inline by the reader and never wait here, so a worker
-//! coordinating writes never waits on a peer that waits on it.
+//! Across connections, the node bounds the keys it coordinates at once
+//! ([`crate::node::MAX_COORDINATING`]): a task past that waits its turn.
 
 use crate::node::Node;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -42,12 +34,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 16_384;
 /// Waiting requests per connection at most.
 pub const MAX_IN_FLIGHT: usize = 1024;
-/// Keys this worker coordinates at once (writes it is primary for, and
-/// quorum reads), over all connections: enough to keep replication
-/// pipelined (a batch's round trip is a few milliseconds), few enough that
-/// the work queued ahead of a peer's replication batch stays well inside
-/// the write timeout on a slow (durable, large) store.
-pub const MAX_COORDINATING: usize = 4096;
 
 /// How the wire server treats its connections.
 #[derive(Debug)]
@@ -65,8 +51,6 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Which refused hellos get a log line (one per peer per minute).
     pub refusals: Mutex<RefusalLog>,
-    /// Turns to coordinate keys, over all connections ([`MAX_COORDINATING`]).
-    pub coordinating: Arc<Semaphore>,
 }
 
 impl Settings {
@@ -83,7 +67,6 @@ impl Settings {
             max_frame: kv_wire::DEFAULT_MAX_FRAME_LEN,
             idle_timeout,
             refusals: Mutex::default(),
-            coordinating: Arc::new(Semaphore::new(MAX_COORDINATING)),
         }
     }
 
@@ -235,27 +218,8 @@ async fn connection(
                 break Ok(());
             };
             let (node, writer) = (node.clone(), writer.clone());
-            let keys = weight(&body);
-            // Taken here when there is room (the usual case, and no
-            // future to poll); else the task waits for it.
-            let turn = (settings.coordinating.clone())
-                .try_acquire_many_owned(keys)
-                .map_err(|_| settings.coordinating.clone());
             tokio::spawn(async move {
-                let turn = match turn {
-                    Ok(turn) => turn,
-                    Err(coordinating) => {
-                        let waiting = &node.metrics.coordination_waiting;
-                        waiting.inc();
-                        let turn = coordinating.acquire_many_owned(keys).await;
-                        waiting.dec();
-                        // The semaphore is never closed.
-                        let Ok(turn) = turn else { return };
-                        turn
-                    }
-                };
                 let body = answer(&node, body).await;
-                drop(turn);
                 // A failed write shows in the reader's next flush.
                 let _ = writer
                     .lock()
@@ -339,17 +303,6 @@ fn waits_on_peers(body: &Request) -> bool {
                 ..
             }
     )
-}
-
-/// The keys a request that waits on peers coordinates, as permits of
-/// [`MAX_COORDINATING`] (a batch larger than the whole budget takes all of
-/// it).
-fn weight(body: &Request) -> u32 {
-    let keys = match body {
-        Request::PutMany { items } => items.len().clamp(1, MAX_COORDINATING),
-        _ => 1,
-    };
-    keys as u32
 }
 
 /// The answer to one request.

@@ -147,8 +147,8 @@ async fn a_thousand_silent_connections_do_not_keep_a_client_out() {
 }
 
 /// A client with more writes in flight than a worker can coordinate at
-/// once (`MAX_COORDINATING` keys): the writes past that wait their turn,
-/// shown in `/metrics`, instead of piling work onto the runtime ahead of
+/// once (`MAX_COORDINATING` keys): the writes past that, over the wire or
+/// HTTP, wait their turn, shown in `/metrics`, instead of piling work onto the runtime ahead of
 /// the replication batches those writes wait for; copies sent to the
 /// worker are still answered meanwhile.
 #[tokio::test]
@@ -193,7 +193,7 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
     })
     .await;
 
-    let budget = kv_worker::wire_server::MAX_COORDINATING;
+    let budget = kv_worker::node::MAX_COORDINATING;
     let conn = Arc::new(worker.wire().await);
     // Three times the budget: a third of the keys are worker1's to
     // coordinate, and they hang, holding every turn.
@@ -214,9 +214,23 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
             conn.call(request).await
         }
     });
-    eventually("a write waiting for its turn", || async {
-        (worker.metric("kv_worker_coordination_waiting").await == 1).then_some(())
-    })
+    // And an HTTP write of a key worker1 coordinates (the primary of).
+    let mut mine = None;
+    for i in 0.. {
+        let key = format!("http:{i}");
+        let (_, mapping) = controller.get(&format!("/mapping?key={key}")).await;
+        if mapping["workers"][0] == "worker1" {
+            mine = Some(key);
+            break;
+        }
+    }
+    let url = worker.url("/kv");
+    let body = put_body(&mine.unwrap(), "v");
+    let http_write = tokio::spawn(async move { http("PUT", &url, body).await });
+    eventually(
+        "a wire write and an HTTP write waiting for their turn",
+        || async { (worker.metric("kv_worker_coordination_waiting").await == 2).then_some(()) },
+    )
     .await;
 
     // A peer's copy is answered all the same, on another connection.
@@ -236,7 +250,8 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
         matches!(reply, Response::Replicated { applied: 1, .. }),
         "{reply:?}"
     );
-    assert!(!flood.is_finished() && !late.is_finished());
+    assert!(!flood.is_finished() && !late.is_finished() && !http_write.is_finished());
     flood.abort();
     late.abort();
+    http_write.abort();
 }
