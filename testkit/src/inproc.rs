@@ -48,7 +48,6 @@ impl Service {
         self.lifecycle.as_ref().expect("a worker").leave();
     }
 
-    /// A wire connection to this worker (no cluster secret).
     /// A counter or gauge from this worker's `/metrics` (0 when absent).
     pub async fn metric(&self, name: &str) -> u64 {
         let (_, text) = self.get("/metrics").await;
@@ -58,6 +57,7 @@ impl Service {
             .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
     }
 
+    /// A wire connection to this worker (no cluster secret).
     pub async fn wire(&self) -> Connection {
         let credentials = Credentials::new("kv", "test");
         Connection::connect(&self.wire.to_string(), &credentials, PATIENCE)
