@@ -233,9 +233,14 @@ pub fn nowhere() -> Service {
         .local_addr()
         .unwrap()
         .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    elsewhere("nowhere", format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+/// A service this harness did not start, known by its address (a fake
+/// controller, say), for the helpers that take a [`Service`].
+pub fn elsewhere(id: &str, addr: SocketAddr) -> Service {
     Service {
-        id: "nowhere".into(),
+        id: id.into(),
         http: addr,
         wire: addr,
         stop: Default::default(),

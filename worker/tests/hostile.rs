@@ -163,14 +163,7 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
         c.down_after = Duration::from_secs(600);
     })
     .await;
-    let at = Service {
-        id: "controller".into(),
-        http: controller.addr,
-        wire: controller.addr,
-        stop: Default::default(),
-        lifecycle: None,
-        task: tokio::spawn(async {}),
-    };
+    let at = elsewhere("controller", controller.addr);
     // The writes it coordinates wait on its replicas for ten minutes.
     let worker = start_worker_with("worker1", &at, |c| {
         c.write_timeout = Duration::from_secs(600)
@@ -215,17 +208,16 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
         }
     });
     // And an HTTP write of a key worker1 coordinates (the primary of).
-    let mut mine = None;
-    for i in 0.. {
-        let key = format!("http:{i}");
+    let mut keys = (0..).map(|i| format!("http:{i}"));
+    let mine = loop {
+        let key = keys.next().unwrap();
         let (_, mapping) = controller.get(&format!("/mapping?key={key}")).await;
         if mapping["workers"][0] == "worker1" {
-            mine = Some(key);
-            break;
+            break key;
         }
-    }
+    };
     let url = worker.url("/kv");
-    let body = put_body(&mine.unwrap(), "v");
+    let body = put_body(&mine, "v");
     let http_write = tokio::spawn(async move { http("PUT", &url, body).await });
     eventually(
         "a wire write and an HTTP write waiting for their turn",
