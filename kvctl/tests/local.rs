@@ -22,6 +22,13 @@ async fn kvctl_local_runs_the_demo_and_leaves_no_orphans() {
         .map(|n| n["status"].as_str().unwrap())
         .collect();
     assert_eq!(statuses, ["UP"; 4]);
+    // "Ready" means ready: every worker in the ring with its first sync done.
+    for id in ["worker1", "worker2", "worker3", "worker4"] {
+        let url = format!("http://127.0.0.1:{}/readyz", local.http_port(id));
+        let (status, ready) = json(&http, &url).await;
+        assert_eq!(status, 200, "{id} is not ready: {ready}");
+        assert_eq!(ready["epoch"], nodes["epoch"], "{id}: {ready}");
+    }
 
     let (_, mapping) = json(&http, &format!("{controller}/mapping?key=user123")).await;
     let owners: Vec<String> = mapping["workers"]

@@ -149,3 +149,15 @@ impl Local {
         let _ = std::fs::remove_dir_all(&self.logs);
     }
 }
+
+/// A test that fails before [`Local::kill`] still takes its cluster down
+/// (kvctl's nodes follow it), rather than leaving it running and holding
+/// the test's output pipe open.
+impl Drop for Local {
+    fn drop(&mut self) {
+        if let Ok(None) = self.kvctl.try_wait() {
+            let _ = self.kvctl.kill();
+            let _ = self.kvctl.wait();
+        }
+    }
+}
