@@ -256,7 +256,7 @@ async fn ready(http: &HttpClient, controller: &str, nodes: &[Node], workers: usi
     // Ready as each worker's /readyz says, at the controller's epoch: in the
     // ring with its first sync done. Work started before then races with
     // that sync, which compares every arc while the writes change them
-    // (measured: a bulk load right after start cost a quarter more CPU).
+    // (measured: a bulk load started then took up to 40% more CPU).
     for node in nodes.iter().filter(|n| n.wire.is_some()) {
         let url = format!("http://127.0.0.1:{}/readyz", node.http);
         match http.get_json::<Value>(&url).await {
