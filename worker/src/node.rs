@@ -43,6 +43,22 @@ const READ_HEDGE: Duration = Duration::from_millis(50);
 /// no worker holding turns waits on one waiting for them.
 pub const MAX_COORDINATING: usize = 4096;
 
+/// One request counted in a gauge for as long as this lives.
+struct Waiting<'g>(&'g prometheus_client::metrics::gauge::Gauge);
+
+impl<'g> Waiting<'g> {
+    fn on(gauge: &'g prometheus_client::metrics::gauge::Gauge) -> Waiting<'g> {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Limits and timeouts of the data path.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -242,10 +258,10 @@ impl Node {
         if let Ok(turn) = self.turns.try_acquire_many(keys) {
             return Ok(turn);
         }
-        let waiting = &self.metrics.coordination_waiting;
-        waiting.inc();
+        // Counted down on drop, so a wait its caller gives up on (an HTTP
+        // client that hangs up drops its handler mid-wait) leaves no count.
+        let _waiting = Waiting::on(&self.metrics.coordination_waiting);
         let turn = self.turns.acquire_many(keys).await;
-        waiting.dec();
         // The semaphore is never closed.
         turn.map_err(|_| OpError::Unavailable)
     }

@@ -243,7 +243,15 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
         "{reply:?}"
     );
     assert!(!flood.is_finished() && !late.is_finished() && !http_write.is_finished());
+    // An HTTP client that hangs up while its write waits is no longer
+    // counted as waiting (its handler is dropped mid-wait).
+    http_write.abort();
+    eventually("the hung-up HTTP write to leave the count", || async {
+        (worker.metric("kv_worker_coordination_waiting").await == 1).then_some(())
+    })
+    .await;
+    // ...while the flood still holds every turn: nobody got one.
+    assert!(!flood.is_finished() && !late.is_finished());
     flood.abort();
     late.abort();
-    http_write.abort();
 }
