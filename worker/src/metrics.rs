@@ -52,6 +52,8 @@ pub struct Metrics {
     pub ae_arcs_compared: Counter,
     /// Of those, arcs whose digests differed.
     pub ae_arcs_differing: Counter,
+    /// Of those, arcs found being written, left to a later round.
+    pub ae_arcs_busy: Counter,
     /// Copies anti-entropy rounds repaired here (pulled) or handed off.
     pub ae_keys_repaired: Counter,
     /// Duration of the last anti-entropy round, in milliseconds.
@@ -102,6 +104,7 @@ impl Metrics {
             ae_rounds: Counter::default(),
             ae_arcs_compared: Counter::default(),
             ae_arcs_differing: Counter::default(),
+            ae_arcs_busy: Counter::default(),
             ae_keys_repaired: Counter::default(),
             ae_last_ms: Gauge::default(),
             arcs_unverified: Gauge::default(),
@@ -176,6 +179,11 @@ impl Metrics {
             "anti_entropy_arcs_differing",
             "Arcs compared by anti-entropy whose digests differed",
             m.ae_arcs_differing.clone(),
+        );
+        registry.register(
+            "anti_entropy_arcs_busy",
+            "Arcs that differed because they were being written during an anti-entropy round, left to a later round",
+            m.ae_arcs_busy.clone(),
         );
         registry.register(
             "anti_entropy_keys_repaired",

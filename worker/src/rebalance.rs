@@ -15,7 +15,7 @@
 //! it: nothing depends on where an earlier one stopped.
 
 use crate::node::Node;
-use crate::sync::{decide, Comparisons, Handoff, PeerArcs, Pull};
+use crate::sync::{decide, second_look, Comparisons, Handoff, Look, PeerArcs, Pull};
 use crate::topology::View;
 use futures::stream::{self, StreamExt};
 use kv_service::Backoff;
@@ -56,6 +56,14 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Pause between `Compare` batches of a periodic round: its cost is
 /// spread out, never a burst.
 const ROUND_PACE: Duration = Duration::from_millis(20);
+/// How long a periodic round waits before its second look at the arcs
+/// that differed ([`crate::sync::second_look`]): time for the copies in
+/// flight to land (a replication batch takes milliseconds).
+const SECOND_LOOK: Duration = Duration::from_millis(250);
+/// Every this many periodic rounds, one compares key by key the arcs that
+/// are being written too, so a copy lost in an arc that is never quiet is
+/// still repaired (within five minutes at the default interval).
+const THOROUGH_EVERY: u64 = 5;
 
 /// Why a sync runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +85,9 @@ pub struct Report {
     pub compared: usize,
     /// Of those, comparisons whose digests differed.
     pub differing: usize,
+    /// Of those, arcs a periodic round found being written and left to a
+    /// later round.
+    pub busy: usize,
     /// Copies pulled and applied here.
     pub pulled: usize,
     /// Bytes of keys and values pulled.
@@ -115,6 +126,7 @@ impl Report {
     fn add_peer(&mut self, p: &PeerReport) {
         self.compared += p.compared;
         self.differing += p.differing;
+        self.busy += p.busy;
         self.pulled += p.pulled;
         self.pulled_bytes += p.pulled_bytes;
         self.failures += p.failures;
@@ -131,6 +143,7 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
     // Whether a sync began since the last complete one: until one
     // completes, data may sit anywhere between the views involved.
     let mut unfinished = false;
+    let mut rounds: u64 = 0;
     loop {
         let why = tokio::select! {
             changed = changes.changed() => {
@@ -146,6 +159,7 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
         let view = changes.borrow_and_update().clone();
         if why == Why::AntiEntropy {
             next_round = Instant::now() + interval;
+            rounds += 1;
         }
         if view.topology.members.is_empty() {
             // Nothing to sync towards until a topology with workers comes
@@ -171,11 +185,18 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
             node.topologies.settle(view);
             continue;
         }
+        // Only a round over a view this worker already holds its share of
+        // may leave busy arcs for later: one that would settle a view (an
+        // earlier sync was cut short) must compare everything.
+        let defer_busy = why == Why::AntiEntropy
+            && !unfinished
+            && settled.epoch() == view.epoch()
+            && !rounds.is_multiple_of(THOROUGH_EVERY);
         unfinished = true;
         let began = Instant::now();
         node.progress.begin(view.epoch(), node.now_ms());
         let report = tokio::select! {
-            report = sync(&node, &view, why) => report,
+            report = sync(&node, &view, why, defer_busy) => report,
             // A newer topology: start over towards it. What was pulled so
             // far stays (copies apply idempotently).
             _ = changes.changed() => {
@@ -235,6 +256,7 @@ fn record(node: &Node, view: &View, why: Why, r: &Report, took: Duration) {
         m.ae_rounds.inc();
         m.ae_arcs_compared.inc_by(r.compared as u64);
         m.ae_arcs_differing.inc_by(r.differing as u64);
+        m.ae_arcs_busy.inc_by(r.busy as u64);
         m.ae_keys_repaired.inc_by(moved);
         m.ae_last_ms.set(took.as_millis() as i64);
     } else {
@@ -252,6 +274,7 @@ fn record(node: &Node, view: &View, why: Why, r: &Report, took: Duration) {
             arcs = r.arcs,
             compared = r.compared,
             differing = r.differing,
+            busy = r.busy,
             pulled = r.pulled,
             pulled_bytes = r.pulled_bytes,
             foreign = r.foreign,
@@ -266,8 +289,9 @@ fn record(node: &Node, view: &View, why: Why, r: &Report, took: Duration) {
     }
 }
 
-/// One sync of this worker towards `view`.
-pub async fn sync(node: &Node, view: &View, why: Why) -> Report {
+/// One sync of this worker towards `view`; with `defer_busy`, arcs being
+/// written during it are left to a later round.
+pub async fn sync(node: &Node, view: &View, why: Why, defer_busy: bool) -> Report {
     let plan = Comparisons::new(&node.id, view);
     let mut report = Report {
         arcs: plan.arcs.len(),
@@ -289,7 +313,9 @@ pub async fn sync(node: &Node, view: &View, why: Why) -> Report {
     for pass in 0..passes {
         let pulled_before = report.pulled;
         for phase in &plan.phases {
-            let peers = phase.values().map(|arcs| sync_peer(node, &plan, arcs, why));
+            let peers = phase
+                .values()
+                .map(|arcs| sync_peer(node, &plan, arcs, why, defer_busy));
             for peer in futures::future::join_all(peers).await {
                 report.add_peer(&peer);
                 if pass == 0 {
@@ -324,6 +350,7 @@ pub async fn sync(node: &Node, view: &View, why: Why) -> Report {
 struct PeerReport {
     compared: usize,
     differing: usize,
+    busy: usize,
     pulled: usize,
     pulled_bytes: usize,
     failures: usize,
@@ -337,6 +364,7 @@ async fn sync_peer(
     plan: &Comparisons<'_>,
     arcs: &PeerArcs<'_>,
     why: Why,
+    defer_busy: bool,
 ) -> PeerReport {
     let mut report = PeerReport::default();
     let peer = arcs.peer;
@@ -348,24 +376,22 @@ async fn sync_peer(
             .iter()
             .map(|&i| (plan.arcs[i].0, node.store.digest(plan.arcs[i].0)))
             .collect();
-        let compared = call(
-            node,
-            peer,
-            || Request::Compare {
-                ranges: mine.clone(),
-            },
-            |r| match r {
-                Response::Compared(differ) => Some(differ),
-                _ => None,
-            },
-        )
-        .await;
-        let Some(differ) = compared else {
+        let compared = match compare(node, peer, &mine).await {
+            Some(differ) if defer_busy && !differ.is_empty() => {
+                let differing = differ.len();
+                look_again(node, peer, &mine, differ)
+                    .await
+                    .map(|(still, busy)| (differing, still, busy))
+            }
+            differ => differ.map(|differ| (differ.len(), differ, 0)),
+        };
+        let Some((differing, differ, busy)) = compared else {
             report.failures += 1;
             continue;
         };
         report.compared += chunk.len();
-        report.differing += differ.len();
+        report.differing += differing;
+        report.busy += busy;
         // Each pull with the copies the peer holds beyond ours: what the
         // progress shows still to come.
         let pulls: Vec<_> = differ
@@ -409,6 +435,59 @@ async fn sync_peer(
         );
     }
     report
+}
+
+/// The arcs of `mine` whose digest differs at `peer`, with the peer's
+/// digest; `None` if the call failed.
+async fn compare(
+    node: &Node,
+    peer: &Member,
+    mine: &[(HashRange, Digest)],
+) -> Option<Vec<(u32, Digest)>> {
+    let request = || Request::Compare {
+        ranges: mine.to_vec(),
+    };
+    call(node, peer, request, |r| match r {
+        Response::Compared(differ) => Some(differ),
+        _ => None,
+    })
+    .await
+}
+
+/// A periodic round's second look at the arcs of `mine` that differed
+/// (`differ`): a moment later, both sides' digests again. Those that still
+/// differ, unchanged on both sides, are returned to be pulled; those that
+/// moved are counted busy and left to a later round; the rest settled.
+async fn look_again(
+    node: &Node,
+    peer: &Member,
+    mine: &[(HashRange, Digest)],
+    differ: Vec<(u32, Digest)>,
+) -> Option<(Vec<(u32, Digest)>, usize)> {
+    tokio::time::sleep(SECOND_LOOK).await;
+    let first: Vec<(usize, (Digest, Digest))> = differ
+        .iter()
+        .filter_map(|&(i, theirs)| Some((i as usize, (mine.get(i as usize)?.1, theirs))))
+        .collect();
+    let now: Vec<(HashRange, Digest)> = first
+        .iter()
+        .map(|&(i, _)| (mine[i].0, node.store.digest(mine[i].0)))
+        .collect();
+    let mut again: Vec<Option<(Digest, Digest)>> = vec![None; now.len()];
+    for (j, theirs) in compare(node, peer, &now).await? {
+        if let Some(slot) = again.get_mut(j as usize) {
+            *slot = Some((now[j as usize].1, theirs));
+        }
+    }
+    let (mut still, mut busy) = (Vec::new(), 0);
+    for (&(i, first), again) in first.iter().zip(again) {
+        match second_look(first, again) {
+            Look::Settled => {}
+            Look::Busy => busy += 1,
+            Look::Differs => still.push((i as u32, first.1)),
+        }
+    }
+    Some((still, busy))
 }
 
 /// Pulls what `how` says of `range` from `peer`: copies applied and their

@@ -65,6 +65,32 @@ pub fn decide(mine: Digest, theirs: Digest) -> Pull {
     }
 }
 
+/// What a periodic round makes of an arc whose digests differed, after
+/// a second look a moment later ([`second_look`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Equal now: the difference was copies in flight.
+    Settled,
+    /// A digest moved in between: the arc is being written, and its
+    /// difference most likely in flight too. Listing its keys now would
+    /// cost a round under a heavy load seconds of both workers' time (a
+    /// bulk load ran at half speed through each round), mostly to find
+    /// copies already on their way; a later round looks again.
+    Busy,
+    /// The same difference at rest on both sides: compare key by key now.
+    Differs,
+}
+
+/// An arc's digests (mine, theirs) at the first look, and at the second —
+/// `None` when they were equal then.
+pub fn second_look(first: (Digest, Digest), again: Option<(Digest, Digest)>) -> Look {
+    match again {
+        None => Look::Settled,
+        Some(again) if again == first => Look::Differs,
+        Some(_) => Look::Busy,
+    }
+}
+
 /// The arcs one peer is asked about, in one phase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerArcs<'v> {
@@ -199,6 +225,18 @@ mod tests {
     use kv_wire::{Ring, Topology};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn a_second_look_pulls_only_differences_at_rest() {
+        let d = |count, xor| Digest { count, xor };
+        let first = (d(10, 1), d(11, 2));
+        assert_eq!(second_look(first, None), Look::Settled);
+        assert_eq!(second_look(first, Some(first)), Look::Differs);
+        // Written here, there, or both, in between.
+        assert_eq!(second_look(first, Some((d(11, 3), d(11, 2)))), Look::Busy);
+        assert_eq!(second_look(first, Some((d(10, 1), d(12, 4)))), Look::Busy);
+        assert_eq!(second_look(first, Some((d(12, 5), d(13, 6)))), Look::Busy);
+    }
 
     fn member(id: &str) -> Member {
         Member {

@@ -3,6 +3,7 @@
 //! one owner missed — and move nothing when nothing differs.
 #![allow(clippy::unwrap_used)]
 
+use kv_testkit::eventually_within;
 use kv_testkit::inproc::*;
 use kv_wire::{Request, Response};
 use std::time::Duration;
@@ -193,6 +194,82 @@ async fn rounds_with_nothing_different_compare_everything_and_move_nothing() {
             "{}",
             w.id
         );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_leave_arcs_being_written_for_later_yet_repair_copies_lost_in_them() {
+    let n = 3000;
+    let cluster = loaded(n).await;
+    let victim = cluster.worker("worker1");
+    let ring = ring(&cluster);
+    let lost: Vec<String> = (0..n)
+        .map(|i| format!("key:{i}"))
+        .filter(|k| ring.is_owner(k.as_bytes(), 3, "worker1"))
+        .step_by(60)
+        .collect();
+    // For each lost key, a key in the same arc that writers keep changing:
+    // that arc differs at every look, so a round compares it key by key
+    // only when it is a thorough one.
+    let arcs = ring.arcs();
+    let hot: Vec<String> = lost
+        .iter()
+        .map(|k| {
+            let hash = kv_wire::Ring::key_hash(k.as_bytes());
+            let (arc, _) = arcs.iter().find(|(r, _)| r.contains(hash)).unwrap();
+            (0..)
+                .map(|j| format!("hot:{j}"))
+                .find(|h| h != k && arc.contains(kv_wire::Ring::key_hash(h.as_bytes())))
+                .unwrap()
+        })
+        .collect();
+    let writing = tokio_util::sync::CancellationToken::new();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (url, hot, writing) = (cluster.workers[w].url("/kv"), hot.clone(), writing.clone());
+            tokio::spawn(async move {
+                for i in (w..).step_by(4) {
+                    if writing.is_cancelled() {
+                        break;
+                    }
+                    let key = &hot[i % hot.len()];
+                    http("PUT", &url, put_body(key, &format!("v{i}"))).await;
+                }
+            })
+        })
+        .collect();
+    let busy_before = victim
+        .metric("kv_worker_anti_entropy_arcs_busy_total")
+        .await;
+    let body = serde_json::to_string(&lost).unwrap();
+    let (status, reply) = http("POST", &victim.url("/test/forget"), body).await;
+    assert_eq!(status, 200, "{reply}");
+
+    // Repaired while the writes go on, and the busy arcs were seen as such.
+    eventually_within(
+        Duration::from_secs(90),
+        Duration::from_millis(50),
+        "the lost copies back on worker1",
+        || async {
+            for key in &lost {
+                victim.local(key).await?;
+            }
+            Some(())
+        },
+    )
+    .await;
+    let busy = victim
+        .metric("kv_worker_anti_entropy_arcs_busy_total")
+        .await;
+    assert!(busy > busy_before, "no round saw a busy arc ({busy})");
+    assert!(
+        writers.iter().all(|w| !w.is_finished()),
+        "a writer stopped early"
+    );
+    writing.cancel();
+    for w in writers {
+        w.await.unwrap();
     }
     cluster.shutdown().await;
 }
