@@ -56,10 +56,13 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Pause between `Compare` batches of a periodic round: its cost is
 /// spread out, never a burst.
 const ROUND_PACE: Duration = Duration::from_millis(20);
-/// How long a periodic round waits before its second look at the arcs
+/// How long a periodic round waits before each further look at the arcs
 /// that differed ([`crate::sync::second_look`]): time for the copies in
 /// flight to land (a replication batch takes milliseconds).
 const SECOND_LOOK: Duration = Duration::from_millis(250);
+/// Further looks at most at an arc that keeps moving before the round
+/// leaves it for later.
+const LOOKS: usize = 3;
 /// Every this many periodic rounds, one compares key by key the arcs that
 /// are being written too, so a copy lost in an arc that is never quiet is
 /// still repaired (within five minutes at the default interval).
@@ -372,14 +375,14 @@ async fn sync_peer(
         if why == Why::AntiEntropy && batch > 0 {
             tokio::time::sleep(ROUND_PACE).await;
         }
-        let mine: Vec<(HashRange, Digest)> = chunk
+        let mut mine: Vec<(HashRange, Digest)> = chunk
             .iter()
             .map(|&i| (plan.arcs[i].0, node.store.digest(plan.arcs[i].0)))
             .collect();
         let compared = match compare(node, peer, &mine).await {
             Some(differ) if defer_busy && !differ.is_empty() => {
                 let differing = differ.len();
-                look_again(node, peer, &mine, differ)
+                look_again(node, peer, &mut mine, differ)
                     .await
                     .map(|(still, busy)| (differing, still, busy))
             }
@@ -454,40 +457,52 @@ async fn compare(
     .await
 }
 
-/// A periodic round's second look at the arcs of `mine` that differed
-/// (`differ`): a moment later, both sides' digests again. Those that still
-/// differ, unchanged on both sides, are returned to be pulled; those that
-/// moved are counted busy and left to a later round; the rest settled.
+/// A periodic round's further looks at the arcs of `mine` that differed
+/// (`differ`): a moment later, both sides' digests again, up to
+/// [`LOOKS`] times while some moved (another worker's repair moves a
+/// digest once; a stream of writes keeps moving it). Returns the arcs
+/// that differ at rest, to be pulled (`mine` updated to the digests
+/// seen at rest), and how many kept moving: busy, left to a later round.
+/// The rest settled.
 async fn look_again(
     node: &Node,
     peer: &Member,
-    mine: &[(HashRange, Digest)],
+    mine: &mut [(HashRange, Digest)],
     differ: Vec<(u32, Digest)>,
 ) -> Option<(Vec<(u32, Digest)>, usize)> {
-    tokio::time::sleep(SECOND_LOOK).await;
-    let first: Vec<(usize, (Digest, Digest))> = differ
+    let mut moving: Vec<(usize, (Digest, Digest))> = differ
         .iter()
         .filter_map(|&(i, theirs)| Some((i as usize, (mine.get(i as usize)?.1, theirs))))
         .collect();
-    let now: Vec<(HashRange, Digest)> = first
-        .iter()
-        .map(|&(i, _)| (mine[i].0, node.store.digest(mine[i].0)))
-        .collect();
-    let mut again: Vec<Option<(Digest, Digest)>> = vec![None; now.len()];
-    for (j, theirs) in compare(node, peer, &now).await? {
-        if let Some(slot) = again.get_mut(j as usize) {
-            *slot = Some((now[j as usize].1, theirs));
+    let mut still = Vec::new();
+    for _ in 0..LOOKS {
+        if moving.is_empty() {
+            break;
+        }
+        tokio::time::sleep(SECOND_LOOK).await;
+        let now: Vec<(HashRange, Digest)> = moving
+            .iter()
+            .map(|&(i, _)| (mine[i].0, node.store.digest(mine[i].0)))
+            .collect();
+        let mut again: Vec<Option<(Digest, Digest)>> = vec![None; now.len()];
+        for (j, theirs) in compare(node, peer, &now).await? {
+            if let Some(slot) = again.get_mut(j as usize) {
+                *slot = Some((now[j as usize].1, theirs));
+            }
+        }
+        let looked = std::mem::take(&mut moving);
+        for ((i, before), again) in looked.into_iter().zip(again) {
+            match (second_look(before, again), again) {
+                (Look::Differs, _) => {
+                    mine[i].1 = before.0;
+                    still.push((i as u32, before.1));
+                }
+                (Look::Busy, Some(now)) => moving.push((i, now)),
+                _ => {}
+            }
         }
     }
-    let (mut still, mut busy) = (Vec::new(), 0);
-    for (&(i, first), again) in first.iter().zip(again) {
-        match second_look(first, again) {
-            Look::Settled => {}
-            Look::Busy => busy += 1,
-            Look::Differs => still.push((i as u32, first.1)),
-        }
-    }
-    Some((still, busy))
+    Some((still, moving.len()))
 }
 
 /// Pulls what `how` says of `range` from `peer`: copies applied and their
