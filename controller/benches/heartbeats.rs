@@ -81,12 +81,7 @@ async fn call_proving(
 
 /// CPU seconds (user + system) the process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ is 100 on Linux
+    kv_testkit::cpu_time(&pid.to_string()).as_secs_f64()
 }
 
 fn arg(name: &str, default: u64) -> u64 {

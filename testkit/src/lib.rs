@@ -20,6 +20,20 @@ use serde_json::Value;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+/// The user and system CPU time process `pid` (`"self"`: this one), all
+/// its threads, has used so far, from `/proc/<pid>/stat`. Benchmarks
+/// report it: on a shared machine the CPU an operation costs is steadier
+/// than how many run in a second.
+pub fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // utime and stime, the 14th and 15th fields, counted after the
+    // command's closing parenthesis (a command may hold spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let field = |i: usize| -> u64 { rest.split_whitespace().nth(i).unwrap().parse().unwrap() };
+    // /proc counts in USER_HZ, 100 a second on Linux whatever the kernel's tick.
+    Duration::from_millis((field(11) + field(12)) * 10)
+}
+
 /// How long an in-process test waits for what it expects: generous, since
 /// many clusters share 2 cores when tests run in parallel.
 pub const PATIENCE: Duration = Duration::from_secs(30);

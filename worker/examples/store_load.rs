@@ -21,18 +21,7 @@ const BATCH: u64 = 512;
 
 /// User and system CPU of this process (all its threads) so far.
 fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // utime and stime, the 14th and 15th fields, counted after the
-    // command's closing parenthesis (a command may hold spaces).
-    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-    let field = |i: usize| -> u64 {
-        rest.split_whitespace()
-            .nth(i)
-            .and_then(|f| f.parse().ok())
-            .expect("a stat field")
-    };
-    // /proc counts in USER_HZ, 100 a second on Linux whatever the kernel's tick.
-    Duration::from_millis((field(11) + field(12)) * 10)
+    kv_testkit::cpu_time("self")
 }
 
 fn load(store: &dyn Store, n: u64) -> Duration {
