@@ -30,6 +30,24 @@ async fn loaded(n: usize) -> Cluster {
     cluster
 }
 
+/// Every `step`-th of the keys `key:0..n` that worker1 owns.
+fn owned_by_worker1(cluster: &Cluster, n: usize, step: usize) -> Vec<String> {
+    let ring = ring(cluster);
+    (0..n)
+        .map(|i| format!("key:{i}"))
+        .filter(|k| ring.is_owner(k.as_bytes(), 3, "worker1"))
+        .step_by(step)
+        .collect()
+}
+
+/// `worker` drops its copies of `keys` and tells no one (the test hook).
+async fn forget(worker: &Service, keys: &[String]) {
+    let body = serde_json::to_string(keys).unwrap();
+    let (status, reply) = http("POST", &worker.url("/test/forget"), body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["forgotten"].as_u64(), Some(keys.len() as u64));
+}
+
 /// Waits for `rounds` more anti-entropy rounds on every worker.
 async fn rounds(cluster: &Cluster, rounds: u64) {
     for w in &cluster.workers {
@@ -50,19 +68,11 @@ async fn copies_lost_behind_the_clusters_back_come_back_with_no_topology_change(
 
     // worker1 loses a tenth of its copies, and tells no one.
     let victim = cluster.worker("worker1");
-    let ring = ring(&cluster);
-    let lost: Vec<String> = (0..n)
-        .map(|i| format!("key:{i}"))
-        .filter(|k| ring.is_owner(k.as_bytes(), 3, "worker1"))
-        .step_by(10)
-        .collect();
+    let lost = owned_by_worker1(&cluster, n, 10);
     let repaired_before = victim
         .metric("kv_worker_anti_entropy_keys_repaired_total")
         .await;
-    let body = serde_json::to_string(&lost).unwrap();
-    let (status, reply) = http("POST", &victim.url("/test/forget"), body).await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply["forgotten"].as_u64(), Some(lost.len() as u64));
+    forget(victim, &lost).await;
 
     fully_replicated(&cluster, n as u64).await;
     for key in &lost {
@@ -203,15 +213,11 @@ async fn rounds_leave_arcs_being_written_for_later_yet_repair_copies_lost_in_the
     let n = 3000;
     let cluster = loaded(n).await;
     let victim = cluster.worker("worker1");
-    let ring = ring(&cluster);
-    let lost: Vec<String> = (0..n)
-        .map(|i| format!("key:{i}"))
-        .filter(|k| ring.is_owner(k.as_bytes(), 3, "worker1"))
-        .step_by(60)
-        .collect();
+    let lost = owned_by_worker1(&cluster, n, 60);
     // For each lost key, a key in the same arc that writers keep changing:
     // that arc differs at every look, so a round compares it key by key
     // only when it is a thorough one.
+    let ring = ring(&cluster);
     let arcs = ring.arcs();
     let hot: Vec<String> = lost
         .iter()
@@ -242,9 +248,7 @@ async fn rounds_leave_arcs_being_written_for_later_yet_repair_copies_lost_in_the
     let busy_before = victim
         .metric("kv_worker_anti_entropy_arcs_busy_total")
         .await;
-    let body = serde_json::to_string(&lost).unwrap();
-    let (status, reply) = http("POST", &victim.url("/test/forget"), body).await;
-    assert_eq!(status, 200, "{reply}");
+    forget(victim, &lost).await;
 
     // Repaired while the writes go on, and the busy arcs were seen as such.
     eventually_within(
