@@ -66,7 +66,7 @@ pub fn decide(mine: Digest, theirs: Digest) -> Pull {
 }
 
 /// What a periodic round makes of an arc whose digests differed, after
-/// a second look a moment later ([`second_look`]).
+/// another look a moment later ([`second_look`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Look {
     /// Equal now: the difference was copies in flight.
@@ -81,12 +81,12 @@ pub enum Look {
     Differs,
 }
 
-/// An arc's digests (mine, theirs) at the first look, and at the second —
-/// `None` when they were equal then.
-pub fn second_look(first: (Digest, Digest), again: Option<(Digest, Digest)>) -> Look {
+/// An arc's digests (mine, theirs) at one look, and at the next — `None`
+/// when they were equal then.
+pub fn second_look(before: (Digest, Digest), again: Option<(Digest, Digest)>) -> Look {
     match again {
         None => Look::Settled,
-        Some(again) if again == first => Look::Differs,
+        Some(again) if again == before => Look::Differs,
         Some(_) => Look::Busy,
     }
 }

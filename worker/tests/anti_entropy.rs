@@ -215,8 +215,8 @@ async fn rounds_leave_arcs_being_written_for_later_yet_repair_copies_lost_in_the
     let victim = cluster.worker("worker1");
     let lost = owned_by_worker1(&cluster, n, 60);
     // For each lost key, a key in the same arc that writers keep changing:
-    // that arc differs at every look, so a round compares it key by key
-    // only when it is a thorough one.
+    // the arc differs (the lost copy) and moves at every look (the writes),
+    // so only a thorough round compares it key by key.
     let ring = ring(&cluster);
     let arcs = ring.arcs();
     let hot: Vec<String> = lost
