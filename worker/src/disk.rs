@@ -35,7 +35,6 @@ use crate::store::{
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use kv_wire::{Digest, HashRange, Ring, Version};
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::ops::Bound;
@@ -467,48 +466,64 @@ impl DiskStore {
     /// summaries (no engine reads), whose buckets stay locked from the
     /// comparison until the batch is in, so a concurrent write to the same
     /// key waits rather than interleaves.
+    ///
+    /// The copies are taken in key order (ring hash, then key; a key's
+    /// copies in the order given). The engine's memtable is a skiplist:
+    /// each insert a neighbour of the last finds its way through nodes
+    /// still in the cache, where inserts in arrival order each walk a
+    /// random path (a quarter of a durable bulk load's CPU went to that
+    /// walk). Measured loading 1,000,000 keys into a durable `kvctl local`,
+    /// four rounds each, alternating: 91-98k -> 106-131k keys/s, the
+    /// workers' CPU 19.0-20.4 s -> 14.3-17.3 s.
     fn write(&self, copies: &[(&str, &Stored)]) -> Vec<Result<Applied, StoreError>> {
         let hashes: Vec<u64> = copies
             .iter()
             .map(|(key, _)| Ring::key_hash(key.as_bytes()))
             .collect();
-        // Locked in ascending order, so batches never wait on each other
-        // in a cycle (every other caller holds one bucket at a time).
-        let mut ids: Vec<usize> = hashes.iter().map(|h| bucket_of(*h)).collect();
-        ids.sort_unstable();
+        let mut order: Vec<usize> = (0..copies.len()).collect();
+        order.sort_unstable_by_key(|&i| (hashes[i], copies[i].0, i));
+        // Locked in ascending order (key order is bucket order), so
+        // batches never wait on each other in a cycle (every other caller
+        // holds one bucket at a time).
+        let mut ids: Vec<usize> = order.iter().map(|&i| bucket_of(hashes[i])).collect();
         ids.dedup();
         let mut locked: Vec<MutexGuard<'_, Summary>> =
             ids.iter().map(|b| self.bucket(*b)).collect();
         let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
-        let mut outcomes = Vec::with_capacity(copies.len());
-        // Per key written: its newest copy in this batch (a key can come
-        // twice; only the last newer one goes to the engine).
-        let mut planned: HashMap<&str, (Held, usize)> = HashMap::new();
-        for (i, (&(key, copy), &hash)) in copies.iter().zip(&hashes).enumerate() {
+        // Every place is written below: each index is in `order` once.
+        let mut outcomes = vec![Ok(Applied::Held); copies.len()];
+        // The copies going to the engine, in key order: per key, the last
+        // newer one (a key can come twice in a batch).
+        let mut planned: Vec<(Held, usize)> = Vec::with_capacity(copies.len());
+        for &i in &order {
+            let ((key, copy), hash) = (copies[i], hashes[i]);
             if let Err(e) = crate::store::storable(key) {
-                outcomes.push(Err(e));
+                outcomes[i] = Err(e);
                 continue;
             }
             let now = Held::of(hash, key, copy);
-            let held = match planned.get(key) {
-                Some(&(latest, _)) => Some(latest),
-                None => locked[slot(hash)].find(hash, now.check),
-            };
-            let outcome = match held {
+            let earlier = planned
+                .last()
+                .filter(|&&(_, j)| copies[j].0 == key)
+                .map(|&(latest, _)| latest);
+            let held = earlier.or_else(|| locked[slot(hash)].find(hash, now.check));
+            outcomes[i] = Ok(match held {
                 Some(h) if h.version > copy.version => Applied::Older { held: h.version },
                 Some(h) if h.version == copy.version => Applied::Held,
                 _ => {
-                    planned.insert(key, (now, i));
+                    if earlier.is_some() {
+                        planned.pop();
+                    }
+                    planned.push((now, i));
                     Applied::Stored
                 }
-            };
-            outcomes.push(Ok(outcome));
+            });
         }
         if planned.is_empty() {
             return outcomes;
         }
         let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
-        for &(_, i) in planned.values() {
+        for &(_, i) in &planned {
             let (key, copy) = copies[i];
             batch.insert(&self.copies, encode_key(hashes[i], key), encode_copy(copy));
         }
@@ -539,7 +554,7 @@ impl DiskStore {
         }
         self.syncer.written();
         let (mut keys, mut bytes, mut tombstones) = (0, 0, 0);
-        for (now, _) in planned.into_values() {
+        for (now, _) in planned {
             if let Some(b) = locked[slot(now.hash)].replace(&self.digests, now) {
                 keys -= 1;
                 bytes -= i64::from(b.size);

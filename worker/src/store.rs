@@ -821,6 +821,43 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Batches of many keys, each maybe several times with versions in
+        /// any order, tombstones and a key too long to store among them:
+        /// applied as a batch, they do what they do one copy after another
+        /// (a store may take a batch's copies in any order it likes, but
+        /// a key's own copies in the order given).
+        #[test]
+        fn any_batch_applies_like_one_copy_after_another(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0usize..13, 0u64..8, proptest::prelude::any::<bool>()), 0..40),
+                1..4,
+            ),
+        ) {
+            let long = "k".repeat(70_000);
+            let key = |k: usize| if k == 12 { long.clone() } else { format!("key:{k}") };
+            each_store_pair(|batched, single| {
+                for batch in &batches {
+                    let owned: Vec<(String, Stored)> = batch
+                        .iter()
+                        .map(|&(k, hlc, gone)| (key(k), copy(hlc, (!gone).then_some("v"))))
+                        .collect();
+                    let one_by_one: Vec<_> = owned
+                        .iter()
+                        .map(|(k, c)| single.apply(k, c.clone()))
+                        .collect();
+                    assert_eq!(batched.apply_many(&owned), one_by_one);
+                    for k in 0..12 {
+                        assert_eq!(batched.get(&key(k)), single.get(&key(k)), "{k}");
+                    }
+                    assert_eq!(batched.stats(), single.stats());
+                    assert_eq!(batched.digest(HashRange::ALL), single.digest(HashRange::ALL));
+                }
+            });
+        }
+    }
+
     #[test]
     fn a_range_within_one_bucket_or_inverted_is_handled() {
         each_store(|store| {
