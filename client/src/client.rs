@@ -109,6 +109,11 @@ impl Client {
         self.view().owners(key).into_iter().cloned().collect()
     }
 
+    /// The key's primary as the client sees it.
+    pub fn primary(&self, key: &str) -> Option<Member> {
+        self.view().primary(key).cloned()
+    }
+
     /// The topology epoch the client routes by.
     pub fn epoch(&self) -> u64 {
         self.view().epoch()
@@ -139,7 +144,7 @@ impl Client {
         let deadline = Instant::now() + RETRY_WINDOW;
         loop {
             let view = self.view();
-            let primary = *view.owners(key).first().ok_or(ClientError::NoWorkers)?;
+            let primary = view.primary(key).ok_or(ClientError::NoWorkers)?;
             let reason = match self.pool.call(primary, request()).await {
                 Ok(Response::Written { version, .. }) => return Ok(version),
                 Ok(Response::Failed(f)) if f.kind == FailureKind::BadRequest => {
@@ -190,7 +195,7 @@ impl Client {
 
     /// Writes many keys at W=2, each on its own: batched per primary and
     /// pipelined. Results come in the order of `items`.
-    pub async fn put_many(&self, items: Vec<(String, Bytes)>) -> Vec<Result<Version, ClientError>> {
+    pub async fn put_many(&self, items: &[(String, Bytes)]) -> Vec<Result<Version, ClientError>> {
         let mut results: Vec<Option<Result<Version, ClientError>>> =
             (0..items.len()).map(|_| None).collect();
         let mut todo: Vec<usize> = (0..items.len()).collect();
@@ -199,7 +204,7 @@ impl Client {
             let view = self.view();
             let mut by_primary: HashMap<&str, (&Member, Vec<usize>)> = HashMap::new();
             for i in todo.drain(..) {
-                match view.owners(&items[i].0).first() {
+                match view.primary(&items[i].0) {
                     Some(primary) => by_primary
                         .entry(&primary.id)
                         .or_insert_with(|| (primary, Vec::new()))

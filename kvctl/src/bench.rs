@@ -158,11 +158,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `key`'s primary.
 fn primary(routes: &Client, key: &str) -> Result<Member> {
-    routes
-        .owners(key)
-        .into_iter()
-        .next()
-        .context("no live worker")
+    routes.primary(key).context("no live worker")
 }
 
 fn expect_ok(reply: Reply) -> Result<()> {

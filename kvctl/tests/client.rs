@@ -42,7 +42,7 @@ async fn writes_go_to_the_primary_and_many_share_one_client() {
     let items: Vec<(String, Bytes)> = (0..3000)
         .map(|i| (format!("bulk:{i}"), Bytes::from(format!("b{i}"))))
         .collect();
-    assert!(c.put_many(items).await.iter().all(Result::is_ok));
+    assert!(c.put_many(&items).await.iter().all(Result::is_ok));
     assert_eq!(
         c.get("bulk:2999").await.unwrap().map(|(v, _)| v),
         Some(Bytes::from("b2999"))

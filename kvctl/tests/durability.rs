@@ -109,7 +109,7 @@ async fn a_worker_back_with_its_data_dir_is_sent_only_what_changed_while_it_was_
     let c = client(&cluster).await;
     let value = Bytes::from(vec![b'n'; 100]);
     let items: Vec<(String, Bytes)> = changed.iter().map(|k| (k.clone(), value.clone())).collect();
-    for r in c.put_many(items).await {
+    for r in c.put_many(&items).await {
         r.unwrap();
     }
     let changed_bytes: usize = changed.iter().map(|k| k.len() + value.len()).sum();
@@ -197,7 +197,7 @@ async fn a_torn_journal_tail_after_a_crash_is_cut_off_and_logged_and_nothing_bef
     let items: Vec<(String, Bytes)> = (0..2000)
         .map(|i| (format!("torn:{i}"), Bytes::from(format!("value-{i}"))))
         .collect();
-    for r in c.put_many(items).await {
+    for r in c.put_many(&items).await {
         r.unwrap();
     }
     signal(cluster.nodes["worker1"].pid(), "-9");

@@ -547,7 +547,7 @@ impl Load {
                 )
             })
             .collect();
-        for ((key, value), result) in still.clone().into_iter().zip(client.put_many(still).await) {
+        for ((key, value), result) in still.iter().cloned().zip(client.put_many(&still).await) {
             let version = result.unwrap();
             history.lock().unwrap().acked.insert(
                 key,

@@ -156,9 +156,8 @@ impl Ring {
 
     /// The primary owner of `key`, if the ring has any worker.
     pub fn primary(&self, key: &[u8]) -> Option<&str> {
-        self.owner_indices(Ring::key_hash(key), 1)
-            .first()
-            .map(|&i| self.nodes[i as usize].as_str())
+        self.primary_index(Ring::key_hash(key))
+            .map(|i| self.nodes[i as usize].as_str())
     }
 
     /// Whether `id` is among the first `n` owners of `key`.
@@ -243,6 +242,13 @@ impl Ring {
             ));
         }
         arcs
+    }
+
+    /// The index into [`Ring::nodes`] of the primary of the key hashing to
+    /// `hash`: [`Ring::owner_indices`]' first, without a list (a client
+    /// routing a write looks up only the primary).
+    pub(crate) fn primary_index(&self, hash: u64) -> Option<u32> {
+        (!self.nodes.is_empty()).then(|| self.arcs[self.successor(hash)][0])
     }
 
     /// Indices into [`Ring::nodes`] of up to `n` distinct owners of the key

@@ -337,11 +337,7 @@ impl Node {
         loop {
             attempt += 1;
             let view = self.view().await;
-            let primary = view
-                .owners(&key)
-                .first()
-                .map(|m| (*m).clone())
-                .ok_or(OpError::Unavailable)?;
+            let primary = view.primary(&key).cloned().ok_or(OpError::Unavailable)?;
             let result = if primary.id == self.id {
                 self.coordinate(&key, value.clone()).await
             } else {
