@@ -58,8 +58,9 @@ const ALLOW_THP_VAR: &str = "MIMALLOC_ALLOW_THP";
 /// CPU per 1,000 keys; then steady 100 B PUTs and 90/10 reads and writes
 /// on those keys the same (34-42k against 36-41k, 41-43k against
 /// 40-45k ops/s). The first 100 B PUTs right after another cluster freed
-/// a gigabyte had a p99.9 of 18-21 ms against 8-10 ms: this VM's host had
-/// taken those pages back, and a 4 KiB touch can cost a 2 MiB fault there.
+/// a gigabyte had a p99.9 of 18-21 ms against 8-10 ms (not p99): probably
+/// this VM's host, which takes freed pages back, faulting a whole 2 MiB
+/// in for a 4 KiB touch.
 pub fn configure() {
     if std::env::var_os(PURGE_DELAY_VAR).is_none() {
         set_option(PURGE_DELAY, PURGE_DELAY_MS);
@@ -85,13 +86,16 @@ pub fn allow_thp() -> c_long {
     get_option(ALLOW_THP)
 }
 
-/// Whether the kernel gives this process no transparent huge pages.
-#[cfg(target_os = "linux")]
+/// Whether the kernel gives this process no transparent huge pages
+/// (always false off Linux, which alone has them).
 pub fn thp_disabled() -> bool {
+    #[cfg(target_os = "linux")]
     // SAFETY: PR_GET_THP_DISABLE reads a flag of this process; the unused
     // arguments are zero as prctl(2) asks.
     #[allow(unsafe_code)]
     let flag = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+    #[cfg(not(target_os = "linux"))]
+    let flag = 0;
     flag == 1
 }
 
