@@ -227,16 +227,16 @@ impl Detector {
         changes
     }
 
-    /// Members DOWN since `before` or earlier, no longer tracked: the
-    /// controller forgets them.
-    pub fn forget_down_since(&mut self, before: Instant) -> Vec<u32> {
-        let gone: Vec<u32> = self
+    /// Members DOWN since `before` or earlier, and why they went DOWN,
+    /// no longer tracked: the controller forgets them.
+    pub fn forget_down_since(&mut self, before: Instant) -> Vec<(u32, Reason)> {
+        let gone: Vec<(u32, Reason)> = self
             .members
-            .iter()
-            .filter(|(_, t)| t.down_since.is_some_and(|at| at <= before))
-            .map(|(&m, _)| m)
+            .keys()
+            .filter(|m| self.down_since(**m).is_some_and(|at| at <= before))
+            .filter_map(|&m| Some((m, self.reason(m)?)))
             .collect();
-        for member in &gone {
+        for (member, _) in &gone {
             self.members.remove(member);
         }
         gone
@@ -431,9 +431,12 @@ mod tests {
         d.track(2, 1, t0);
         d.evaluate(t0 + DOWN_AFTER);
         assert_eq!(d.reason(1), Some(Reason::Silent));
-        assert_eq!(d.forget_down_since(t0 + DOWN_AFTER - MS), Vec::<u32>::new());
+        assert_eq!(d.forget_down_since(t0 + DOWN_AFTER - MS), Vec::new());
         d.observe(2, 1, 1, t0 + DOWN_AFTER + MS);
-        assert_eq!(d.forget_down_since(t0 + DOWN_AFTER), vec![1]);
+        assert_eq!(
+            d.forget_down_since(t0 + DOWN_AFTER),
+            vec![(1, Reason::Silent)]
+        );
         assert_eq!(d.status(1), None);
         assert_eq!(d.status(2), Some(Status::Up), "the one heard from stays");
     }

@@ -334,16 +334,19 @@ impl Membership {
     }
 
     /// Forgets the workers DOWN for `--forget-after` by `now`; returns
-    /// their ids.
+    /// their ids. Forgetting one that went silent takes it off the
+    /// topology's `down`: a new topology, so that reads stop waiting for
+    /// its copies.
     pub fn forget(&mut self, now: Instant) -> Vec<String> {
         let Some(before) = self.forget_after.and_then(|after| now.checked_sub(after)) else {
             return Vec::new();
         };
         let mut forgotten = Vec::new();
-        for number in self.detector.forget_down_since(before) {
+        for (number, reason) in self.detector.forget_down_since(before) {
             if let Some(id) = self.ids.remove(&number) {
                 self.workers.remove(&id);
                 forgotten.push(id);
+                self.dirty |= reason == Reason::Silent;
             }
         }
         forgotten
@@ -381,8 +384,8 @@ impl Membership {
         })
     }
 
-    /// The live workers (UP and SUSPECT) at the current epoch, and the
-    /// LEAVING ones.
+    /// The live workers (UP and SUSPECT) at the current epoch, the
+    /// LEAVING ones, and the ones DOWN because they went silent.
     pub fn topology(&self) -> Topology {
         let with = |wanted: fn(Status) -> bool| {
             self.workers
@@ -395,6 +398,12 @@ impl Membership {
             epoch: self.epoch,
             members: with(Status::is_live),
             leaving: with(|s| s == Status::Leaving),
+            down: self
+                .workers
+                .values()
+                .filter(|w| self.detector.reason(w.number) == Some(Reason::Silent))
+                .map(|w| w.member.id.clone())
+                .collect(),
         }
     }
 
@@ -789,6 +798,55 @@ mod tests {
         let topology = m.publish(t0).unwrap();
         assert!(topology.leaving.is_empty(), "no longer a leaver to ask");
         assert_eq!(m.counts()[3], (Status::Down, 1));
+    }
+
+    /// The topology names the workers DOWN because they went silent (their
+    /// copies may be the only ones of some keys), not those that left
+    /// (they handed theirs over). Forgetting a silent one publishes a
+    /// topology without it; forgetting one that left publishes nothing.
+    #[test]
+    fn the_topology_names_the_silent_down_workers_until_they_are_forgotten() {
+        let t0 = Instant::now();
+        let forget_after = Duration::from_secs(600);
+        let (m, regs) = running(t0, &["worker1", "worker2", "worker3"]);
+        let mut m = m.forgetting_after(forget_after);
+        m.publish(t0).unwrap();
+        for done in [false, true] {
+            let leave = LeaveRequest {
+                id: "worker1".into(),
+                generation: regs[0].generation,
+                done,
+            };
+            m.leave(&leave, t0).unwrap();
+        }
+        assert!(m.publish(t0).unwrap().down.is_empty(), "worker1 left");
+        // worker2 falls silent; worker3 speaks on.
+        let mut now = t0;
+        let mut forgotten = Vec::new();
+        while now < t0 + DOWN_AFTER + forget_after {
+            now += Duration::from_millis(100);
+            let seq = now.duration_since(t0).as_millis() as u64;
+            m.heartbeat(&Heartbeat { seq, ..hb(regs[2]) }, now, SystemTime::now());
+            m.evaluate(now);
+            forgotten.extend(m.forget(now));
+            let published = m.publish(now);
+            if now == t0 + DOWN_AFTER {
+                let topology = published.expect("worker2 DOWN: a new topology");
+                assert_eq!(
+                    (ids(&topology), &topology.down[..]),
+                    (vec!["worker3"], &["worker2".to_string()][..])
+                );
+            } else if forgotten == ["worker1"] && now == t0 + forget_after {
+                assert_eq!(published, None, "worker1 left: it was never in `down`");
+            } else if forgotten.len() == 2 {
+                let topology = published.expect("worker2 forgotten: a new topology");
+                assert_eq!((ids(&topology), topology.down.len()), (vec!["worker3"], 0));
+                return;
+            } else {
+                assert_eq!(published, None, "at {:?}", now - t0);
+            }
+        }
+        panic!("worker2 was not forgotten: {forgotten:?}");
     }
 
     #[test]

@@ -191,6 +191,7 @@ impl Shared {
                 epoch = topology.epoch,
                 live = topology.members.len(),
                 leaving = topology.leaving.len(),
+                down = topology.down.len(),
                 "topology published"
             );
             self.metrics.epoch.set(topology.epoch as i64);

@@ -116,7 +116,29 @@ impl Cluster {
         secret: Option<ClusterSecret>,
         configure: fn(&mut kv_worker::Config),
     ) -> Cluster {
-        let controller = start_controller_with(|c| c.cluster_secret = secret.clone()).await;
+        Cluster::start_with(n, secret, configure, |_| {}).await
+    }
+
+    /// The same, without a secret, the controller's configuration changed
+    /// by `adjust`.
+    pub async fn start_with_controller(
+        n: usize,
+        adjust: fn(&mut kv_controller::Config),
+    ) -> Cluster {
+        Cluster::start_with(n, None, |_| {}, adjust).await
+    }
+
+    async fn start_with(
+        n: usize,
+        secret: Option<ClusterSecret>,
+        configure: fn(&mut kv_worker::Config),
+        adjust: fn(&mut kv_controller::Config),
+    ) -> Cluster {
+        let controller = start_controller_with(|c| {
+            c.cluster_secret = secret.clone();
+            adjust(c);
+        })
+        .await;
         let mut cluster = Cluster {
             controller,
             workers: Vec::new(),

@@ -224,6 +224,7 @@ mod tests {
                         wire_port: 8002,
                         generation: 1,
                     }],
+                    down: vec!["worker3".into()],
                 }),
             ),
         ]

@@ -485,6 +485,12 @@ pub struct Topology {
     /// its owners before they count as ready.
     #[serde(default)]
     pub leaving: Vec<Member>,
+    /// Workers DOWN because they went silent (not because they left), by
+    /// id, until the controller forgets them: their copies may hold keys
+    /// no live worker has, so a read that finds none of a key whose
+    /// owners would all be among them is unavailable, not "not found".
+    #[serde(default)]
+    pub down: Vec<String>,
 }
 
 impl Topology {

@@ -87,6 +87,12 @@ impl Nodes {
             epoch: self.epoch,
             members: with(Status::is_live),
             leaving: with(|s| s == Status::Leaving),
+            down: self
+                .nodes
+                .iter()
+                .filter(|n| n.reason == Some(Reason::Silent))
+                .map(|n| n.id.clone())
+                .collect(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! `/nodes`, [`crate::nodes::Nodes::topology`]) and the simulator.
 
 use crate::{Member, Ring, Topology, REPLICATION_FACTOR};
+use std::sync::OnceLock;
 
 /// A topology with its ring.
 #[derive(Debug, Default)]
@@ -12,6 +13,9 @@ pub struct View {
     pub topology: Topology,
     /// Their ring.
     pub ring: Ring,
+    /// The ring over every worker that may hold copies: members, leavers
+    /// and the DOWN ones (built when a read first needs it).
+    everyone: OnceLock<Ring>,
 }
 
 impl View {
@@ -22,7 +26,11 @@ impl View {
             list.dedup_by(|a, b| a.id == b.id);
         }
         let ring = topology.ring();
-        View { topology, ring }
+        View {
+            topology,
+            ring,
+            everyone: OnceLock::new(),
+        }
     }
 
     /// The epoch.
@@ -80,6 +88,33 @@ impl View {
             .is_some_and(|m| m.generation == member.generation)
     }
 
+    /// The workers that would own `key` if every worker the topology names
+    /// were live, when all of them are DOWN (gone silent, not forgotten).
+    /// The copies of a key none of the live owners holds may then be on
+    /// those workers alone: the key is unavailable until they return (or
+    /// the controller forgets them), not absent. `None` otherwise.
+    ///
+    /// Owners that replaced one another one by one (one DOWN, its keys
+    /// copied to a new owner, then the next) did hold the key, so this is
+    /// asked only of keys no live owner holds; a key never written whose
+    /// owners all went down reads as unavailable too, as it would in any
+    /// store whose replicas of a range are all down.
+    pub fn owners_down(&self, key: &str) -> Option<Vec<&str>> {
+        let down = &self.topology.down;
+        if down.is_empty() {
+            return None;
+        }
+        let everyone = self.everyone.get_or_init(|| {
+            let named = self.topology.everyone().map(|m| m.id.as_str());
+            Ring::new(named.chain(down.iter().map(String::as_str)))
+        });
+        let owners = everyone.owners(key.as_bytes(), REPLICATION_FACTOR);
+        owners
+            .iter()
+            .all(|id| down.iter().any(|d| d == id))
+            .then_some(owners)
+    }
+
     /// Whether `member` is in this view or leaving it.
     pub fn names(&self, member: &Member) -> bool {
         self.has(member) || self.topology.leaving.contains(member)
@@ -117,6 +152,7 @@ mod tests {
             epoch: 1,
             members: ids.iter().map(|id| member(id)).collect(),
             leaving: Vec::new(),
+            down: Vec::new(),
         });
         // A ring put together by hand over other workers: their indices are
         // not the members'.
@@ -140,6 +176,7 @@ mod tests {
                 epoch: 1,
                 members: (0..n).map(|i| member(&format!("w{i}"))).collect(),
                 leaving: Vec::new(),
+                down: Vec::new(),
             });
             for i in 0..500 {
                 let key = format!("key:{i}");
@@ -150,5 +187,42 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Keys whose owners among every worker named (live, leaving, DOWN)
+    /// are all DOWN are named with those owners; no other key is.
+    #[test]
+    fn owners_down_names_the_keys_whose_owners_are_all_down() {
+        let view = |members: &[&str], leaving: &[&str], down: &[&str]| {
+            View::new(Topology {
+                epoch: 1,
+                members: members.iter().map(|id| member(id)).collect(),
+                leaving: leaving.iter().map(|id| member(id)).collect(),
+                down: down.iter().map(|id| id.to_string()).collect(),
+            })
+        };
+        let everyone = Ring::new(["w1", "w2", "w3", "w4", "w5"]);
+        let (one_alive, none_down) = (
+            view(&["w1", "w5"], &[], &["w2", "w3", "w4"]),
+            view(&["w1", "w2", "w3", "w4", "w5"], &[], &[]),
+        );
+        // A leaver hands its copies over: not down.
+        let leaving = view(&["w1", "w5"], &["w2"], &["w3", "w4"]);
+        let mut named = 0;
+        for i in 0..2_000 {
+            let key = format!("key:{i}");
+            let owners = everyone.owners(key.as_bytes(), REPLICATION_FACTOR);
+            let all_down = owners.iter().all(|id| ["w2", "w3", "w4"].contains(id));
+            assert_eq!(
+                one_alive.owners_down(&key),
+                all_down.then(|| owners.clone()),
+                "{key}"
+            );
+            named += usize::from(all_down);
+            assert_eq!(none_down.owners_down(&key), None);
+            assert_eq!(leaving.owners_down(&key), None);
+        }
+        // One arc in ten of a 5-worker ring has its 3 owners among 3 given workers.
+        assert!((100..300).contains(&named), "{named} of 2,000");
     }
 }

@@ -27,6 +27,7 @@ impl From<OpError> for ApiError {
             | OpError::ReadQuorum { .. }
             | OpError::NotOwner { .. }
             | OpError::Unavailable
+            | OpError::OwnersDown(_)
             | OpError::Storage(_)
             | OpError::Primary(_)
             | OpError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,

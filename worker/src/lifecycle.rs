@@ -180,6 +180,7 @@ mod tests {
                 })
                 .collect(),
             leaving: Vec::new(),
+            down: Vec::new(),
         })
     }
 

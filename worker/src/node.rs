@@ -120,6 +120,10 @@ pub enum OpError {
     /// No topology or no live worker.
     #[error("no live worker owns the key yet: the worker has no topology (is the controller up?); retry shortly")]
     Unavailable,
+    /// No live owner holds the key, and every worker that owned it before
+    /// is DOWN: its copies may be there alone.
+    #[error("the key's owners ({}) are all down and no live worker holds it: its copies may come back with them; retry later", .0.join(", "))]
+    OwnersDown(Vec<String>),
     /// This worker could not store the copy (its data dir failed).
     #[error("this worker cannot store writes: {0}; the write's outcome is unknown, retry")]
     Storage(String),
@@ -155,7 +159,7 @@ impl OpError {
             | OpError::Primary(_)
             | OpError::Unreachable { .. } => FailureKind::Quorum,
             OpError::NotOwner { epoch } => FailureKind::NotOwner { epoch: *epoch },
-            OpError::Unavailable => FailureKind::Unavailable,
+            OpError::Unavailable | OpError::OwnersDown(_) => FailureKind::Unavailable,
         };
         Failure::new(kind, self.to_string())
     }
@@ -179,6 +183,7 @@ impl OpError {
             }
             OpError::NotOwner { .. } => "not_owner",
             OpError::Unavailable => "unavailable",
+            OpError::OwnersDown(_) => "owners_down",
             OpError::Unreachable { .. } => "unreachable",
             OpError::Storage(_) => "storage",
         }
@@ -639,7 +644,9 @@ impl Node {
     }
 
     /// The newest copy among R=2 of the key's owners — and, while a
-    /// rebalance runs, its previous owners too.
+    /// rebalance runs, its previous owners too. None found while the
+    /// key's owners before were all DOWN is [`OpError::OwnersDown`]:
+    /// unavailable, not absent.
     pub async fn get_quorum(&self, key: &str) -> Result<Option<Stored>, OpError> {
         self.validate(key, None)?;
         let _turn = self.turn(1).await?;
@@ -682,8 +689,15 @@ impl Node {
             let instead = read.answer(asked, copy.ok());
             asks.extend(instead.map(|m| self.read_copy_of(Asked::Owner, m, key)));
         }
-        read.finish()
-            .map_err(|(answered, needed)| OpError::ReadQuorum { answered, needed })
+        match read.finish() {
+            Ok(None) => match current.owners_down(key) {
+                Some(down) => Err(OpError::OwnersDown(
+                    down.into_iter().map(String::from).collect(),
+                )),
+                None => Ok(None),
+            },
+            found => found.map_err(|(answered, needed)| OpError::ReadQuorum { answered, needed }),
+        }
     }
 
     /// [`Node::read_copy`], tagged with whom it asked.

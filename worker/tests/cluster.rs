@@ -6,6 +6,7 @@ use futures::stream::{self, StreamExt};
 use kv_testkit::inproc::*;
 use kv_wire::{Entry, Request, Response, Ring};
 use std::collections::HashMap;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_to_a_non_owner_reaches_the_primary() {
@@ -263,5 +264,56 @@ async fn a_quorum_read_asks_the_third_owner_when_one_of_the_first_two_is_dead() 
     let (status, reply) = http("GET", &url, "").await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["value"], "v1", "{reply}");
+    cluster.shutdown().await;
+}
+
+/// A key whose owners all went down at once reads as unavailable (503,
+/// naming them), not as absent: its copies may come back with them. Keys a
+/// live worker holds read as ever, and once the controller forgets the
+/// dead workers, a key none of the living holds is absent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_owners_are_all_down_is_unavailable_until_they_are_forgotten() {
+    let mut cluster =
+        Cluster::start_with_controller(4, |c| c.forget_after = Duration::from_secs(3)).await;
+    write_keys(&cluster, 100).await;
+    let ring = ring(&cluster);
+    let owned_by = |key: &str| ring.owners(key.as_bytes(), 3).contains(&"worker1");
+    let first = |prefix: &str, with_worker1: bool| {
+        (0..)
+            .map(|i| format!("{prefix}:{i}"))
+            .find(|k| owned_by(k) == with_worker1)
+            .unwrap()
+    };
+    let (lost, kept) = (first("key", false), first("key", true));
+    let (never, never_here) = (first("never", false), first("never", true));
+    for id in ["worker2", "worker3", "worker4"] {
+        cluster.stop(id).await;
+    }
+    cluster.settled().await;
+    let read = |key: String| {
+        let url = cluster
+            .worker("worker1")
+            .url(&format!("/kv?key={key}&consistency=quorum"));
+        async move { http("GET", &url, "").await }
+    };
+    for key in [&lost, &never] {
+        let (status, reply) = read(key.clone()).await;
+        assert_eq!(status, 503, "{key}: {reply}");
+        let error = reply["error"].as_str().unwrap();
+        assert!(error.contains("are all down"), "{key}: {error}");
+        for id in ["worker2", "worker3", "worker4"] {
+            assert!(error.contains(id), "{key}: {error}");
+        }
+    }
+    let (status, reply) = read(kept.clone()).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["value"], format!("value-{}", &kept["key:".len()..]));
+    let (status, reply) = read(never_here).await;
+    assert_eq!(status, 404, "{reply}");
+    // Forgotten: the copies are given up on.
+    eventually("the dead workers to be forgotten", || async {
+        (read(lost.clone()).await.0 == 404).then_some(())
+    })
+    .await;
     cluster.shutdown().await;
 }

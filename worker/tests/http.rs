@@ -225,6 +225,7 @@ async fn a_write_that_arrives_before_the_first_topology_waits_for_it() {
         epoch: nodes["epoch"].as_u64().unwrap(),
         members,
         leaving: Vec::new(),
+        down: Vec::new(),
     };
     let credentials = kv_client::Credentials::new("kv", "controller");
     let conn = kv_client::Connection::connect(
