@@ -1,7 +1,8 @@
 //! Durable workers (`--data-dir`) on real processes: the whole cluster
 //! killed with -9 under writes and started again loses nothing acknowledged
 //! and keeps deletes deleted; a worker away for a while is sent only what
-//! changed; a data dir refuses another id and a second process.
+//! changed; a data dir refuses another id and a second process; a key
+//! whose owners all died is unavailable, not absent, until they return.
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
@@ -287,4 +288,71 @@ async fn a_journal_damaged_far_from_its_end_stops_the_worker_with_the_way_out() 
         !ok && said.contains("is damaged") && said.contains(&way_out),
         "{said}"
     );
+}
+
+/// Three of four durable workers killed at once: a key only they held
+/// reads at the survivor as unavailable (503, naming them), not as absent,
+/// and reads again once they are back with their data dirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_owners_all_died_is_unavailable_until_they_return_with_their_data() {
+    let _serial = SERIAL.lock().await;
+    const KEYS: usize = 1_000;
+    let mut cluster = Cluster::start_with(4, &["--data-dir", "{data}"]).await;
+    cluster.load(KEYS).await;
+    let four = workers(4);
+    cluster
+        .until("three copies", async || {
+            cluster.copies(&four).await == 3 * KEYS as u64
+        })
+        .await;
+    let ring = Ring::new(four.clone());
+    let key = (0..KEYS)
+        .map(|i| format!("key:{i}"))
+        .find(|k| !ring.owners(k.as_bytes(), 3).contains(&"worker1"))
+        .unwrap();
+    let (_, value) = cluster.local("worker2", &key).await.unwrap();
+    let dead = ["worker2", "worker3", "worker4"];
+    for id in dead {
+        signal(cluster.nodes[id].pid(), "-9");
+    }
+    for id in dead {
+        cluster.down(id).await;
+    }
+    let read = async |cluster: &Cluster| quorum_read(cluster, "worker1", &key).await;
+    // worker1 hears of the deaths a moment after the controller shows them.
+    cluster
+        .until("the survivor to answer 503", async || {
+            read(&cluster).await.0 == 503
+        })
+        .await;
+    let (_, reply) = read(&cluster).await;
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        dead.iter().all(|id| error.contains(id)) && error.contains("are all down"),
+        "{error}"
+    );
+    for id in dead {
+        cluster.restart(id).await;
+    }
+    cluster.wait_all_up(4).await;
+    cluster
+        .until("the key to read again", async || {
+            let (status, reply) = read(&cluster).await;
+            status == 200 && reply["value"] == value.as_str()
+        })
+        .await;
+}
+
+/// A quorum read of `key` over HTTP at `worker`: (status, JSON body).
+async fn quorum_read(cluster: &Cluster, worker: &str, key: &str) -> (u16, serde_json::Value) {
+    let url = format!(
+        "{}/kv?key={key}&consistency=quorum",
+        cluster.nodes[worker].url()
+    );
+    let (status, body) = cluster
+        .http
+        .request("GET".parse().unwrap(), &url, Bytes::new())
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
 }
