@@ -352,13 +352,13 @@ impl Membership {
         forgotten
     }
 
-    /// If the live set changed: bumps the epoch and returns the topology to
-    /// publish. During the grace period only a topology that adds workers
-    /// to a fresh cluster is published, and only once the cluster's workers
-    /// (if it had any) would have spoken: one that drops a worker could be
-    /// a restarted controller that has not heard from it yet, and one of a
-    /// worker that lost its copies alone would make it the only owner of
-    /// every key.
+    /// If the topology changed (the live set, the leavers, the DOWN list):
+    /// bumps the epoch and returns the topology to publish. During the
+    /// grace period only a topology that adds workers to a fresh cluster
+    /// is published, and only once the cluster's workers (if it had any)
+    /// would have spoken: one that drops a worker could be a restarted
+    /// controller that has not heard from it yet, and one of a worker that
+    /// lost its copies alone would make it the only owner of every key.
     pub fn publish(&mut self, now: Instant) -> Option<Topology> {
         if !self.dirty {
             return None;

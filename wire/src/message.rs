@@ -472,11 +472,12 @@ impl Entry {
 }
 
 /// The cluster as the controller publishes it: the live workers (UP or
-/// SUSPECT) at an epoch, and the workers leaving it. Every membership
-/// change bumps the epoch.
+/// SUSPECT) at an epoch, the workers leaving it, and those DOWN for
+/// silence. Every membership change bumps the epoch.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Topology {
-    /// Increases with every change of the live set.
+    /// Increases with every change of the live set, the leavers or the
+    /// DOWN list.
     pub epoch: u64,
     /// The live workers, sorted by id: the ring.
     pub members: Vec<Member>,
