@@ -90,18 +90,12 @@ async fn kill_9_of_every_process_under_writes_then_a_restart_with_the_data_dirs_
 async fn a_worker_back_with_its_data_dir_is_sent_only_what_changed_while_it_was_away() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start_with(4, &["--data-dir", "{data}"]).await;
-    cluster.load(LOADED).await;
-    let four = workers(4);
-    cluster
-        .until("three copies", async || {
-            cluster.copies(&four).await == 3 * LOADED as u64
-        })
-        .await;
+    cluster.load_replicated(LOADED).await;
     signal(cluster.nodes["worker2"].pid(), "-9");
     cluster.down("worker2").await;
     let away = Instant::now();
     // 1% of worker2's keys change while it is away.
-    let ring = Ring::new(four.clone());
+    let ring = Ring::new(workers(4));
     let its: Vec<String> = (0..LOADED)
         .map(|i| format!("key:{i}"))
         .filter(|k| ring.owners(k.as_bytes(), 3).contains(&"worker2"))
@@ -298,14 +292,8 @@ async fn a_key_whose_owners_all_died_is_unavailable_until_they_return_with_their
     let _serial = SERIAL.lock().await;
     const KEYS: usize = 1_000;
     let mut cluster = Cluster::start_with(4, &["--data-dir", "{data}"]).await;
-    cluster.load(KEYS).await;
-    let four = workers(4);
-    cluster
-        .until("three copies", async || {
-            cluster.copies(&four).await == 3 * KEYS as u64
-        })
-        .await;
-    let ring = Ring::new(four.clone());
+    cluster.load_replicated(KEYS).await;
+    let ring = Ring::new(workers(4));
     let key = (0..KEYS)
         .map(|i| format!("key:{i}"))
         .find(|k| !ring.owners(k.as_bytes(), 3).contains(&"worker1"))

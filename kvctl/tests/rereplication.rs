@@ -34,13 +34,7 @@ async fn on_all_owners(cluster: &Cluster, live: &[String], n: usize, scenario: &
 async fn a_kill_while_a_joining_worker_fills_up_leaves_every_key_on_all_its_owners() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(4).await;
-    cluster.load(KEYS).await;
-    let four = workers(4);
-    cluster
-        .until("three copies", async || {
-            cluster.copies(&four).await == 3 * KEYS as u64
-        })
-        .await;
+    cluster.load_replicated(KEYS).await;
 
     cluster.spawn_worker(5).await;
     // worker5 is pulling its share (from worker1 among others): kill that.
@@ -59,13 +53,7 @@ async fn a_kill_while_a_joining_worker_fills_up_leaves_every_key_on_all_its_owne
 async fn two_kills_in_a_row_leave_every_key_on_three_live_owners() {
     let _serial = SERIAL.lock().await;
     let cluster = Cluster::start(5).await;
-    cluster.load(KEYS).await;
-    let five = workers(5);
-    cluster
-        .until("three copies", async || {
-            cluster.copies(&five).await == 3 * KEYS as u64
-        })
-        .await;
+    cluster.load_replicated(KEYS).await;
 
     signal(cluster.nodes["worker2"].pid(), "-9");
     cluster.down("worker2").await;

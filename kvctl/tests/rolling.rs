@@ -23,13 +23,7 @@ const LOADED: usize = 50_000;
 /// `workers` workers holding three copies of `LOADED` keys.
 async fn loaded(workers: usize) -> Cluster {
     let cluster = Cluster::start(workers).await;
-    cluster.load(LOADED).await;
-    let all = kv_testkit::procs::workers(workers);
-    cluster
-        .until("three copies of every loaded key", async || {
-            cluster.copies(&all).await == 3 * LOADED as u64
-        })
-        .await;
+    cluster.load_replicated(LOADED).await;
     cluster
 }
 

@@ -353,6 +353,22 @@ impl Cluster {
         );
     }
 
+    /// Loads `key:0..n` as [`Cluster::load`] does, and waits until the
+    /// cluster's workers hold three copies of each.
+    pub async fn load_replicated(&self, n: usize) {
+        self.load(n).await;
+        let all: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|name| *name != "controller")
+            .cloned()
+            .collect();
+        self.until("three copies of every loaded key", async || {
+            self.copies(&all).await == 3 * n as u64
+        })
+        .await;
+    }
+
     /// Copies held by `live` (tombstones included), from each `/healthz`.
     pub async fn copies(&self, live: &[String]) -> u64 {
         let mut sum = 0;
