@@ -155,7 +155,11 @@ mod tests {
     }
 
     #[test]
-    fn the_topology_of_nodes_rings_the_live_and_names_the_leaving() {
+    fn the_topology_of_nodes_rings_the_live_and_names_the_leaving_and_the_silent() {
+        let silent = NodeInfo {
+            reason: Some(Reason::Silent),
+            ..node("e", Status::Down)
+        };
         let nodes = Nodes {
             epoch: 9,
             nodes: vec![
@@ -163,6 +167,7 @@ mod tests {
                 node("b", Status::Suspect),
                 node("c", Status::Leaving),
                 node("d", Status::Down),
+                silent,
             ],
         };
         let view = View::new(nodes.topology());
@@ -170,6 +175,7 @@ mod tests {
         let ids = |ms: &[Member]| ms.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&view.topology.members), ["a", "b"]);
         assert_eq!(ids(&view.topology.leaving), ["c"]);
+        assert_eq!(view.topology.down, ["e"], "d left: not down");
         for key in ["k1", "k2", "k3"] {
             let owners: Vec<_> = view.owners(key).iter().map(|m| m.id.clone()).collect();
             assert_eq!(owners.len(), 2, "{key}");
