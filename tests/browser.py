@@ -5,7 +5,8 @@ and headless Chromium driven by selenium through chromedriver.
 
 Checks that the page shows every worker UP, a key's three owners (those of
 /mapping, primary first, each with its version), a worker killed with -9
-DOWN within 3 s, and the cluster settled again; saves a screenshot of each
+DOWN within 3 s, the cluster settled again, and two more killed: the
+share of the ring whose owners are all DOWN; saves a screenshot of each
 state (and one phone-sized) in target/screenshots/, or $SCREENSHOTS.
 Runs the kvctl at $KVCTL, or builds one (debug) when unset.
 
@@ -179,6 +180,17 @@ def main():
             assert "worker3: SUSPECT → DOWN" in events, events
             shot("4-settled-again.png")
 
+        def owners_all_down():
+            banner = lambda: driver.find_element(By.ID, "unavailable")
+            assert not banner().is_displayed(), "one worker DOWN: every arc has a live owner"
+            for victim in ("worker2", "worker4"):
+                nodes[victim].kill9()
+            wait("the banner of arcs whose owners are all DOWN", lambda d: banner().is_displayed(), 15)
+            text = banner().text
+            assert "% of the ring has all its owners DOWN" in text, text
+            assert all(w in text for w in ("worker2", "worker3", "worker4")), text
+            shot("6-owners-down.png")
+
         def phone():
             driver.set_window_size(390, 844)
             wait("the phone layout", lambda d: d.execute_script("return document.documentElement.clientWidth") <= 390)
@@ -190,6 +202,7 @@ def main():
         check("a key looked up shows its three owners, primary first, with one version", lookup)
         check("a worker killed with -9 shows DOWN within 3 s", killed_worker_shows_down)
         check("the cluster repairs and the page shows it settled with every copy", settles_again)
+        check("three workers DOWN: the page says which share of the ring reads 503", owners_all_down)
         check("the page fits a phone's width", phone)
     finally:
         if driver:

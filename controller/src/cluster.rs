@@ -172,6 +172,9 @@ pub struct Gathered<'a> {
     pub ring: &'a Ring,
     /// Each ring worker's share as primary, in the ring's order.
     pub shares: &'a [f64],
+    /// The workers DOWN for silence, and the share of the circle whose
+    /// owners are all among them ([`crate::state::Published::unavailable`]).
+    pub unavailable: (&'a [String], f64),
     /// Whether the cluster has a secret.
     pub secret: bool,
     /// The controller's events.
@@ -270,6 +273,7 @@ pub fn render(g: &Gathered<'_>) -> Value {
         },
         "workers": workers,
         "ring": { "workers": g.ring.nodes(), "segments": picture },
+        "unavailable": { "down": g.unavailable.0, "share": g.unavailable.1 },
         "events": events,
         "gathered_at": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         "took_ms": g.took.as_millis() as u64,
@@ -323,6 +327,7 @@ impl Gatherer {
             epoch: published.topology.epoch,
             ring: published.ring(),
             shares: published.shares(),
+            unavailable: (&published.topology.down, published.unavailable()),
             secret: shared.guard.secret().is_some(),
             events: shared.events.snapshot(),
             took: last.took,
@@ -537,12 +542,14 @@ mod tests {
             epoch: 5,
             ring: &ring,
             shares: &shares,
+            unavailable: (&["c".to_string()], 0.25),
             secret: true,
             events,
             took: Duration::from_millis(3),
         });
         assert_eq!(out["epoch"], 5);
         assert_eq!(out["secret"], true);
+        assert_eq!(out["unavailable"], json!({"down": ["c"], "share": 0.25}));
         assert_eq!(
             out["counts"],
             json!({"UP": 2, "SUSPECT": 0, "LEAVING": 0, "DOWN": 1})
@@ -617,6 +624,7 @@ mod tests {
                 epoch: 3,
                 ring: &ring,
                 shares: &[1.0],
+                unavailable: (&[], 0.0),
                 secret: false,
                 events: Vec::new(),
                 took: Duration::ZERO,

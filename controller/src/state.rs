@@ -28,6 +28,7 @@ pub struct Published {
     pub topology: Topology,
     ring: OnceLock<Ring>,
     shares: OnceLock<Vec<f64>>,
+    unavailable: OnceLock<f64>,
 }
 
 impl Published {
@@ -40,6 +41,15 @@ impl Published {
     /// worked out once per publication.
     pub fn shares(&self) -> &[f64] {
         self.shares.get_or_init(|| self.ring().primary_shares())
+    }
+
+    /// The share of the circle whose owners are all DOWN
+    /// ([`kv_wire::View::share_owners_down`]), worked out once per
+    /// publication.
+    pub fn unavailable(&self) -> f64 {
+        *self
+            .unavailable
+            .get_or_init(|| kv_wire::View::new(self.topology.clone()).share_owners_down())
     }
 }
 

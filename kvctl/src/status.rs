@@ -96,6 +96,21 @@ pub fn render(c: &Value) -> String {
             "off"
         },
     );
+    let unavailable = &c["unavailable"];
+    if let Some(share) = unavailable["share"].as_f64().filter(|s| *s > 0.0) {
+        let down: Vec<&str> = unavailable["down"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        let _ = writeln!(
+            out,
+            "! {:.1}% of the ring has all its owners DOWN ({}): a quorum read there of a key no live worker holds answers 503 until they return or are forgotten",
+            100.0 * share,
+            down.join(", ")
+        );
+    }
     let _ = writeln!(
         out,
         "{:<12} {:<16} {:<22} {:>12} {:>10} {:>6} {:>7} {:<5} {:>8}  REBALANCE",
@@ -224,14 +239,21 @@ mod tests {
             ],
             "events": [
                 {"kind": "status", "at_ms": 0, "worker": "worker3", "from": "UP", "to": "DOWN", "why": "no heartbeat for 1000 ms"}
-            ]
+            ],
+            "unavailable": {"down": ["worker3"], "share": 0.25}
         });
         let page = render(&cluster);
         let lines: Vec<&str> = page.lines().collect();
         assert!(lines[0].starts_with("epoch 7 · 2 UP, 0 SUSPECT, 0 LEAVING, 1 DOWN · secret on · rebalancing: 1 worker catching up to epoch 7; 500 copies moved, about 1,500 (150.00 kB) to go"), "{page}");
+        assert!(
+            lines[1].starts_with("! 25.0% of the ring has all its owners DOWN (worker3): "),
+            "{page}"
+        );
+        // A worker's row, below the summary and the warning.
         let row = |id: &str| {
             lines
                 .iter()
+                .skip(3)
                 .find(|l| l.contains(id))
                 .copied()
                 .unwrap_or_default()

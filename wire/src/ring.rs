@@ -188,6 +188,18 @@ impl Ring {
         widths.iter().map(|&w| w as f64 / whole).collect()
     }
 
+    /// The share of the circle (0 to 1) whose owners ([`Ring::arcs`]) are
+    /// all ones `gone` names.
+    pub fn share_owned_only_by(&self, gone: impl Fn(&str) -> bool) -> f64 {
+        let width: u128 = self
+            .arcs()
+            .into_iter()
+            .filter(|(_, owners)| owners.iter().all(|o| gone(o)))
+            .map(|(range, _)| u128::from(range.end - range.start) + 1)
+            .sum();
+        width as f64 / (1u128 << 64) as f64
+    }
+
     /// The circle cut into `segments` equal parts, and the primary of
     /// each part's midpoint as an index into [`Ring::nodes`]: a picture of
     /// the ring small enough to draw (empty for an empty ring).
@@ -567,5 +579,31 @@ mod tests {
             );
         }
         assert!(Ring::new(Vec::<String>::new()).primary(b"x").is_none());
+    }
+
+    /// Every arc has exactly one set of owners: over all the sets of three
+    /// of five workers, the shares owned only by each sum to the circle.
+    #[test]
+    fn the_shares_owned_only_by_each_set_of_owners_make_the_circle() {
+        let ids = ["w1", "w2", "w3", "w4", "w5"];
+        let ring = Ring::new(ids);
+        let mut sum = 0.0;
+        for a in 0..5 {
+            for b in a + 1..5 {
+                for c in b + 1..5 {
+                    let set = [ids[a], ids[b], ids[c]];
+                    let share = ring.share_owned_only_by(|id| set.contains(&id));
+                    assert!(share > 0.05 && share < 0.15, "{set:?}: {share}");
+                    sum += share;
+                }
+            }
+        }
+        assert!((sum - 1.0).abs() < 1e-9, "{sum}");
+        assert_eq!(ring.share_owned_only_by(|_| true), 1.0);
+        assert_eq!(ring.share_owned_only_by(|_| false), 0.0);
+        assert_eq!(
+            Ring::new(Vec::<String>::new()).share_owned_only_by(|_| true),
+            0.0
+        );
     }
 }

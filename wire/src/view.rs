@@ -104,15 +104,29 @@ impl View {
         if down.is_empty() {
             return None;
         }
-        let everyone = self.everyone.get_or_init(|| {
+        let owners = self.everyone().owners(key.as_bytes(), REPLICATION_FACTOR);
+        owners.iter().all(|id| self.is_down(id)).then_some(owners)
+    }
+
+    /// The share of the circle (0 to 1) where [`View::owners_down`] names
+    /// the owners: where keys no live worker holds are unavailable.
+    pub fn share_owners_down(&self) -> f64 {
+        if self.topology.down.is_empty() {
+            return 0.0;
+        }
+        self.everyone().share_owned_only_by(|id| self.is_down(id))
+    }
+
+    /// The ring over every worker the topology names, DOWN ones included.
+    fn everyone(&self) -> &Ring {
+        self.everyone.get_or_init(|| {
             let named = self.topology.everyone().map(|m| m.id.as_str());
-            Ring::new(named.chain(down.iter().map(String::as_str)))
-        });
-        let owners = everyone.owners(key.as_bytes(), REPLICATION_FACTOR);
-        owners
-            .iter()
-            .all(|id| down.iter().any(|d| d == id))
-            .then_some(owners)
+            Ring::new(named.chain(self.topology.down.iter().map(String::as_str)))
+        })
+    }
+
+    fn is_down(&self, id: &str) -> bool {
+        self.topology.down.iter().any(|d| d == id)
     }
 
     /// Whether `member` is in this view or leaving it.
@@ -224,5 +238,14 @@ mod tests {
         }
         // One arc in ten of a 5-worker ring has its 3 owners among 3 given workers.
         assert!((100..300).contains(&named), "{named} of 2,000");
+        let share = one_alive.share_owners_down();
+        assert!(
+            (share - named as f64 / 2_000.0).abs() < 0.03,
+            "{share} against {named} of 2,000"
+        );
+        assert_eq!(
+            (none_down.share_owners_down(), leaving.share_owners_down()),
+            (0.0, 0.0)
+        );
     }
 }
