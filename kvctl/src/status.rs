@@ -104,10 +104,14 @@ pub fn render(c: &Value) -> String {
             .flatten()
             .map(text)
             .collect();
+        // As the page says it: a sliver is not "0.0%".
+        let share = match share < 0.001 {
+            true => "under 0.1".to_string(),
+            false => format!("{:.1}", 100.0 * share),
+        };
         let _ = writeln!(
             out,
-            "! {:.1}% of the ring has all its owners DOWN ({}): a quorum read there of a key no live worker holds answers 503 until they return or are forgotten",
-            100.0 * share,
+            "! {share}% of the ring has all its owners DOWN ({}): a quorum read there of a key no live worker holds answers 503 until they return or are forgotten",
             down.join(", ")
         );
     }
@@ -242,6 +246,9 @@ mod tests {
             ],
             "unavailable": {"down": ["worker3"], "share": 0.25}
         });
+        let mut sliver = cluster.clone();
+        sliver["unavailable"]["share"] = json!(0.0004);
+        assert!(render(&sliver).contains("\n! under 0.1% of the ring"));
         let page = render(&cluster);
         let lines: Vec<&str> = page.lines().collect();
         assert!(lines[0].starts_with("epoch 7 · 2 UP, 0 SUSPECT, 0 LEAVING, 1 DOWN · secret on · rebalancing: 1 worker catching up to epoch 7; 500 copies moved, about 1,500 (150.00 kB) to go"), "{page}");
