@@ -139,6 +139,12 @@ pub struct Membership {
     fresh_after: Instant,
     /// How long DOWN workers stay listed (`None`: for ever).
     forget_after: Option<Duration>,
+    /// Workers that the last topologies of returning workers named and
+    /// that have not registered with this controller, with when it first
+    /// heard of them. The cluster had them and they are silent: they are
+    /// DOWN, as the controller before this one would have said, until
+    /// they register or are forgotten.
+    absent: BTreeMap<String, Instant>,
 }
 
 impl Membership {
@@ -158,6 +164,7 @@ impl Membership {
             restarted: false,
             fresh_after: now + down_after / 2,
             forget_after: None,
+            absent: BTreeMap::new(),
         }
     }
 
@@ -187,7 +194,9 @@ impl Membership {
         if let Some(seen) = reg.epoch {
             self.heard_epoch(seen);
             self.restarted = true;
+            self.heard_of(&reg, now);
         }
+        self.absent.remove(&reg.id);
         let (number, generation) = match self.workers.get(&reg.id) {
             Some(known) => (
                 known.number,
@@ -219,6 +228,23 @@ impl Membership {
             generation,
             epoch: self.epoch,
         })
+    }
+
+    /// A returning worker names the other workers its last topology had.
+    /// Those not registered are absent, if this controller is still in its
+    /// grace period: learning the cluster. After it, the controller has
+    /// seen the cluster for itself, and a worker back from a long
+    /// partition would name workers forgotten since.
+    fn heard_of(&mut self, reg: &Registration, now: Instant) {
+        if now >= self.grace_until {
+            return;
+        }
+        for peer in &reg.peers {
+            let known = self.workers.contains_key(peer) || self.absent.contains_key(peer);
+            if !known && *peer != reg.id && self.workers.len() + self.absent.len() < MAX_WORKERS {
+                self.absent.insert(peer.clone(), now);
+            }
+        }
     }
 
     /// A worker holds a topology of epoch `seen`. Numbering continues above
@@ -349,6 +375,17 @@ impl Membership {
                 self.dirty |= reason == Reason::Silent;
             }
         }
+        // Absent ones are forgotten as long after this controller heard of
+        // them: when they went silent is not known here.
+        let len = forgotten.len();
+        self.absent.retain(|id, heard| {
+            let keep = *heard > before;
+            if !keep {
+                forgotten.push(id.clone());
+            }
+            keep
+        });
+        self.dirty |= forgotten.len() > len;
         forgotten
     }
 
@@ -385,7 +422,8 @@ impl Membership {
     }
 
     /// The live workers (UP and SUSPECT) at the current epoch, the
-    /// LEAVING ones, and the ones DOWN because they went silent.
+    /// LEAVING ones, and the ones DOWN because they went silent (absent
+    /// ones included), sorted by id.
     pub fn topology(&self) -> Topology {
         let with = |wanted: fn(Status) -> bool| {
             self.workers
@@ -398,13 +436,18 @@ impl Membership {
             epoch: self.epoch,
             members: with(Status::is_live),
             leaving: with(|s| s == Status::Leaving),
-            down: self
-                .workers
-                .values()
-                .filter(|w| self.detector.reason(w.number) == Some(Reason::Silent))
-                .map(|w| w.member.id.clone())
-                .collect(),
+            down: self.down(),
         }
+    }
+
+    /// The ids of the workers DOWN for silence and the absent ones.
+    fn down(&self) -> Vec<String> {
+        let silent = (self.workers.values())
+            .filter(|w| self.detector.reason(w.number) == Some(Reason::Silent))
+            .map(|w| &w.member.id);
+        let mut down: Vec<String> = silent.chain(self.absent.keys()).cloned().collect();
+        down.sort_unstable();
+        down
     }
 
     /// The id of the worker with this heartbeat number.
@@ -465,6 +508,14 @@ fn validate(reg: &Registration) -> Result<(), RegisterError> {
     };
     name("id", &reg.id)?;
     name("host", &reg.host)?;
+    if reg.peers.len() > MAX_WORKERS {
+        return Err(RegisterError::Invalid(format!(
+            "\"peers\" names more than {MAX_WORKERS} workers"
+        )));
+    }
+    for peer in &reg.peers {
+        name("peers", peer)?;
+    }
     for (field, counter) in [("epoch", reg.epoch), ("generation", reg.generation)] {
         if counter.is_some_and(|n| n > MAX_COUNTER) {
             return Err(RegisterError::Invalid(format!(
@@ -497,6 +548,7 @@ mod tests {
             wire_port: 8002,
             epoch: None,
             generation: None,
+            peers: Vec::new(),
         }
     }
 
@@ -634,6 +686,68 @@ mod tests {
         m.heartbeat(&hb(r), t0 + GRACE, SystemTime::now());
         let topology = m.publish(t0 + GRACE).unwrap();
         assert_eq!((topology.epoch, topology.members[0].generation), (42, 7));
+    }
+
+    /// A restarted controller learns from the returning workers which
+    /// workers the cluster had: those that never register with it are
+    /// DOWN (their copies may be the only ones of some keys), as the
+    /// controller before it would have said, until they register or are
+    /// forgotten. Workers named after its grace period are not taken up.
+    #[test]
+    fn a_restarted_controller_lists_the_workers_the_returning_ones_name_as_down_until_forgotten() {
+        let t0 = Instant::now();
+        let forget_after = Duration::from_secs(60);
+        let mut m = Membership::new(DOWN_AFTER, GRACE, t0).forgetting_after(forget_after);
+        let naming = |id: &str, peers: &[&str]| Registration {
+            peers: peers.iter().map(|p| p.to_string()).collect(),
+            ..returning(id, 7)
+        };
+        let wall = SystemTime::now();
+        let r1 = (m.register(
+            naming("worker1", &["worker2", "worker3", "worker4"]),
+            t0,
+            wall,
+        ))
+        .unwrap();
+        let r2 = (m.register(
+            naming("worker2", &["worker1", "worker3", "worker4"]),
+            t0,
+            wall,
+        ))
+        .unwrap();
+        assert_eq!(m.publish(t0), None, "held through the grace period");
+        let after = t0 + GRACE;
+        for r in [r1, r2] {
+            m.heartbeat(&hb(r), after, wall);
+        }
+        let topology = m.publish(after).unwrap();
+        assert_eq!(
+            (ids(&topology), &topology.down[..]),
+            (
+                vec!["worker1", "worker2"],
+                &["worker3".to_string(), "worker4".to_string()][..]
+            )
+        );
+        // Named after the grace period: not taken up.
+        m.register(naming("worker5", &["worker6"]), after, wall)
+            .unwrap();
+        // worker3 comes back: live, no longer DOWN.
+        m.register(returning("worker3", 7), after, wall).unwrap();
+        let topology = m.publish(after).unwrap();
+        assert_eq!(
+            (ids(&topology), &topology.down[..]),
+            (
+                vec!["worker1", "worker2", "worker3", "worker5"],
+                &["worker4".to_string()][..]
+            )
+        );
+        // worker4 never does: forgotten, a new topology without it.
+        assert!(m
+            .forget(t0 + forget_after - Duration::from_millis(1))
+            .is_empty());
+        assert_eq!(m.forget(t0 + forget_after), ["worker4"]);
+        let topology = m.publish(t0 + forget_after).unwrap();
+        assert!(topology.down.is_empty(), "{topology:?}");
     }
 
     #[test]
@@ -990,6 +1104,20 @@ mod tests {
                     ..reg("w")
                 },
                 "\"generation\" must be at most 2^53",
+            ),
+            (
+                Registration {
+                    peers: vec!["w2".into(), "a b".into()],
+                    ..returning("w", 1)
+                },
+                "\"peers\" must not contain spaces",
+            ),
+            (
+                Registration {
+                    peers: vec!["w2".into(); MAX_WORKERS + 1],
+                    ..returning("w", 1)
+                },
+                "\"peers\" names more than 65536",
             ),
         ] {
             let err = m.register(bad, t0, SystemTime::now()).unwrap_err();

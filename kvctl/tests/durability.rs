@@ -286,7 +286,8 @@ async fn a_journal_damaged_far_from_its_end_stops_the_worker_with_the_way_out() 
 
 /// Three of four durable workers killed at once: a key only they held
 /// reads at the survivor as unavailable (503, naming them), not as absent,
-/// and reads again once they are back with their data dirs.
+/// even after a controller restart, and reads again once they are back
+/// with their data dirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_whose_owners_all_died_is_unavailable_until_they_return_with_their_data() {
     let _serial = SERIAL.lock().await;
@@ -319,6 +320,18 @@ async fn a_key_whose_owners_all_died_is_unavailable_until_they_return_with_their
         dead.iter().all(|id| error.contains(id)) && error.contains("are all down"),
         "{error}"
     );
+    // A controller restarted meanwhile learns of them from the survivor's
+    // registration: its first topology lists them DOWN too.
+    let epoch = cluster.metric("worker1", "kv_worker_epoch").await;
+    signal(cluster.nodes["controller"].pid(), "-9");
+    cluster.restart("controller").await;
+    cluster
+        .until("the restarted controller's first topology", async || {
+            cluster.metric("worker1", "kv_worker_epoch").await > epoch
+        })
+        .await;
+    let (status, reply) = read(&cluster).await;
+    assert_eq!(status, 503, "after a controller restart: {reply}");
     for id in dead {
         cluster.restart(id).await;
     }

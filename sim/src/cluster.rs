@@ -621,6 +621,7 @@ impl Cluster {
             wire_port: 9090,
             epoch: None,
             generation: None,
+            peers: Vec::new(),
         };
         let presence = Arc::new(Mutex::new(Presence::new(me, self.instant())));
         lock(&self.presences).insert(id.to_string(), presence.clone());
@@ -757,7 +758,7 @@ impl Cluster {
     async fn register(&self, id: &str, node: &Node, presence: &Mutex<Presence>) {
         loop {
             self.net.while_paused(id).await;
-            let reg = lock(presence).registration(None, node.topologies.current().epoch());
+            let reg = lock(presence).registration(None, &node.topologies.current().topology);
             let heartbeat_interval_ms = self.settings.heartbeat.as_millis() as u64;
             let answer = self
                 .to_controller(id, false, |c, now, wall| {

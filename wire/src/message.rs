@@ -509,6 +509,13 @@ impl Topology {
     pub fn everyone(&self) -> impl Iterator<Item = &Member> {
         self.members.iter().chain(&self.leaving)
     }
+
+    /// The ids of every worker the topology names: members, leavers and
+    /// the DOWN ones.
+    pub fn named_ids(&self) -> impl Iterator<Item = &str> {
+        let down = self.down.iter().map(String::as_str);
+        self.everyone().map(|m| m.id.as_str()).chain(down)
+    }
 }
 
 /// A live worker and how to reach it.

@@ -25,6 +25,13 @@ pub struct RegisterRequest {
     /// a restarted controller keeps it, so its restart moves no data.
     #[serde(default)]
     pub generation: Option<u64>,
+    /// The other workers the last topology the worker saw named (live,
+    /// leaving or DOWN), if it ran under a controller before: a restarted
+    /// controller lists those that never register with it as DOWN, as the
+    /// controller before it would have, so a key only they held reads as
+    /// unavailable rather than absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
 }
 
 /// The controller's answer.

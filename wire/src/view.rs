@@ -119,10 +119,8 @@ impl View {
 
     /// The ring over every worker the topology names, DOWN ones included.
     fn everyone(&self) -> &Ring {
-        self.everyone.get_or_init(|| {
-            let named = self.topology.everyone().map(|m| m.id.as_str());
-            Ring::new(named.chain(self.topology.down.iter().map(String::as_str)))
-        })
+        self.everyone
+            .get_or_init(|| Ring::new(self.topology.named_ids()))
     }
 
     fn is_down(&self, id: &str) -> bool {

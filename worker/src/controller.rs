@@ -206,7 +206,7 @@ async fn register(
                 }
             }
         };
-        let me = lock(presence).registration(host, topologies.current().epoch());
+        let me = lock(presence).registration(host, &topologies.current().topology);
         match controller
             .post::<Registered>(client, Signed::Register, "/register", &me)
             .await

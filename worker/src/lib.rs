@@ -299,6 +299,7 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         wire_port,
         epoch: None,
         generation: None,
+        peers: Vec::new(),
     };
     let presence = Arc::new(Mutex::new(Presence::new(me, std::time::Instant::now())));
     let wake = Arc::new(Notify::new());

@@ -15,7 +15,7 @@
 
 use kv_wire::heartbeat::{Heartbeat, HeartbeatAck};
 use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest};
-use kv_wire::ClusterSecret;
+use kv_wire::{ClusterSecret, Topology};
 use std::time::{Duration, Instant};
 
 /// Intervals without an ack before the controller is looked up afresh.
@@ -105,15 +105,20 @@ impl Presence {
         self.current.is_none() || self.reregister
     }
 
-    /// The request for one attempt to register: the last epoch seen (a
-    /// restarted controller numbers on above it) and the generation held
-    /// (it keeps it, so the restart moves no data). `host` replaces the
-    /// advertised host when it is learned from the route.
-    pub fn registration(&mut self, host: Option<String>, epoch_seen: u64) -> RegisterRequest {
+    /// The request for one attempt to register: of the last topology seen,
+    /// its epoch (a restarted controller numbers on above it) and the other
+    /// workers it named (it lists those that never register as DOWN), and
+    /// the generation held (it keeps it, so the restart moves no data).
+    /// `host` replaces the advertised host when it is learned from the route.
+    pub fn registration(&mut self, host: Option<String>, seen: &Topology) -> RegisterRequest {
         if let Some(host) = host {
             self.me.host = host;
         }
-        self.me.epoch = (epoch_seen > 0).then_some(epoch_seen);
+        self.me.epoch = (seen.epoch > 0).then_some(seen.epoch);
+        self.me.peers = (seen.named_ids())
+            .filter(|id| *id != self.me.id)
+            .map(str::to_owned)
+            .collect();
         self.me.generation = self.generation();
         self.reregister = false;
         self.registering = true;
@@ -264,6 +269,25 @@ mod tests {
             wire_port: 9090,
             epoch: None,
             generation: None,
+            peers: Vec::new(),
+        }
+    }
+
+    /// A topology at `epoch` naming no workers.
+    fn seen(epoch: u64) -> Topology {
+        Topology {
+            epoch,
+            ..Topology::default()
+        }
+    }
+
+    fn member(id: &str) -> kv_wire::Member {
+        kv_wire::Member {
+            id: id.into(),
+            host: "10.0.0.2".into(),
+            port: 8080,
+            wire_port: 9090,
+            generation: 1,
         }
     }
 
@@ -283,7 +307,7 @@ mod tests {
         let mut p = Presence::new(me(), t0);
         assert!(p.wants_registration());
         assert_eq!(p.heartbeat(0), None, "no heartbeat before registering");
-        let request = p.registration(None, 0);
+        let request = p.registration(None, &seen(0));
         assert_eq!((request.epoch, request.generation), (None, None));
         p.registered(reply(5, 100), request.host, t0);
         assert!(!p.wants_registration());
@@ -318,10 +342,18 @@ mod tests {
             (first.member, first.generation, first.seq, first.epoch_seen),
             (7, 5, 1, 4)
         );
-        // A new registration keeps the generation and says the epoch seen.
+        // A new registration keeps the generation, and says the epoch seen
+        // and the other workers that topology named.
         p.unknown();
-        let again = p.registration(None, 4);
+        let topology = Topology {
+            epoch: 4,
+            members: vec![member("worker1"), member("worker2")],
+            leaving: vec![member("worker3")],
+            down: vec!["worker4".into()],
+        };
+        let again = p.registration(None, &topology);
         assert_eq!((again.epoch, again.generation), (Some(4), Some(5)));
+        assert_eq!(again.peers, ["worker2", "worker3", "worker4"]);
         p.registered(reply(5, 101), again.host, t0);
         assert_eq!(p.heartbeat(4).unwrap().seq, 2);
     }
@@ -338,7 +370,7 @@ mod tests {
         // More acks of the new controller ask nothing more...
         assert_eq!(p.ack(&ack(200), None, t0), Ack::Counted);
         // ...nor while the registration is under way.
-        let request = p.registration(None, 3);
+        let request = p.registration(None, &seen(3));
         assert_eq!(p.ack(&ack(200), None, t0), Ack::Counted);
         assert!(!p.wants_registration());
         p.registered(reply(5, 200), request.host, t0);
@@ -437,7 +469,7 @@ mod tests {
         assert!(!p.route_from("10.0.0.1"));
         assert!(p.route_from("10.0.0.9"));
         assert!(!p.route_from("10.0.0.9"), "asked once");
-        let request = p.registration(Some("10.0.0.9".into()), 3);
+        let request = p.registration(Some("10.0.0.9".into()), &seen(3));
         assert_eq!(request.host, "10.0.0.9");
         p.registered(reply(5, 100), request.host, t0);
         assert!(!p.route_from("10.0.0.9"));
@@ -451,7 +483,7 @@ mod tests {
         assert!(p.is_leaving());
         assert_eq!(p.leave_to_say(), None, "not registered yet");
         assert_eq!(p.left(), None);
-        let request = p.registration(None, 0);
+        let request = p.registration(None, &seen(0));
         p.registered(reply(5, 100), request.host, t0);
         let leave = p.leave_to_say().unwrap();
         assert_eq!(
@@ -464,14 +496,14 @@ mod tests {
         p.heartbeat(0);
         assert_eq!(p.ack(&ack(200), None, t0), Ack::Restarted);
         assert_eq!(p.leave_to_say(), None);
-        let request = p.registration(None, 3);
+        let request = p.registration(None, &seen(3));
         p.registered(reply(5, 200), request.host, t0);
         assert_eq!(p.leave_to_say().map(|l| l.generation), Some(5));
         // A controller that does not know this incarnation.
         p.unknown();
         assert_eq!(p.leave_to_say(), None);
         assert!(p.wants_registration());
-        let request = p.registration(None, 3);
+        let request = p.registration(None, &seen(3));
         p.registered(reply(6, 200), request.host, t0);
         assert_eq!(p.leave_to_say().map(|l| l.generation), Some(6));
         assert_eq!(p.left().map(|l| (l.generation, l.done)), Some((6, true)));
