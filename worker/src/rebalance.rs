@@ -593,10 +593,13 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
         if owners.contains(&node.id.as_str()) {
             continue;
         }
-        let owners: Vec<String> = owners.iter().map(|o| o.to_string()).collect();
+        let mut keys = Vec::new();
         node.store.scan(range, &mut |key, version| {
-            handoff.add(key.to_string(), version, owners.clone());
+            keys.push((key.to_string(), version));
         });
+        if !keys.is_empty() {
+            handoff.add(owners.iter().map(|o| o.to_string()).collect(), keys);
+        }
     }
     report.foreign = handoff.len();
     node.metrics.handoff_pending.set(handoff.len() as i64);
@@ -608,16 +611,19 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
     loop {
         let pause = pauses.next();
         let last = pause.is_none();
-        for (owner, items) in handoff.waiting() {
+        for (owner, waiting) in handoff.waiting() {
             let Some(member) = view.member(&owner) else {
                 continue;
             };
-            for chunk in items.chunks(HANDOFF_BATCH) {
+            for chunk in waiting.chunks(HANDOFF_BATCH) {
                 let offered = call(
                     node,
                     member,
                     || Request::Offer {
-                        items: chunk.to_vec(),
+                        items: (chunk.iter())
+                            .map(|&i| handoff.key(i))
+                            .map(|(key, version)| (key.to_string(), version))
+                            .collect(),
                     },
                     |r| match r {
                         Response::Wanted(wanted) => Some(wanted),
@@ -630,24 +636,27 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
                     continue;
                 };
                 let wanted: HashSet<u32> = wanted.into_iter().collect();
-                let (lacking, held): (Vec<_>, Vec<_>) = chunk
-                    .iter()
-                    .enumerate()
-                    .partition(|(i, _)| wanted.contains(&(*i as u32)));
-                handoff.confirm(&owner, held.into_iter().map(|(_, (k, _))| k.as_str()));
+                let (lacking, held): (Vec<_>, Vec<_>) = (chunk.iter().copied().enumerate())
+                    .partition(|(n, _)| wanted.contains(&(*n as u32)));
+                handoff.confirm(&owner, held.into_iter().map(|(_, i)| i));
                 if last && !lacking.is_empty() {
-                    let entries: Vec<Entry> = lacking
-                        .iter()
-                        .filter_map(|(_, (k, _))| {
-                            node.store.get(k).map(|c| Entry {
-                                key: k.clone(),
-                                version: c.version,
-                                value: c.value,
-                            })
+                    // Those the store still holds (a purged tombstone is gone).
+                    let (sent, entries): (Vec<usize>, Vec<Entry>) = (lacking.into_iter())
+                        .filter_map(|(_, i)| {
+                            let key = handoff.key(i).0;
+                            let copy = node.store.get(key)?;
+                            Some((
+                                i,
+                                Entry {
+                                    key: key.to_string(),
+                                    version: copy.version,
+                                    value: copy.value,
+                                },
+                            ))
                         })
-                        .collect();
+                        .unzip();
                     if send(node, member, &entries, report).await {
-                        handoff.confirm(&owner, entries.iter().map(|e| e.key.as_str()));
+                        handoff.confirm(&owner, sent);
                     }
                 }
             }
@@ -661,7 +670,7 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
         }
     }
     for (key, version) in handoff.confirmed() {
-        if node.store.remove_if(&key, version) {
+        if node.store.remove_if(key, version) {
             report.dropped += 1;
         }
     }

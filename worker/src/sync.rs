@@ -157,65 +157,119 @@ impl<'v> Comparisons<'v> {
 
 /// Keys this worker holds but does not own, on their way to their owners.
 /// A key is dropped here only once every owner confirmed it.
+///
+/// A leaver hands off every key it holds, so this is as large as its
+/// store: keys are kept in groups that share their owners (a ring arc),
+/// each key with a byte of confirmations, rather than in a map by key
+/// with a list of owner names each (that took three quarters of a leaving
+/// worker's CPU).
 #[derive(Debug, Default)]
 pub struct Handoff {
-    /// key -> (version held here, owners not yet confirmed); ordered, so
-    /// the offers go out in the same order on every run (the simulator
-    /// replays a seed exactly).
-    pending: BTreeMap<String, (Version, Vec<String>)>,
+    /// Each group's owners: at most 8 (a ring arc has
+    /// [`kv_wire::REPLICATION_FACTOR`]), so a key's confirmations fit a byte.
+    groups: Vec<Vec<String>>,
+    /// The keys, group by group, sorted within a group: the offers go
+    /// out in the same order on every run, whatever order the store
+    /// scanned them in (the simulator replays a seed exactly).
+    keys: Vec<Pending>,
+    /// Keys some owner has not confirmed.
+    unconfirmed: usize,
+}
+
+/// The confirmations of a key once all `owners` confirmed it.
+fn everyone(owners: &[String]) -> u8 {
+    (1u16 << owners.len()).wrapping_sub(1) as u8
+}
+
+/// A key on its way.
+#[derive(Debug)]
+struct Pending {
+    key: String,
+    /// The version held here.
+    version: Version,
+    group: u32,
+    /// Bit `i`: the group's owner `i` confirmed it.
+    confirmed: u8,
 }
 
 impl Handoff {
-    /// Tracks `key` at `version`, owned by `owners`.
-    pub fn add(&mut self, key: String, version: Version, owners: Vec<String>) {
-        self.pending.insert(key, (version, owners));
-    }
-
-    /// `owner` holds these keys at the tracked version or newer.
-    pub fn confirm<'k>(&mut self, owner: &str, keys: impl IntoIterator<Item = &'k str>) {
-        for key in keys {
-            if let Some((_, owners)) = self.pending.get_mut(key) {
-                owners.retain(|o| o != owner);
-            }
+    /// Tracks `keys` (with the versions held here), all owned by `owners`.
+    pub fn add(&mut self, owners: Vec<String>, mut keys: Vec<(String, Version)>) {
+        debug_assert!(owners.len() <= 8, "a group has at most 8 owners");
+        keys.sort_unstable();
+        let group = self.groups.len() as u32;
+        if !owners.is_empty() {
+            self.unconfirmed += keys.len();
         }
+        self.keys
+            .extend(keys.into_iter().map(|(key, version)| Pending {
+                key,
+                version,
+                group,
+                confirmed: 0,
+            }));
+        self.groups.push(owners);
     }
 
-    /// Per owner, the keys it has not confirmed, with their versions.
-    pub fn waiting(&self) -> BTreeMap<String, Vec<(String, Version)>> {
-        let mut per_owner: BTreeMap<String, Vec<(String, Version)>> = BTreeMap::new();
-        for (key, (version, owners)) in &self.pending {
-            for owner in owners {
-                per_owner
-                    .entry(owner.clone())
-                    .or_default()
-                    .push((key.clone(), *version));
+    /// Per owner, the keys it has not confirmed (see [`Handoff::key`]).
+    pub fn waiting(&self) -> BTreeMap<String, Vec<usize>> {
+        let mut per_owner: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, pending) in self.keys.iter().enumerate() {
+            for (bit, owner) in self.groups[pending.group as usize].iter().enumerate() {
+                if pending.confirmed & (1 << bit) == 0 {
+                    per_owner.entry(owner.clone()).or_default().push(i);
+                }
             }
         }
         per_owner
     }
 
+    /// Key `i` and the version held here.
+    pub fn key(&self, i: usize) -> (&str, Version) {
+        let pending = &self.keys[i];
+        (&pending.key, pending.version)
+    }
+
+    /// `owner` holds these keys at the tracked version or newer.
+    pub fn confirm(&mut self, owner: &str, keys: impl IntoIterator<Item = usize>) {
+        for i in keys {
+            let Some(pending) = self.keys.get_mut(i) else {
+                continue;
+            };
+            let owners = &self.groups[pending.group as usize];
+            let Some(bit) = owners.iter().position(|o| o == owner) else {
+                continue;
+            };
+            let was = pending.confirmed;
+            pending.confirmed |= 1 << bit;
+            let all = everyone(owners);
+            if was != all && pending.confirmed == all {
+                self.unconfirmed -= 1;
+            }
+        }
+    }
+
     /// Keys every owner confirmed (safe to drop), with their versions.
-    pub fn confirmed(&self) -> Vec<(String, Version)> {
-        self.pending
+    pub fn confirmed(&self) -> impl Iterator<Item = (&str, Version)> {
+        self.keys
             .iter()
-            .filter(|(_, (_, owners))| owners.is_empty())
-            .map(|(k, (v, _))| (k.clone(), *v))
-            .collect()
+            .filter(|p| p.confirmed == everyone(&self.groups[p.group as usize]))
+            .map(|p| (p.key.as_str(), p.version))
     }
 
     /// Keys some owner has not confirmed.
     pub fn unconfirmed(&self) -> usize {
-        self.pending.values().filter(|(_, o)| !o.is_empty()).count()
+        self.unconfirmed
     }
 
     /// Keys tracked.
     pub fn len(&self) -> usize {
-        self.pending.len()
+        self.keys.len()
     }
 
     /// Whether nothing is tracked.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.keys.is_empty()
     }
 }
 
@@ -345,15 +399,40 @@ mod tests {
     #[test]
     fn a_handoff_drops_a_key_only_when_every_owner_confirmed_it() {
         let v = |hlc| Version { hlc, node: 1 };
+        let owners = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect();
         let mut h = Handoff::default();
-        h.add("k".into(), v(5), vec!["a".into(), "b".into()]);
-        h.add("j".into(), v(6), vec!["a".into()]);
-        h.confirm("a", ["k", "j"]);
-        assert_eq!(h.confirmed(), vec![("j".to_string(), v(6))]);
+        // Sorted within a group, whatever order the store gave.
+        h.add(
+            owners(&["a", "b"]),
+            vec![("k".into(), v(5)), ("i".into(), v(4))],
+        );
+        h.add(owners(&["a"]), vec![("j".into(), v(6))]);
+        assert_eq!((h.len(), h.unconfirmed()), (3, 3));
+        assert_eq!(
+            (h.key(0), h.key(1), h.key(2)),
+            (("i", v(4)), ("k", v(5)), ("j", v(6)))
+        );
+        let waiting = h.waiting();
+        assert_eq!(waiting["a"], [0, 1, 2]);
+        assert_eq!(waiting["b"], [0, 1]);
+        // One owner of two: not yet. An owner of another group: nothing.
+        h.confirm("b", [1, 2]);
+        assert_eq!((h.confirmed().count(), h.unconfirmed()), (0, 3));
+        // Twice counts once.
+        h.confirm("a", [1, 2, 2]);
+        assert_eq!(
+            h.confirmed().collect::<Vec<_>>(),
+            [("k", v(5)), ("j", v(6))]
+        );
         assert_eq!(h.unconfirmed(), 1);
-        assert_eq!(h.waiting().keys().collect::<Vec<_>>(), ["b"]);
-        h.confirm("b", ["k"]);
-        assert_eq!(h.confirmed().len(), 2);
+        let waiting = h.waiting();
+        assert_eq!(
+            (waiting["a"].as_slice(), waiting["b"].as_slice()),
+            (&[0][..], &[0][..])
+        );
+        h.confirm("a", [0]);
+        h.confirm("b", [0]);
+        assert_eq!((h.confirmed().count(), h.unconfirmed()), (3, 0));
         assert!(h.waiting().is_empty());
     }
 
@@ -441,12 +520,16 @@ mod tests {
 
         /// One worker's handoff of the keys it does not own in `view`.
         fn hand_off(&mut self, me: &str, v: &View, budget: &mut usize) {
-            let mut handoff = Handoff::default();
+            let mut by_owners: BTreeMap<Vec<String>, Vec<(String, Version)>> = BTreeMap::new();
             for ((_, key), version) in self.store(me).clone() {
                 let owners: Vec<String> = v.owners(&key).iter().map(|m| m.id.clone()).collect();
                 if !owners.iter().any(|o| o == me) {
-                    handoff.add(key, version, owners);
+                    by_owners.entry(owners).or_default().push((key, version));
                 }
+            }
+            let mut handoff = Handoff::default();
+            for (owners, keys) in by_owners {
+                handoff.add(owners, keys);
             }
             for (owner, items) in handoff.waiting() {
                 if *budget == 0 {
@@ -455,15 +538,16 @@ mod tests {
                 *budget -= 1;
                 // Offer, then send what is still lacking (the last round).
                 let store = self.store(&owner);
-                for (k, v) in &items {
-                    apply(store, k, *v);
+                for &i in &items {
+                    let (k, v) = handoff.key(i);
+                    apply(store, k, v);
                 }
-                handoff.confirm(&owner, items.iter().map(|(k, _)| k.as_str()));
+                handoff.confirm(&owner, items);
             }
+            let store = self.store(me);
             for (key, version) in handoff.confirmed() {
-                let store = self.store(me);
-                if store.get(&place(&key)) == Some(&version) {
-                    store.remove(&place(&key));
+                if store.get(&place(key)) == Some(&version) {
+                    store.remove(&place(key));
                 }
             }
         }
