@@ -56,6 +56,9 @@ const TOMBSTONE: u8 = 0;
 const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 /// How often a failing engine is logged.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Expired tombstones removed per engine batch (each batch holds its
+/// buckets' locks while it commits).
+const REMOVE_BATCH: usize = 1024;
 const VALUE: u8 = 1;
 
 /// When writes reach the disk (`--sync`).
@@ -798,6 +801,50 @@ impl Store for DiskStore {
         true
     }
 
+    /// One engine batch: a leaver drops every key it handed off, and one
+    /// write to the journal each was most of a durable worker's drain.
+    fn remove_many_if(&self, copies: &[(&str, Version)]) -> usize {
+        let hashes: Vec<u64> = (copies.iter())
+            .map(|(key, _)| Ring::key_hash(key.as_bytes()))
+            .collect();
+        let mut order: Vec<usize> = (0..copies.len()).collect();
+        order.sort_unstable_by_key(|&i| (hashes[i], copies[i].0));
+        order.dedup_by_key(|i| (hashes[*i], copies[*i].0));
+        // Locked in ascending order, as `write` does.
+        let mut ids: Vec<usize> = order.iter().map(|&i| bucket_of(hashes[i])).collect();
+        ids.dedup();
+        let mut locked: Vec<MutexGuard<'_, Summary>> =
+            ids.iter().map(|b| self.bucket(*b)).collect();
+        let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
+        let gone: Vec<(usize, Held)> = (order.into_iter())
+            .filter_map(|i| {
+                let (key, version) = copies[i];
+                let held = locked[slot(hashes[i])].find(hashes[i], key_check(key.as_bytes()))?;
+                (held.version == version).then_some((i, held))
+            })
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
+        for &(i, _) in &gone {
+            batch.remove(&self.copies, encode_key(hashes[i], copies[i].0));
+        }
+        if let Err(e) = batch.commit() {
+            self.failed("remove copies", e);
+            return 0;
+        }
+        let (mut bytes, mut tombstones) = (0, 0);
+        for &(i, held) in &gone {
+            locked[slot(hashes[i])].remove(&self.digests, held);
+            bytes += i64::from(held.size);
+            tombstones += i64::from(held.tombstone);
+        }
+        drop(locked);
+        self.account(-(gone.len() as i64), -bytes, -tombstones);
+        gone.len()
+    }
+
     fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, Version)) {
         self.each(range, &mut |_, key, copy| visit(key, copy.version));
     }
@@ -816,10 +863,13 @@ impl Store for DiskStore {
                 expired.push((key.to_string(), copy.version));
             }
         });
+        let expired: Vec<(&str, Version)> = (expired.iter())
+            .map(|(key, version)| (key.as_str(), *version))
+            .collect();
         expired
-            .into_iter()
-            .filter(|(key, version)| self.remove_if(key, *version))
-            .count()
+            .chunks(REMOVE_BATCH)
+            .map(|chunk| self.remove_many_if(chunk))
+            .sum()
     }
 
     fn stats(&self) -> (usize, usize) {

@@ -817,15 +817,17 @@ impl Node {
         })
     }
 
-    /// The offered items this worker lacks (missing or older here).
+    /// The offered items this worker lacks (missing or older here), by
+    /// version alone: a durable store answers from memory, where reading
+    /// each copy from the engine made a leaver's offers its slowest step.
     pub fn wanted(&self, items: &[(String, Version)]) -> Vec<u32> {
         items
             .iter()
             .enumerate()
             .filter(|(_, (key, version))| {
                 self.store
-                    .get(key)
-                    .is_none_or(|held| held.version < *version)
+                    .held_version(key)
+                    .is_none_or(|held| held < *version)
             })
             .map(|(i, _)| i as u32)
             .collect()

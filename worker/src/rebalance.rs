@@ -669,10 +669,9 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
             _ => break,
         }
     }
-    for (key, version) in handoff.confirmed() {
-        if node.store.remove_if(key, version) {
-            report.dropped += 1;
-        }
+    let confirmed: Vec<_> = handoff.confirmed().collect();
+    for chunk in confirmed.chunks(HANDOFF_BATCH) {
+        report.dropped += node.store.remove_many_if(chunk);
     }
     report.kept = handoff.unconfirmed();
     node.metrics.handoff_pending.set(report.kept as i64);

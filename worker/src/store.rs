@@ -103,6 +103,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes `key` if it is still at `version` (a newer write since then
     /// stays). Returns whether it was removed.
     fn remove_if(&self, key: &str, version: Version) -> bool;
+    /// [`Store::remove_if`] for each copy (a key at most once); returns
+    /// how many were removed. An engine that can makes them one write.
+    fn remove_many_if(&self, copies: &[(&str, Version)]) -> usize {
+        (copies.iter())
+            .filter(|(key, version)| self.remove_if(key, *version))
+            .count()
+    }
     /// Visits the key and version of every copy whose key hashes into
     /// `range` (tombstones included), in no particular order, a part of the
     /// range at a time under that part's lock: `visit` must be quick and
@@ -706,6 +713,45 @@ mod tests {
             assert!(!store.remove_if("k", v(1)));
             assert!(store.remove_if("k", v(2)));
             assert_eq!(store.get("k"), None);
+        });
+    }
+
+    #[test]
+    fn remove_many_if_removes_each_key_still_at_its_version_once() {
+        each_store(|store| {
+            let keys: Vec<String> = (0..3000).map(|i| format!("key:{i}")).collect();
+            for key in &keys {
+                store.apply(key, copy(1, Some("x"))).unwrap();
+            }
+            // Every third key written again since; one key twice in the
+            // list; one never written.
+            for key in keys.iter().step_by(3) {
+                store.apply(key, copy(2, Some("newer"))).unwrap();
+            }
+            let mut listed: Vec<(&str, Version)> =
+                keys.iter().map(|k| (k.as_str(), v(1))).collect();
+            listed.push(("key:1", v(1)));
+            listed.push(("never", v(1)));
+            assert_eq!(store.remove_many_if(&listed), 2000);
+            for (i, key) in keys.iter().enumerate() {
+                let expected = (i % 3 == 0).then(|| copy(2, Some("newer")));
+                assert_eq!(store.get(key), expected, "{key}");
+            }
+            let left: usize = keys
+                .iter()
+                .step_by(3)
+                .map(|k| k.len() + "newer".len())
+                .sum();
+            assert_eq!(store.stats(), (1000, left));
+            assert_eq!(
+                store.digest(HashRange::ALL),
+                scanned_digest(store, HashRange::ALL)
+            );
+            assert_eq!(
+                store.remove_many_if(&listed),
+                0,
+                "nothing left at version 1"
+            );
         });
     }
 
