@@ -224,6 +224,13 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
     }
 }
 
+/// Counts copies moved as they move: a sync cut short by a newer topology
+/// reports nothing at its end, and a drain often ends one that way.
+fn count_moved(node: &Node, keys: usize, bytes: usize) {
+    node.metrics.rebalance_keys.inc_by(keys as u64);
+    node.metrics.rebalance_bytes.inc_by(bytes as u64);
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -266,9 +273,6 @@ fn record(node: &Node, view: &View, why: Why, r: &Report, took: Duration) {
         m.rebalances.inc();
         m.rebalance_last_ms.set(took.as_millis() as i64);
     }
-    m.rebalance_keys.inc_by(moved);
-    m.rebalance_bytes
-        .inc_by((r.pulled_bytes + r.handed_bytes) as u64);
     m.rebalance_dropped.inc_by(r.dropped as u64);
     if !r.quiet(why) {
         info!(
@@ -418,6 +422,7 @@ async fn sync_peer(
         while let Some((i, expected, pulled)) = results.next().await {
             let (keys, bytes) = pulled.unwrap_or_default();
             node.progress.pulled(expected, keys as u64, bytes as u64);
+            count_moved(node, keys, bytes);
             match pulled {
                 Some(_) => {
                     report.pulled += keys;
@@ -702,6 +707,7 @@ async fn send(node: &Node, member: &Member, entries: &[Entry], report: &mut Repo
         report.handed += entries.len();
         report.handed_bytes += bytes;
         node.progress.handed(entries.len() as u64, bytes as u64);
+        count_moved(node, entries.len(), bytes);
     } else {
         report.failures += 1;
     }
