@@ -178,6 +178,21 @@ impl Summary {
     }
 }
 
+/// The summaries of the buckets a batch touches, locked together
+/// ([`DiskStore::lock_all`]).
+struct Locked<'s> {
+    ids: Vec<usize>,
+    guards: Vec<MutexGuard<'s, Summary>>,
+}
+
+impl Locked<'_> {
+    /// The summary of the bucket of `hash`, one of those locked.
+    fn at(&mut self, hash: u64) -> &mut Summary {
+        let i = (self.ids.binary_search(&bucket_of(hash))).unwrap_or_else(|i| i);
+        &mut self.guards[i]
+    }
+}
+
 /// Why a data dir cannot be used. Each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -485,14 +500,7 @@ impl DiskStore {
             .collect();
         let mut order: Vec<usize> = (0..copies.len()).collect();
         order.sort_unstable_by_key(|&i| (hashes[i], copies[i].0, i));
-        // Locked in ascending order (key order is bucket order), so
-        // batches never wait on each other in a cycle (every other caller
-        // holds one bucket at a time).
-        let mut ids: Vec<usize> = order.iter().map(|&i| bucket_of(hashes[i])).collect();
-        ids.dedup();
-        let mut locked: Vec<MutexGuard<'_, Summary>> =
-            ids.iter().map(|b| self.bucket(*b)).collect();
-        let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
+        let mut locked = self.lock_all(order.iter().map(|&i| hashes[i]));
         // Every place is written below: each index is in `order` once.
         let mut outcomes = vec![Ok(Applied::Held); copies.len()];
         // The copies going to the engine, in key order: per key, the last
@@ -509,7 +517,7 @@ impl DiskStore {
                 .last()
                 .filter(|&&(_, j)| copies[j].0 == key)
                 .map(|&(latest, _)| latest);
-            let held = earlier.or_else(|| locked[slot(hash)].find(hash, now.check));
+            let held = earlier.or_else(|| locked.at(hash).find(hash, now.check));
             outcomes[i] = Ok(match held {
                 Some(h) if h.version > copy.version => Applied::Older { held: h.version },
                 Some(h) if h.version == copy.version => Applied::Held,
@@ -558,7 +566,7 @@ impl DiskStore {
         self.syncer.written();
         let (mut keys, mut bytes, mut tombstones) = (0, 0, 0);
         for (now, _) in planned {
-            if let Some(b) = locked[slot(now.hash)].replace(&self.digests, now) {
+            if let Some(b) = locked.at(now.hash).replace(&self.digests, now) {
                 keys -= 1;
                 bytes -= i64::from(b.size);
                 tombstones -= i64::from(b.tombstone);
@@ -570,6 +578,16 @@ impl DiskStore {
         drop(locked);
         self.account(keys, bytes, tombstones);
         outcomes
+    }
+
+    /// Locks the buckets of `hashes`, given in ascending order, in that
+    /// order (key order is bucket order), so batches never wait on each
+    /// other in a cycle (every other caller holds one bucket at a time).
+    fn lock_all(&self, hashes: impl Iterator<Item = u64>) -> Locked<'_> {
+        let mut ids: Vec<usize> = hashes.map(bucket_of).collect();
+        ids.dedup();
+        let guards = ids.iter().map(|b| self.bucket(*b)).collect();
+        Locked { ids, guards }
     }
 
     /// What the summary holds of `key`.
@@ -810,16 +828,13 @@ impl Store for DiskStore {
         let mut order: Vec<usize> = (0..copies.len()).collect();
         order.sort_unstable_by_key(|&i| (hashes[i], copies[i].0));
         order.dedup_by_key(|i| (hashes[*i], copies[*i].0));
-        // Locked in ascending order, as `write` does.
-        let mut ids: Vec<usize> = order.iter().map(|&i| bucket_of(hashes[i])).collect();
-        ids.dedup();
-        let mut locked: Vec<MutexGuard<'_, Summary>> =
-            ids.iter().map(|b| self.bucket(*b)).collect();
-        let slot = |hash: u64| ids.binary_search(&bucket_of(hash)).unwrap_or_else(|i| i);
+        let mut locked = self.lock_all(order.iter().map(|&i| hashes[i]));
         let gone: Vec<(usize, Held)> = (order.into_iter())
             .filter_map(|i| {
                 let (key, version) = copies[i];
-                let held = locked[slot(hashes[i])].find(hashes[i], key_check(key.as_bytes()))?;
+                let held = locked
+                    .at(hashes[i])
+                    .find(hashes[i], key_check(key.as_bytes()))?;
                 (held.version == version).then_some((i, held))
             })
             .collect();
@@ -836,7 +851,7 @@ impl Store for DiskStore {
         }
         let (mut bytes, mut tombstones) = (0, 0);
         for &(i, held) in &gone {
-            locked[slot(hashes[i])].remove(&self.digests, held);
+            locked.at(hashes[i]).remove(&self.digests, held);
             bytes += i64::from(held.size);
             tombstones += i64::from(held.tombstone);
         }
