@@ -5,6 +5,12 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The most bytes of ids a registration names as `peers`: the body stays
+/// well under the controller's 64 KiB limit (a cluster of some thousands
+/// of workers with long pod names would pass it). The list is a hint;
+/// a worker past this names the first of them.
+pub const MAX_PEERS_BYTES: usize = 32 * 1024;
+
 /// A worker's registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +35,7 @@ pub struct RegisterRequest {
     /// leaving or DOWN), if it ran under a controller before: a restarted
     /// controller lists those that never register with it as DOWN, as the
     /// controller before it would have, so a key only they held reads as
-    /// unavailable rather than absent.
+    /// unavailable rather than absent. At most [`MAX_PEERS_BYTES`] of ids.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
 }

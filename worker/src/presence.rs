@@ -14,7 +14,7 @@
 //! replayed ack cannot make the worker register again.
 
 use kv_wire::heartbeat::{Heartbeat, HeartbeatAck};
-use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest};
+use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest, MAX_PEERS_BYTES};
 use kv_wire::{ClusterSecret, Topology};
 use std::time::{Duration, Instant};
 
@@ -115,8 +115,14 @@ impl Presence {
             self.me.host = host;
         }
         self.me.epoch = (seen.epoch > 0).then_some(seen.epoch);
+        let mut budget = MAX_PEERS_BYTES;
         self.me.peers = (seen.named_ids())
             .filter(|id| *id != self.me.id)
+            .take_while(|id| {
+                // An id in JSON costs its bytes, two quotes and a comma.
+                budget = budget.saturating_sub(id.len() + 3);
+                budget > 0
+            })
             .map(str::to_owned)
             .collect();
         self.me.generation = self.generation();
@@ -354,6 +360,23 @@ mod tests {
         let again = p.registration(None, &topology);
         assert_eq!((again.epoch, again.generation), (Some(4), Some(5)));
         assert_eq!(again.peers, ["worker2", "worker3", "worker4"]);
+        // Ten thousand workers with long names: as many as fit the budget.
+        p.unknown();
+        let many = Topology {
+            epoch: 5,
+            members: (0..10_000)
+                .map(|i| member(&format!("kv-worker-{i:05}-{}", "x".repeat(40))))
+                .collect(),
+            ..Topology::default()
+        };
+        let capped = p.registration(None, &many);
+        let bytes: usize = capped.peers.iter().map(|id| id.len() + 3).sum();
+        assert!(
+            bytes <= MAX_PEERS_BYTES && bytes + 60 > MAX_PEERS_BYTES,
+            "{bytes}"
+        );
+        let body = serde_json::to_vec(&capped).unwrap();
+        assert!(body.len() < 64 * 1024, "{}", body.len());
         p.registered(reply(5, 101), again.host, t0);
         assert_eq!(p.heartbeat(4).unwrap().seq, 2);
     }
