@@ -20,9 +20,9 @@ async fn until(what: &str, limit: Duration, done: impl Fn() -> bool) {
     }
 }
 
-/// A controller and four workers, settled.
-async fn settled_cluster() -> std::sync::Arc<Cluster> {
-    let c = Cluster::new(1, Settings::default(), false);
+/// A controller and four workers with these settings, settled.
+async fn settled_cluster(settings: Settings) -> std::sync::Arc<Cluster> {
+    let c = Cluster::new(1, settings, false);
     c.start_controller();
     for i in 1..=4 {
         c.start_worker(&format!("worker{i}"));
@@ -69,7 +69,7 @@ fn cut_off(c: &Cluster, id: &str, cut: bool) {
 /// at once, without them: simulator seeds 113, 140 and 183.)
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_worker_called_down_and_back_syncs_before_it_is_ready() {
-    let c = settled_cluster().await;
+    let c = settled_cluster(Settings::default()).await;
     let before = c.published().expect("a topology").epoch;
 
     // Written while worker3 is cut off but still in the ring: its copies
@@ -150,7 +150,7 @@ async fn a_worker_called_down_and_back_syncs_before_it_is_ready() {
 /// 4475).
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_worker_leaving_after_it_was_called_down_is_pulled_from_before_owners_are_ready() {
-    let c = settled_cluster().await;
+    let c = settled_cluster(Settings::default()).await;
 
     // Keys only worker3 holds, as if their other copies were lost.
     let leaver = c.net.proc("worker3").expect("running").node;
@@ -220,17 +220,9 @@ async fn a_worker_leaving_after_it_was_called_down_is_pulled_from_before_owners_
 /// holding 1M keys under writes, 4,579 such copies waited for the round.)
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_copy_arriving_after_a_handoff_is_handed_off_soon() {
-    let settings = Settings {
+    let c = settled_cluster(Settings {
         anti_entropy: Duration::from_secs(3600),
         ..Settings::default()
-    };
-    let c = Cluster::new(1, settings, false);
-    c.start_controller();
-    for i in 1..=4 {
-        c.start_worker(&format!("worker{i}"));
-    }
-    until("the cluster to settle", Duration::from_secs(20), || {
-        c.settled()
     })
     .await;
     // Written before the join, so that worker1 hands some of them off.
