@@ -56,8 +56,9 @@ const TOMBSTONE: u8 = 0;
 const MEMTABLE_BYTES: u64 = 16 * 1024 * 1024;
 /// How often a failing engine is logged.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
-/// Expired tombstones removed per engine batch (each batch holds its
-/// buckets' locks while it commits).
+/// Copies removed per engine batch ([`Store::remove_many_if`]): a batch
+/// holds its buckets' locks while it commits, so writers wait for one
+/// batch at most.
 const REMOVE_BATCH: usize = 1024;
 const VALUE: u8 = 1;
 
@@ -590,6 +591,46 @@ impl DiskStore {
         Locked { ids, guards }
     }
 
+    /// [`Store::remove_many_if`] for one engine batch.
+    fn remove_batch_if(&self, copies: &[(&str, Version)]) -> usize {
+        let hashes: Vec<u64> = (copies.iter())
+            .map(|(key, _)| Ring::key_hash(key.as_bytes()))
+            .collect();
+        let mut order: Vec<usize> = (0..copies.len()).collect();
+        order.sort_unstable_by_key(|&i| (hashes[i], copies[i].0));
+        order.dedup_by_key(|i| (hashes[*i], copies[*i].0));
+        let mut locked = self.lock_all(order.iter().map(|&i| hashes[i]));
+        let gone: Vec<(usize, Held)> = (order.into_iter())
+            .filter_map(|i| {
+                let (key, version) = copies[i];
+                let held = locked
+                    .at(hashes[i])
+                    .find(hashes[i], key_check(key.as_bytes()))?;
+                (held.version == version).then_some((i, held))
+            })
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
+        for &(i, _) in &gone {
+            batch.remove(&self.copies, encode_key(hashes[i], copies[i].0));
+        }
+        if let Err(e) = batch.commit() {
+            self.failed("remove copies", e);
+            return 0;
+        }
+        let (mut bytes, mut tombstones) = (0, 0);
+        for &(i, held) in &gone {
+            locked.at(hashes[i]).remove(&self.digests, held);
+            bytes += i64::from(held.size);
+            tombstones += i64::from(held.tombstone);
+        }
+        drop(locked);
+        self.account(-(gone.len() as i64), -bytes, -tombstones);
+        gone.len()
+    }
+
     /// What the summary holds of `key`.
     fn held(&self, hash: u64, key: &str) -> Option<Held> {
         self.bucket(bucket_of(hash))
@@ -819,45 +860,12 @@ impl Store for DiskStore {
         true
     }
 
-    /// One engine batch: a leaver drops every key it handed off, and one
+    /// In engine batches: a leaver drops every key it handed off, and one
     /// write to the journal each was most of a durable worker's drain.
     fn remove_many_if(&self, copies: &[(&str, Version)]) -> usize {
-        let hashes: Vec<u64> = (copies.iter())
-            .map(|(key, _)| Ring::key_hash(key.as_bytes()))
-            .collect();
-        let mut order: Vec<usize> = (0..copies.len()).collect();
-        order.sort_unstable_by_key(|&i| (hashes[i], copies[i].0));
-        order.dedup_by_key(|i| (hashes[*i], copies[*i].0));
-        let mut locked = self.lock_all(order.iter().map(|&i| hashes[i]));
-        let gone: Vec<(usize, Held)> = (order.into_iter())
-            .filter_map(|i| {
-                let (key, version) = copies[i];
-                let held = locked
-                    .at(hashes[i])
-                    .find(hashes[i], key_check(key.as_bytes()))?;
-                (held.version == version).then_some((i, held))
-            })
-            .collect();
-        if gone.is_empty() {
-            return 0;
-        }
-        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
-        for &(i, _) in &gone {
-            batch.remove(&self.copies, encode_key(hashes[i], copies[i].0));
-        }
-        if let Err(e) = batch.commit() {
-            self.failed("remove copies", e);
-            return 0;
-        }
-        let (mut bytes, mut tombstones) = (0, 0);
-        for &(i, held) in &gone {
-            locked.at(hashes[i]).remove(&self.digests, held);
-            bytes += i64::from(held.size);
-            tombstones += i64::from(held.tombstone);
-        }
-        drop(locked);
-        self.account(-(gone.len() as i64), -bytes, -tombstones);
-        gone.len()
+        (copies.chunks(REMOVE_BATCH))
+            .map(|batch| self.remove_batch_if(batch))
+            .sum()
     }
 
     fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, Version)) {
@@ -881,10 +889,7 @@ impl Store for DiskStore {
         let expired: Vec<(&str, Version)> = (expired.iter())
             .map(|(key, version)| (key.as_str(), *version))
             .collect();
-        expired
-            .chunks(REMOVE_BATCH)
-            .map(|chunk| self.remove_many_if(chunk))
-            .sum()
+        self.remove_many_if(&expired)
     }
 
     fn stats(&self) -> (usize, usize) {

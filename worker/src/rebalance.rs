@@ -719,9 +719,7 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
         }
     }
     let confirmed: Vec<_> = handoff.confirmed().collect();
-    for chunk in confirmed.chunks(HANDOFF_BATCH) {
-        report.dropped += node.store.remove_many_if(chunk);
-    }
+    report.dropped += node.store.remove_many_if(&confirmed);
     report.kept = handoff.unconfirmed();
     node.metrics.handoff_pending.set(report.kept as i64);
     if report.kept > 0 {

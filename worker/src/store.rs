@@ -730,7 +730,7 @@ mod tests {
             }
             let mut listed: Vec<(&str, Version)> =
                 keys.iter().map(|k| (k.as_str(), v(1))).collect();
-            listed.push(("key:1", v(1)));
+            listed.insert(2, ("key:1", v(1)));
             listed.push(("never", v(1)));
             assert_eq!(store.remove_many_if(&listed), 2000);
             for (i, key) in keys.iter().enumerate() {
