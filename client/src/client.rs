@@ -34,7 +34,7 @@ pub enum ClientError {
     /// The controller could not be asked.
     #[error("controller: {0}")]
     Controller(#[from] HttpError),
-    /// No live worker is known.
+    /// No live worker was known for the whole retry window.
     #[error("no live worker: is the cluster up? (the controller lists none)")]
     NoWorkers,
     /// A worker refused the request for good (bad key, value too large...).
@@ -144,7 +144,11 @@ impl Client {
         let deadline = Instant::now() + RETRY_WINDOW;
         loop {
             let view = self.view();
-            let primary = view.primary(key).ok_or(ClientError::NoWorkers)?;
+            let Some(primary) = view.primary(key) else {
+                self.retry_or_give_up(deadline, ClientError::NoWorkers)
+                    .await?;
+                continue;
+            };
             let reason = match self.pool.call(primary, request()).await {
                 Ok(Response::Written { version, .. }) => return Ok(version),
                 Ok(Response::Failed(f)) if f.kind == FailureKind::BadRequest => {
@@ -155,7 +159,8 @@ impl Client {
                 Err(e) if e.is_final() => return Err(e.into()),
                 Err(e) => e.to_string(),
             };
-            self.retry_or_give_up(deadline, reason).await?;
+            self.retry_or_give_up(deadline, ClientError::GaveUp(reason))
+                .await?;
         }
     }
 
@@ -167,7 +172,9 @@ impl Client {
             let view = self.view();
             let owners = view.owners(key);
             if owners.is_empty() {
-                return Err(ClientError::NoWorkers);
+                self.retry_or_give_up(deadline, ClientError::NoWorkers)
+                    .await?;
+                continue;
             }
             let mut reason = String::new();
             // Any owner coordinates a quorum read: try them in ring order.
@@ -189,7 +196,8 @@ impl Client {
                     Err(e) => reason = e.to_string(),
                 }
             }
-            self.retry_or_give_up(deadline, reason).await?;
+            self.retry_or_give_up(deadline, ClientError::GaveUp(reason))
+                .await?;
         }
     }
 
@@ -203,6 +211,7 @@ impl Client {
         while !todo.is_empty() {
             let view = self.view();
             let mut by_primary: HashMap<&str, (&Member, Vec<usize>)> = HashMap::new();
+            let mut unrouted = Vec::new();
             for i in todo.drain(..) {
                 match view.primary(&items[i].0) {
                     Some(primary) => by_primary
@@ -210,9 +219,16 @@ impl Client {
                         .or_insert_with(|| (primary, Vec::new()))
                         .1
                         .push(i),
-                    None => results[i] = Some(Err(ClientError::NoWorkers)),
+                    None => unrouted.push(i),
                 }
             }
+            // The view has no live worker: nothing to call this round.
+            let mut give_up = if unrouted.is_empty() {
+                ClientError::GaveUp(String::new())
+            } else {
+                ClientError::NoWorkers
+            };
+            todo.extend(unrouted);
             let calls = by_primary.into_values().flat_map(|(member, indices)| {
                 indices
                     .chunks(PUT_MANY_CHUNK)
@@ -231,7 +247,6 @@ impl Client {
                     })
                     .collect::<Vec<_>>()
             });
-            let mut last_reason = String::new();
             for (chunk, answer) in join_all(calls).await {
                 match answer {
                     Ok(Response::PutMany(outcomes)) if outcomes.len() == chunk.len() => {
@@ -242,7 +257,7 @@ impl Client {
                                     results[i] = Some(Err(ClientError::Refused(f)))
                                 }
                                 Err(f) => {
-                                    last_reason = f.message;
+                                    give_up = ClientError::GaveUp(f.message);
                                     todo.push(i);
                                 }
                             }
@@ -254,16 +269,16 @@ impl Client {
                         }
                     }
                     other => {
-                        last_reason = match other {
+                        give_up = ClientError::GaveUp(match other {
                             Err(e) => e.to_string(),
                             Ok(answer) => format!("unexpected answer {answer:?}"),
-                        };
+                        });
                         todo.extend(chunk);
                     }
                 }
             }
             if !todo.is_empty() {
-                if let Err(e) = self.retry_or_give_up(deadline, last_reason).await {
+                if let Err(e) = self.retry_or_give_up(deadline, give_up).await {
                     for &i in &todo {
                         results[i] = Some(Err(e.clone()));
                     }
@@ -277,11 +292,20 @@ impl Client {
             .collect()
     }
 
-    /// After a failure: past the deadline, give up; else pause, refresh the
-    /// topology (a worker may be gone, or the client behind) and go on.
-    async fn retry_or_give_up(&self, deadline: Instant, reason: String) -> Result<(), ClientError> {
+    /// After a failure: past the deadline, give up with `error`; else
+    /// pause, refresh the topology (a worker may be gone, or the client
+    /// behind) and go on. Also when the client knows no live worker: the
+    /// controller may be restarting, or the workers on their way, and a
+    /// view with none is refreshed only here (failing at once would leave
+    /// the client without workers for good, and a caller's retry loop
+    /// spinning without a pause).
+    async fn retry_or_give_up(
+        &self,
+        deadline: Instant,
+        error: ClientError,
+    ) -> Result<(), ClientError> {
         if Instant::now() >= deadline {
-            return Err(ClientError::GaveUp(reason));
+            return Err(error);
         }
         tokio::time::sleep(RETRY_PAUSE).await;
         // A controller that cannot answer right now is no reason to stop:

@@ -124,3 +124,50 @@ async fn an_address_that_now_belongs_to_another_worker_is_refused() {
     assert!(pool.call(&member(&w.id), request()).await.is_ok());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_knows_no_live_worker_waits_for_workers_to_come() {
+    // A controller that lists no worker yet, as one just restarted does.
+    let controller = start_controller().await;
+    let c = Client::connect(
+        &format!("http://{}", controller.http),
+        Credentials::new("kv", "test"),
+    )
+    .await
+    .unwrap();
+    assert!(c.owners("k").is_empty());
+    // None come: the client says so once its retry window is over.
+    let started = std::time::Instant::now();
+    let gave_up = c.put("k", Bytes::from("v")).await.unwrap_err();
+    assert!(
+        matches!(gave_up, kv_client::ClientError::NoWorkers),
+        "{gave_up}"
+    );
+    assert!(started.elapsed() >= kv_client::client::RETRY_WINDOW);
+    // Workers come while a write, a batch and a read wait for them.
+    let items: Vec<(String, Bytes)> = (0..100)
+        .map(|i| (format!("batch:{i}"), Bytes::from("b")))
+        .collect();
+    let (put, many, get, workers) = tokio::join!(
+        c.put("k", Bytes::from("v")),
+        c.put_many(&items),
+        c.get("absent"),
+        async {
+            let mut workers = Vec::new();
+            for i in 1..=3 {
+                workers.push(start_worker(&format!("worker{i}"), &controller).await);
+            }
+            workers
+        }
+    );
+    put.unwrap();
+    assert!(many.iter().all(Result::is_ok), "{many:?}");
+    assert_eq!(get.unwrap(), None);
+    assert_eq!(
+        c.get("k").await.unwrap().map(|(v, _)| v),
+        Some(Bytes::from("v"))
+    );
+    for w in workers {
+        w.kill().await;
+    }
+}
