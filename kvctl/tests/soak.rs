@@ -6,9 +6,9 @@
 //!
 //! The faults: `kill -9` of a worker restarted (at once, as a container
 //! restarts in its pod, or once it is DOWN), of two workers at once, of
-//! the controller, and of every process at once; a worker replaced as a
-//! rolling restart replaces a pod, a worker joining, and one leaving
-//! (scale-down). Durable workers restart on their data dirs and take every
+//! the controller, and of every process at once; a worker paused
+//! (SIGSTOP) for up to 4 s; a worker replaced as a rolling restart
+//! replaces a pod, a worker joining, and one leaving (scale-down). Durable workers restart on their data dirs and take every
 //! fault. Workers in memory restart empty, so they take only the faults
 //! that leave two copies of every key: the next fault comes once a
 //! restarted worker is ready, so a worker ready before it holds its share
@@ -67,6 +67,9 @@ enum Fault {
     Join,
     /// SIGTERM to a worker, not replaced.
     Leave,
+    /// SIGSTOP to a worker for 0.5-4 s (a long pause: DOWN, or nearly),
+    /// then SIGCONT.
+    Pause,
 }
 
 impl Fault {
@@ -75,7 +78,7 @@ impl Fault {
     /// workers in memory (not `durable`) lose one worker's copies at most.
     fn pick(rng: &mut fastrand::Rng, workers: usize, durable: bool) -> Fault {
         loop {
-            let fault = match rng.u32(..8) {
+            let fault = match rng.u32(..9) {
                 0 => Fault::Crash,
                 1 => Fault::CrashUntilDown,
                 2 => Fault::CrashTwo,
@@ -83,7 +86,8 @@ impl Fault {
                 4 => Fault::Everything,
                 5 => Fault::Replace,
                 6 => Fault::Join,
-                _ => Fault::Leave,
+                7 => Fault::Leave,
+                _ => Fault::Pause,
             };
             match fault {
                 Fault::Join if workers >= 6 => continue,
@@ -203,6 +207,12 @@ async fn soak(durable: bool) {
                 cluster.spawn_worker_as(next_id, &new).await;
             }
             Fault::Leave => leave(&mut cluster, &victim).await,
+            Fault::Pause => {
+                let pid = cluster.nodes[&victim].pid();
+                signal(pid, "-STOP");
+                tokio::time::sleep(Duration::from_millis(rng.u64(500..4000))).await;
+                signal(pid, "-CONT");
+            }
         }
         let live = running(&cluster);
         if !(durable && overlap()) {
