@@ -10,9 +10,9 @@
 //! (SIGSTOP) for up to 4 s; a worker replaced as a rolling restart
 //! replaces a pod, a worker joining, and one leaving (scale-down). Durable workers restart on their data dirs and take every
 //! fault. Workers in memory restart empty, so they take only the faults
-//! that leave two copies of every key: the next fault comes once a
-//! restarted worker is ready, so a worker ready before it holds its share
-//! loses acknowledged writes here.
+//! that leave two copies of every key. Whenever every worker is ready, the
+//! live workers must hold three copies of every key written before the
+//! faults: a worker ready before it holds its share fails that check.
 //!
 //! Sized for CI by default; at the scale users run:
 //! `KV_SOAK_KEYS=1000000 KV_SOAK_FAULTS=20 cargo test --release -p kvctl
@@ -217,6 +217,18 @@ async fn soak(durable: bool) {
         let live = running(&cluster);
         if !(durable && overlap()) {
             cluster.wait_all_up(live.len()).await;
+            // Every worker ready holds its share: three copies of every key
+            // written before the faults are on the live workers (more while
+            // old owners still hold theirs).
+            let (copies, least) = (
+                cluster.copies(&live).await,
+                3 * (loaded + STILL_KEYS) as u64,
+            );
+            assert!(
+                copies >= least,
+                "after {fault:?} ({victim}) every worker is ready, but they hold {copies} copies, not the {least} of the keys written before the faults at least: one is ready before it holds its share (seed {seed}); logs in {}",
+                cluster.logs.display()
+            );
         }
         let line = format!(
             "{fault:?} ({victim}): done {:.1} s after it began",
