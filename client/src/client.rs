@@ -5,7 +5,9 @@
 //! primary any more answers "not owner" with its epoch; a worker that does
 //! not answer may be dead. Either way the client refreshes the topology and
 //! retries, for up to [`RETRY_WINDOW`] — long enough for the controller to
-//! notice a dead worker and publish the topology without it.
+//! notice a dead worker and publish the topology without it. So does a
+//! client that knows no live worker (a controller just restarted, workers
+//! on their way).
 
 use crate::connection::{ConnectionError, Credentials, Pool};
 use crate::http::{HttpClient, HttpError};
