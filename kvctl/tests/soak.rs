@@ -8,11 +8,12 @@
 //! restarts in its pod, or once it is DOWN), of two workers at once, of
 //! the controller, and of every process at once; a worker paused
 //! (SIGSTOP) for up to 4 s; a worker replaced as a rolling restart
-//! replaces a pod, a worker joining, and one leaving (scale-down). Durable workers restart on their data dirs and take every
-//! fault. Workers in memory restart empty, so they take only the faults
-//! that leave two copies of every key. Whenever every worker is ready, the
-//! live workers must hold three copies of every key written before the
-//! faults: a worker ready before it holds its share fails that check.
+//! replaces a pod, a worker joining, and one leaving (scale-down).
+//! Durable workers restart on their data dirs and take every fault.
+//! Workers in memory restart empty, so they take only the faults that
+//! leave two copies of every key. Whenever every worker is ready, the live
+//! workers must hold three copies of every key written before the faults:
+//! a worker ready before it holds its share fails that check.
 //!
 //! Sized for CI by default; at the scale users run:
 //! `KV_SOAK_KEYS=1000000 KV_SOAK_FAULTS=20 cargo test --release -p kvctl
@@ -51,9 +52,9 @@ fn env_or(name: &str, default: usize) -> usize {
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    /// `kill -9` of a worker, restarted on its data dir at once.
+    /// `kill -9` of a worker, restarted at once (on its data dir, if any).
     Crash,
-    /// `kill -9` of a worker, restarted on its data dir once it is DOWN.
+    /// `kill -9` of a worker, restarted once it is DOWN.
     CrashUntilDown,
     /// `kill -9` of two workers at once, both restarted.
     CrashTwo,
@@ -149,6 +150,12 @@ async fn soak(durable: bool) {
     } else {
         &[]
     };
+    let scenario = if durable {
+        "soak, durable"
+    } else {
+        "soak, in memory"
+    };
+    println!("SOAK | {scenario} | seed {seed}");
     let mut cluster = Cluster::start_with(4, flags).await;
     cluster.load_replicated(loaded).await;
     let load = Load::start(&cluster, seed).await;
@@ -158,7 +165,7 @@ async fn soak(durable: bool) {
     for _ in 0..faults {
         let live = running(&cluster);
         let fault = Fault::pick(&mut rng, live.len(), durable);
-        let victim = live[rng.usize(..live.len())].clone();
+        let mut victim = live[rng.usize(..live.len())].clone();
         let at = Instant::now();
         match fault {
             Fault::Crash => {
@@ -177,10 +184,12 @@ async fn soak(durable: bool) {
                 cluster.restart(&other).await;
             }
             Fault::Controller => {
+                victim = "controller".into();
                 kill(&mut cluster, &["controller"]);
                 cluster.restart("controller").await;
             }
             Fault::Everything => {
+                victim = "every process".into();
                 let mut all = live.clone();
                 all.push("controller".into());
                 kill(
@@ -202,9 +211,9 @@ async fn soak(durable: bool) {
                 leave(&mut cluster, &victim).await;
             }
             Fault::Join => {
-                let new = format!("worker{next_id}");
+                victim = format!("worker{next_id}");
                 next_id += 1;
-                cluster.spawn_worker_as(next_id, &new).await;
+                cluster.spawn_worker_as(next_id, &victim).await;
             }
             Fault::Leave => leave(&mut cluster, &victim).await,
             Fault::Pause => {
@@ -236,15 +245,10 @@ async fn soak(durable: bool) {
         );
         println!("SOAK | {line}");
         done.push(line);
-        // Writes on the healed cluster before the next fault.
+        // Writes go on a while before the next fault.
         tokio::time::sleep(Duration::from_millis(rng.u64(200..2000))).await;
     }
     let live = running(&cluster);
-    let scenario = if durable {
-        "soak, durable"
-    } else {
-        "soak, in memory"
-    };
     println!(
         "SOAK | {scenario} | {faults} faults in {:.1} s, {loaded} loaded keys, workers now {live:?}",
         started.elapsed().as_secs_f64()
