@@ -7,8 +7,9 @@
 //! The faults: `kill -9` of a worker restarted (at once, as a container
 //! restarts in its pod, or once it is DOWN), of two workers at once, of
 //! the controller, and of every process at once; a worker paused
-//! (SIGSTOP) for up to 4 s; a worker replaced as a rolling restart
-//! replaces a pod, a worker joining, and one leaving (scale-down).
+//! (SIGSTOP) for up to 4 s; a worker replaced as a rolling restart of a
+//! Deployment replaces a pod, or restarted under its id as one of a
+//! StatefulSet restarts; a worker joining, and one leaving (scale-down).
 //! Durable workers restart on their data dirs and take every fault.
 //! Workers in memory restart empty, so they take only the faults that
 //! leave two copies of every key. Whenever every worker is ready, the live
@@ -68,6 +69,9 @@ enum Fault {
     Join,
     /// SIGTERM to a worker, not replaced.
     Leave,
+    /// SIGTERM to a worker, started again under its id once it exited (a
+    /// StatefulSet's rolling restart: the same pod name, the same volume).
+    Restart,
     /// SIGSTOP to a worker for 0.5-4 s (a long pause: DOWN, or nearly),
     /// then SIGCONT.
     Pause,
@@ -79,7 +83,7 @@ impl Fault {
     /// workers in memory (not `durable`) lose one worker's copies at most.
     fn pick(rng: &mut fastrand::Rng, workers: usize, durable: bool) -> Fault {
         loop {
-            let fault = match rng.u32(..9) {
+            let fault = match rng.u32(..10) {
                 0 => Fault::Crash,
                 1 => Fault::CrashUntilDown,
                 2 => Fault::CrashTwo,
@@ -88,6 +92,7 @@ impl Fault {
                 5 => Fault::Replace,
                 6 => Fault::Join,
                 7 => Fault::Leave,
+                8 => Fault::Restart,
                 _ => Fault::Pause,
             };
             match fault {
@@ -216,6 +221,10 @@ async fn soak(durable: bool) {
                 cluster.spawn_worker_as(next_id, &victim).await;
             }
             Fault::Leave => leave(&mut cluster, &victim).await,
+            Fault::Restart => {
+                leave(&mut cluster, &victim).await;
+                cluster.restart(&victim).await;
+            }
             Fault::Pause => {
                 let pid = cluster.nodes[&victim].pid();
                 signal(pid, "-STOP");
