@@ -1,7 +1,7 @@
 //! Durable workers (`--data-dir`) on real processes: the whole cluster
 //! killed with -9 under writes and started again loses nothing acknowledged
-//! and keeps deletes deleted; a worker away for a while is sent only what
-//! changed; a data dir refuses another id and a second process; a key
+//! and keeps deletes deleted; a worker away for a while (crashed, or left
+//! as a StatefulSet's rolling restart makes it) is sent only what changed; a data dir refuses another id and a second process; a key
 //! whose owners all died is unavailable, not absent, until they return.
 #![allow(clippy::unwrap_used)]
 
@@ -86,28 +86,70 @@ async fn kill_9_of_every_process_under_writes_then_a_restart_with_the_data_dirs_
     println!("DURABILITY | whole-cluster kill -9 | {LOADED} loaded keys, {DELETED} deletes and the writers' history intact; {moved} copies moved after the restart");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_back_with_its_data_dir_is_sent_only_what_changed_while_it_was_away() {
+/// How worker2 goes away for a while.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Away {
+    /// `kill -9`, and DOWN.
+    Crashed,
+    /// SIGTERM: it hands its keys over and exits (a StatefulSet's rolling
+    /// restart, which starts it again under its id on its volume).
+    Left,
+}
+
+/// Waits until `among` hold exactly three copies of each loaded key.
+async fn three_copies(cluster: &Cluster, among: &[String]) {
+    let want = 3 * LOADED as u64;
+    let what = format!("{want} copies on {among:?}");
+    cluster
+        .until(&what, async || cluster.copies(among).await == want)
+        .await;
+}
+
+/// worker2 goes away `how` for 5 s while 1% of its keys change and 1% are
+/// deleted, then comes back with its data dir: it holds every change, and
+/// the copies moved on its return (by anyone) are no more than the
+/// changes. Once settled, the cluster holds exactly three copies of every
+/// key (the copies handed over when it left are dropped by their takers).
+async fn away_and_back(how: Away) {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start_with(4, &["--data-dir", "{data}"]).await;
     cluster.load_replicated(LOADED).await;
-    signal(cluster.nodes["worker2"].pid(), "-9");
-    cluster.down("worker2").await;
+    match how {
+        Away::Crashed => {
+            signal(cluster.nodes["worker2"].pid(), "-9");
+            cluster.down("worker2").await;
+        }
+        Away::Left => {
+            signal(cluster.nodes["worker2"].pid(), "-TERM");
+            let status = cluster.exited("worker2").await;
+            assert!(status.success(), "worker2 exited with {status}");
+        }
+    }
     let away = Instant::now();
-    // 1% of worker2's keys change while it is away.
     let ring = Ring::new(workers(4));
     let its: Vec<String> = (0..LOADED)
         .map(|i| format!("key:{i}"))
         .filter(|k| ring.owners(k.as_bytes(), 3).contains(&"worker2"))
         .collect();
     let changed: Vec<String> = its.iter().step_by(100).cloned().collect();
+    let deleted: Vec<String> = its.iter().skip(50).step_by(100).cloned().collect();
     let c = client(&cluster).await;
     let value = Bytes::from(vec![b'n'; 100]);
     let items: Vec<(String, Bytes)> = changed.iter().map(|k| (k.clone(), value.clone())).collect();
     for r in c.put_many(&items).await {
         r.unwrap();
     }
-    let changed_bytes: usize = changed.iter().map(|k| k.len() + value.len()).sum();
+    for key in &deleted {
+        c.delete(key).await.unwrap();
+    }
+    let changed_bytes: usize = changed.iter().map(|k| k.len() + value.len()).sum::<usize>()
+        + deleted.iter().map(String::len).sum::<usize>();
+    // Once the others hold three copies of everything (after a crash,
+    // re-replication restores them), what moves is for worker2's return.
+    let others: Vec<String> = ["worker1", "worker3", "worker4"].map(String::from).into();
+    three_copies(&cluster, &others).await;
+    let bytes = "kv_worker_rebalance_bytes_total";
+    let before = metric_sum(&cluster, &others, bytes).await;
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(away.elapsed())).await;
     cluster.restart("worker2").await;
     cluster.wait_all_up(4).await;
@@ -115,19 +157,37 @@ async fn a_worker_back_with_its_data_dir_is_sent_only_what_changed_while_it_was_
         let (_, got) = cluster.local("worker2", key).await.unwrap();
         assert_eq!(got.as_bytes(), &value[..], "{key} on worker2");
     }
-    let pulled = cluster
-        .metric("worker2", "kv_worker_rebalance_bytes_total")
-        .await;
+    for key in &deleted {
+        let copy = cluster.copy("worker2", key).await.unwrap();
+        assert!(
+            matches!(copy, Some((_, None))),
+            "{key} on worker2: {copy:?}, not the tombstone"
+        );
+    }
+    three_copies(&cluster, &workers(4)).await;
+    let pulled = cluster.metric("worker2", bytes).await;
+    let moved = pulled + metric_sum(&cluster, &others, bytes).await - before;
     println!(
-        "DURABILITY | worker2 away 5 s, {} of its {} keys changed ({changed_bytes} bytes) | {pulled} bytes pulled into it on return ({:.3}x)",
+        "DURABILITY | worker2 {how:?}, away 5 s, {} of its {} keys changed and {} deleted ({changed_bytes} bytes) | {moved} bytes moved on its return ({:.3}x), {pulled} of them pulled by it",
         changed.len(),
         its.len(),
-        pulled / changed_bytes as f64
+        deleted.len(),
+        moved / changed_bytes as f64
     );
     assert!(
-        pulled <= 1.1 * changed_bytes as f64,
-        "worker2 was sent {pulled} bytes for {changed_bytes} bytes of changes"
+        moved <= 1.1 * changed_bytes as f64,
+        "{moved} bytes moved on worker2's return, for {changed_bytes} bytes of changes"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_with_its_data_dir_after_a_crash_is_sent_only_what_changed() {
+    away_and_back(Away::Crashed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_with_its_data_dir_after_leaving_is_sent_only_what_changed() {
+    away_and_back(Away::Left).await;
 }
 
 /// `kvctl node worker` with `args`, run to its end: (success, output).

@@ -89,6 +89,7 @@ fn main() {
         "store-load",
         SyncPolicy::Interval,
         Duration::from_millis(200),
+        Duration::ZERO,
     )
     .expect("a fresh data dir opens");
     settle();

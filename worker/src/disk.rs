@@ -23,8 +23,9 @@
 //! `appendfsync everysec`). `never`: the OS writes back when it likes.
 //!
 //! The dir holds `worker-id` (whose data this is: another id is refused),
-//! `LOCK` (held while a worker runs: a second process is refused) and
-//! `engine/` (fjall's files). fjall cuts a torn tail off its journal when
+//! `LOCK` (held while a worker runs: a second process is refused),
+//! `engine/` (fjall's files) and, after a worker left with every copy
+//! confirmed by its owners, `LEFT` (when; see [`mark_left`]). fjall cuts a torn tail off its journal when
 //! it opens (a batch whose end never reached the disk) and keeps everything
 //! before it; any other damage stops the worker with a message saying how
 //! to recover.
@@ -337,13 +338,16 @@ fn decode(key: &[u8], value: Bytes) -> Result<(u64, String, Stored), String> {
 
 impl DiskStore {
     /// Opens (or creates) the data dir `dir` for worker `id`: checks whose
-    /// it is, locks it, recovers the engine (cutting a torn journal tail),
-    /// and scans every copy once for the digests and counts.
+    /// it is, locks it, drops what a worker left with longer than
+    /// `keep_left` ago (see [`mark_left`]), recovers the engine (cutting a
+    /// torn journal tail), and scans every copy once for the digests and
+    /// counts.
     pub fn open(
         dir: &Path,
         id: &str,
         policy: SyncPolicy,
         every: Duration,
+        keep_left: Duration,
     ) -> Result<(DiskStore, Opened), OpenError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let lock_path = dir.join("LOCK");
@@ -377,6 +381,7 @@ impl DiskStore {
                 reason: reason.trim().to_string(),
             });
         }
+        back_from_leaving(dir, &engine, keep_left)?;
         let ends = journal_ends(&engine);
         // Each write batch is handed to the OS as it commits (measured:
         // cheaper than waking a thread to do it for a group of writes), so
@@ -795,6 +800,61 @@ fn check_torn_tails(ends: Vec<(PathBuf, u64)>) -> Result<(), (PathBuf, String)> 
     Ok(())
 }
 
+/// The file [`mark_left`] writes.
+const LEFT: &str = "LEFT";
+
+/// Records in `dir` that its worker left with every copy it held confirmed
+/// by the copy's owners: what the dir holds is then a cache of what the
+/// cluster holds. A worker that comes back under its id within
+/// `keep_left` (a StatefulSet's rolling restart) serves it again and pulls
+/// only what changed meanwhile; one that comes back later starts empty, as
+/// its copies may miss deletes whose tombstones the others have purged
+/// since, and the cluster refills it. A worker that stops any other way
+/// (a crash, a drain cut short) keeps its copies whenever it comes back:
+/// they may be the only ones.
+pub fn mark_left(dir: &Path) -> std::io::Result<()> {
+    let now = kv_wire::version::unix_ms(std::time::SystemTime::now());
+    let path = dir.join(LEFT);
+    let mut file = File::create(&path)?;
+    file.write_all(format!("{now}\n").as_bytes())?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()
+}
+
+/// Acts on a `LEFT` mark in `dir` (see [`mark_left`]) before the engine
+/// opens: keeps the copies if the worker left at most `keep_left` ago,
+/// else deletes `engine`; then removes the mark, since from now on the
+/// worker takes writes. A crash in between leaves the mark, and the next
+/// start does the same again.
+fn back_from_leaving(dir: &Path, engine: &Path, keep_left: Duration) -> Result<(), OpenError> {
+    let path = dir.join(LEFT);
+    let mark = match std::fs::read_to_string(&path) {
+        Ok(mark) => mark,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let now = kv_wire::version::unix_ms(std::time::SystemTime::now());
+    // An unreadable mark still says every copy reached its owners.
+    let away = mark
+        .trim()
+        .parse::<u64>()
+        .map(|left| now.saturating_sub(left));
+    match away {
+        Ok(away) if away <= keep_left.as_millis() as u64 => {
+            info!(away_ms = away, "back after leaving: serving the copies handed over then; the cluster sends what changed since");
+        }
+        _ => {
+            warn!(away_ms = ?away.ok(), keep_left = %humantime::format_duration(keep_left), "back after leaving too long ago: dropping the copies handed over then (deletes since may be forgotten); the cluster refills this worker");
+            match std::fs::remove_dir_all(engine) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(engine)(e)),
+                _ => {}
+            }
+        }
+    }
+    std::fs::remove_file(&path).map_err(io(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
 /// Records `id` as the dir's owner, or refuses another.
 fn claim(dir: &Path, id: &str) -> Result<(), OpenError> {
     let path = dir.join("worker-id");
@@ -1099,7 +1159,13 @@ mod tests {
     }
 
     fn open(dir: &Path, id: &str) -> Result<(DiskStore, Opened), OpenError> {
-        DiskStore::open(dir, id, SyncPolicy::Always, Duration::from_millis(200))
+        DiskStore::open(
+            dir,
+            id,
+            SyncPolicy::Always,
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        )
     }
 
     #[test]
@@ -1163,6 +1229,52 @@ mod tests {
         active.sync().unwrap();
         assert_eq!(active.open.as_ref().map(|(n, _)| *n), Some(11));
         assert!(ActiveJournal::new(&dir.path().join("none")).sync().is_err());
+    }
+
+    /// A store in `dir` holding `n` keys, closed.
+    fn filled(dir: &Path, n: u64) {
+        let (store, _) = open(dir, "w1").expect("open");
+        for i in 0..n {
+            store
+                .apply(&format!("key:{i}"), copy(10 + i, Some("value")))
+                .expect("apply");
+        }
+    }
+
+    #[test]
+    fn copies_a_worker_left_with_are_kept_within_the_window_and_dropped_after_it() {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let dir = tmp.path();
+        filled(dir, 100);
+        mark_left(dir).expect("mark");
+        let (store, opened) = open(dir, "w1").expect("back at once");
+        assert_eq!((opened.keys, store.stats().0), (100, 100));
+        assert!(!dir.join(LEFT).exists(), "the mark outlives its use");
+        drop(store);
+
+        // Left two minutes ago, against a window of one.
+        let left = kv_wire::version::unix_ms(std::time::SystemTime::now()) - 120_000;
+        std::fs::write(dir.join(LEFT), format!("{left}\n")).expect("an old mark");
+        let (store, opened) = open(dir, "w1").expect("back late");
+        assert_eq!((opened.keys, store.stats().0), (0, 0));
+        assert_eq!(store.get("key:1"), None);
+        assert!(!dir.join(LEFT).exists());
+        store
+            .apply("key:1", copy(5, Some("new")))
+            .expect("takes writes");
+        drop(store);
+
+        // An unreadable mark still says everything was handed over.
+        std::fs::write(dir.join(LEFT), "garbage").expect("a bad mark");
+        let (store, opened) = open(dir, "w1").expect("back with a bad mark");
+        assert_eq!(opened.keys, 0);
+        drop(store);
+
+        // No mark (a crash, a drain cut short): everything stays, however
+        // long the worker was away.
+        filled(dir, 10);
+        let (_, opened) = open(dir, "w1").expect("back after a crash");
+        assert_eq!(opened.keys, 10);
     }
 
     #[test]

@@ -235,7 +235,12 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
     }
     let (store, newest): (Arc<dyn Store>, _) = match &config.data_dir {
         Some(dir) => {
-            let (store, opened) = disk::DiskStore::open(dir, &id, config.sync, config.sync_every)?;
+            // Half the grace: a delete the worker missed before it left
+            // is repaired within an anti-entropy interval (at most half
+            // the grace), so its tombstone outlives this window.
+            let keep_left = config.tombstone_grace / 2;
+            let (store, opened) =
+                disk::DiskStore::open(dir, &id, config.sync, config.sync_every, keep_left)?;
             (Arc::new(store), Some(opened.newest))
         }
         None => (Arc::new(MemStore::new()), None),
@@ -321,6 +326,7 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         controller.clone(),
         presence.clone(),
         config.drain_timeout,
+        config.data_dir.clone(),
         stop.clone(),
     ));
     let heartbeats = {
@@ -364,11 +370,14 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
 /// Once `stop` says leave: waits until this worker's keys are handed
 /// over (or nobody is left to take them, or the drain timeout runs out, or
 /// a second signal), tells the controller it left, and stops the worker.
+/// A durable worker that handed everything over marks its data dir so (see
+/// [`disk::mark_left`]).
 async fn leave_when_told(
     node: Arc<Node>,
     controller: controller::Controller,
     presence: Arc<Mutex<Presence>>,
     drain_timeout: Duration,
+    data_dir: Option<std::path::PathBuf>,
     stop: Stop,
 ) {
     tokio::select! {
@@ -407,7 +416,12 @@ async fn leave_when_told(
                 rebalance_keys_total = node.metrics.rebalance_keys.get(),
                 rebalance_bytes_total = node.metrics.rebalance_bytes.get(),
                 "every key this worker held is confirmed by its owners; exiting"
-            )
+            );
+            if let Some(dir) = &data_dir {
+                if let Err(e) = disk::mark_left(dir) {
+                    warn!(error = %e, dir = %dir.display(), "could not mark the data dir as handed over: the copies in it are kept whenever this worker comes back");
+                }
+            }
         }
         Some(Drained::NowhereToGo) => {
             warn!(keys = node.store.stats().0, "no other worker is left to take this worker's keys; exiting without handing them over")

@@ -635,7 +635,7 @@ async fn fetch(node: &Node, peer: &Member, keys: Vec<String>) -> Option<(usize, 
 /// Hands off the keys held here that `view` gives to others: offers them
 /// to their owners in rounds (owners pull meanwhile), sends the values
 /// still lacking after the last, and drops each key once every owner
-/// confirmed it.
+/// confirmed it (unless this worker is leaving).
 async fn hand_off(node: &Node, view: &View, report: &mut Report) {
     let mut handoff = Handoff::default();
     for (range, owners) in view.ring.arcs() {
@@ -718,8 +718,15 @@ async fn hand_off(node: &Node, view: &View, report: &mut Report) {
             _ => break,
         }
     }
-    let confirmed: Vec<_> = handoff.confirmed().collect();
-    report.dropped += node.store.remove_many_if(&confirmed);
+    // A leaving worker keeps them: it is about to exit, and a durable one
+    // that comes back under its id (a StatefulSet's rolling restart) then
+    // holds them already and pulls only what changed meanwhile (see
+    // `disk::mark_left`). Dropping them would cost a delete per key for
+    // nothing: its owners hold them.
+    if !node.leaving.is_cancelled() {
+        let confirmed: Vec<_> = handoff.confirmed().collect();
+        report.dropped += node.store.remove_many_if(&confirmed);
+    }
     report.kept = handoff.unconfirmed();
     node.metrics.handoff_pending.set(report.kept as i64);
     if report.kept > 0 {

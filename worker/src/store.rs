@@ -581,6 +581,7 @@ mod tests {
             "w1",
             crate::disk::SyncPolicy::Never,
             std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
         )
         .unwrap();
         test(&disk);
@@ -655,6 +656,7 @@ mod tests {
                 "w1",
                 crate::disk::SyncPolicy::Never,
                 std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(60),
             )
             .unwrap()
             .0
