@@ -805,6 +805,26 @@ impl Cluster {
         true
     }
 
+    /// Makes worker `id` leave as SIGTERM does and start again on its data
+    /// dir `after` it exited: a StatefulSet's rolling restart (the same
+    /// name, the same volume).
+    pub fn leave_and_return(self: &Arc<Self>, id: &str, after: Duration) -> bool {
+        if !self.leave_worker(id) {
+            return false;
+        }
+        *lock(&self.restarting) += 1;
+        let (c, id) = (self.clone(), id.to_string());
+        tokio::spawn(async move {
+            while c.net.proc(&id).is_some() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(after).await;
+            c.restart_worker_with_data(&id);
+            *lock(&c.restarting) -= 1;
+        });
+        true
+    }
+
     /// Says the leave [`Presence`] asks for, as the registration task
     /// does (a refused one means register again first).
     async fn say_leave(&self, id: &str, leave: LeaveRequest, presence: &Mutex<Presence>) {

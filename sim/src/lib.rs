@@ -42,6 +42,10 @@ pub struct Options {
     pub clients: usize,
     /// Keep the trace's lines (for `--seed S --verbose`).
     pub keep_log: bool,
+    /// A worker that leaves starts again on its data dir once it exited,
+    /// as a StatefulSet's rolling restart does, rather than leaving for
+    /// good.
+    pub leavers_return: bool,
 }
 
 impl Default for Options {
@@ -52,6 +56,7 @@ impl Default for Options {
             keys: 40,
             clients: 4,
             keep_log: false,
+            leavers_return: false,
         }
     }
 }
@@ -147,7 +152,7 @@ async fn scenario(seed: u64, options: &Options) -> Report {
         let clients: Vec<_> = (0..options.clients)
             .map(|_| tokio::spawn(client(c.clone(), options.keys, stop.clone())))
             .collect();
-        faults = chaos(&c, options.chaos, workers).await;
+        faults = chaos(&c, options, workers).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         heal(&c);
         stop.cancel();
@@ -255,15 +260,15 @@ enum Fault {
     Leave,
 }
 
-/// Injects faults for `length`; how many.
+/// Injects faults for `options.chaos`; how many.
 ///
 /// A crash loses the worker's copies (a store in memory, or a data dir
 /// lost with its pod), so crashes come one at a time, each once the
 /// cluster has settled since the last: three copies survive one loss, not
 /// two at once. A restart (`kill -9` of a worker with a data dir, started
 /// again on it) loses nothing, and like everything else may overlap.
-async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize {
-    let end = tokio::time::Instant::now() + length;
+async fn chaos(c: &Arc<Cluster>, options: &Options, mut workers: usize) -> usize {
+    let end = tokio::time::Instant::now() + options.chaos;
     let mut injected = 0;
     while tokio::time::Instant::now() < end {
         let (wait, fault, lasts) = {
@@ -386,7 +391,10 @@ async fn chaos(c: &Arc<Cluster>, length: Duration, mut workers: usize) -> usize 
             }
             Fault::Join => false,
             Fault::Leave if c.net.procs().into_iter().filter(|(id, _)| live(id)).count() > 3 => {
-                pick(c, live).is_some_and(|id| c.leave_worker(&id))
+                pick(c, live).is_some_and(|id| match options.leavers_return {
+                    true => c.leave_and_return(&id, lasts),
+                    false => c.leave_worker(&id),
+                })
             }
             Fault::Leave => false,
         };

@@ -36,12 +36,17 @@ struct Args {
     /// that does not end spins, and its thread cannot be stopped).
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     seed_limit: u64,
+    /// A worker that leaves starts again on its data dir once it exited
+    /// (a StatefulSet's rolling restart), rather than leaving for good.
+    #[arg(long)]
+    leavers_return: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let options = Options {
         keep_log: args.verbose,
+        leavers_return: args.leavers_return,
         ..Options::default()
     };
     if let Some(seed) = args.seed {

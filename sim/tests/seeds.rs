@@ -11,11 +11,28 @@ const SEEDS: u64 = 100;
 
 #[test]
 fn the_default_seeds_pass() {
-    let seeds: Vec<u64> = (0..SEEDS).collect();
+    seeds_pass(SEEDS, &Options::default(), "");
+}
+
+/// Leaves as a StatefulSet's rolling restart makes them: the leaver comes
+/// back under its id with the copies it handed over, and is sent what
+/// changed meanwhile.
+#[test]
+fn seeds_whose_leavers_return_with_their_data_pass() {
+    let options = Options {
+        leavers_return: true,
+        ..Options::default()
+    };
+    seeds_pass(SEEDS / 2, &options, " --leavers-return");
+}
+
+/// Seeds `0..n` all pass with `options` (`flags` replays them).
+fn seeds_pass(n: u64, options: &Options, flags: &str) {
+    let seeds: Vec<u64> = (0..n).collect();
     let failures = Mutex::new(Vec::new());
     let (passed, failed) = run_many(
         &seeds,
-        &Options::default(),
+        options,
         2,
         Duration::from_secs(120),
         |report| {
@@ -36,11 +53,11 @@ fn the_default_seeds_pass() {
     let failures = failures.into_inner().unwrap();
     assert!(
         failed == 0,
-        "{failed} of {} seeds failed (replay one with `cargo run -p kv-sim -- --seed S --verbose`):\n{}",
+        "{failed} of {} seeds failed (replay one with `cargo run -p kv-sim -- --seed S --verbose{flags}`):\n{}",
         passed + failed,
         failures.join("\n")
     );
-    assert_eq!(passed as u64, SEEDS);
+    assert_eq!(passed as u64, n);
 }
 
 #[test]
