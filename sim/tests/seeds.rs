@@ -1,6 +1,8 @@
 //! The simulation in the test suite: the default seeds pass, and a seed
 //! replays exactly, in this process and in another.
 
+#![allow(clippy::unwrap_used)]
+
 use kv_sim::{run, run_many, Options};
 use std::process::Command;
 use std::sync::Mutex;
