@@ -1,5 +1,6 @@
-//! The simulation in the test suite: the default seeds pass, and a seed
-//! replays exactly, in this process and in another.
+//! The simulation in the test suite: the default seeds pass, so do seeds
+//! whose leavers come back with their data, and a seed replays exactly, in
+//! this process and in another.
 
 #![allow(clippy::unwrap_used)]
 
