@@ -25,10 +25,10 @@
 //! The dir holds `worker-id` (whose data this is: another id is refused),
 //! `LOCK` (held while a worker runs: a second process is refused),
 //! `engine/` (fjall's files) and, after a worker left with every copy
-//! confirmed by its owners, `LEFT` (when; see [`mark_left`]). fjall cuts a torn tail off its journal when
-//! it opens (a batch whose end never reached the disk) and keeps everything
-//! before it; any other damage stops the worker with a message saying how
-//! to recover.
+//! confirmed by its owners, `LEFT` (when; see [`mark_left`]). fjall cuts a
+//! torn tail off its journal when it opens (a batch whose end never reached
+//! the disk) and keeps everything before it; any other damage stops the
+//! worker with a message saying how to recover.
 
 use crate::store::{
     bucket_of, Applied, BucketDigests, Persisted, Store, StoreError, Stored, BUCKET_BITS,

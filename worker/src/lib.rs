@@ -90,6 +90,8 @@ pub struct Config {
     #[arg(long, env = "KV_WIRE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub wire_idle_timeout: Duration,
     /// How long deletes are remembered (tombstones) before being purged.
+    /// A durable worker that left (SIGTERM) and starts again within half
+    /// of it serves the copies it left with; later, it starts empty.
     #[arg(long, env = "KV_TOMBSTONE_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub tombstone_grace: Duration,
     /// How often co-owners compare digests of every arc they share and
