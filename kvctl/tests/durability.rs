@@ -1,8 +1,9 @@
 //! Durable workers (`--data-dir`) on real processes: the whole cluster
 //! killed with -9 under writes and started again loses nothing acknowledged
 //! and keeps deletes deleted; a worker away for a while (crashed, or left
-//! as a StatefulSet's rolling restart makes it) is sent only what changed; a data dir refuses another id and a second process; a key
-//! whose owners all died is unavailable, not absent, until they return.
+//! as a StatefulSet's rolling restart makes it) is sent only what changed;
+//! a data dir refuses another id and a second process; a key whose owners
+//! all died is unavailable, not absent, until they return.
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
@@ -87,7 +88,7 @@ async fn kill_9_of_every_process_under_writes_then_a_restart_with_the_data_dirs_
 }
 
 /// How worker2 goes away for a while.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 enum Away {
     /// `kill -9`, and DOWN.
     Crashed,

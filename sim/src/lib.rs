@@ -391,9 +391,12 @@ async fn chaos(c: &Arc<Cluster>, options: &Options, mut workers: usize) -> usize
             }
             Fault::Join => false,
             Fault::Leave if c.net.procs().into_iter().filter(|(id, _)| live(id)).count() > 3 => {
-                pick(c, live).is_some_and(|id| match options.leavers_return {
-                    true => c.leave_and_return(&id, lasts),
-                    false => c.leave_worker(&id),
+                pick(c, live).is_some_and(|id| {
+                    if options.leavers_return {
+                        c.leave_and_return(&id, lasts)
+                    } else {
+                        c.leave_worker(&id)
+                    }
                 })
             }
             Fault::Leave => false,
