@@ -97,15 +97,6 @@ enum Away {
     Left,
 }
 
-/// Waits until `among` hold exactly three copies of each loaded key.
-async fn three_copies(cluster: &Cluster, among: &[String]) {
-    let want = 3 * LOADED as u64;
-    let what = format!("{want} copies on {among:?}");
-    cluster
-        .until(&what, async || cluster.copies(among).await == want)
-        .await;
-}
-
 /// worker2 goes away `how` for 5 s while 1% of its keys change and 1% are
 /// deleted, then comes back with its data dir: it holds every change, and
 /// the copies moved on its return (by anyone) are no more than the
@@ -148,7 +139,9 @@ async fn away_and_back(how: Away) {
     // Once the others hold three copies of everything (after a crash,
     // re-replication restores them), what moves is for worker2's return.
     let others: Vec<String> = ["worker1", "worker3", "worker4"].map(String::from).into();
-    three_copies(&cluster, &others).await;
+    cluster
+        .three_copies("the loaded keys", &others, LOADED as u64)
+        .await;
     let bytes = "kv_worker_rebalance_bytes_total";
     let before = metric_sum(&cluster, &others, bytes).await;
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(away.elapsed())).await;
@@ -165,7 +158,9 @@ async fn away_and_back(how: Away) {
             "{key} on worker2: {copy:?}, not the tombstone"
         );
     }
-    three_copies(&cluster, &workers(4)).await;
+    cluster
+        .three_copies("the loaded keys", &workers(4), LOADED as u64)
+        .await;
     let pulled = cluster.metric("worker2", bytes).await;
     let moved = pulled + metric_sum(&cluster, &others, bytes).await - before;
     println!(

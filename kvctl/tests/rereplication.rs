@@ -18,11 +18,7 @@ const KEYS: usize = 100_000;
 /// every 250th key from each of its owners.
 async fn on_all_owners(cluster: &Cluster, live: &[String], n: usize, scenario: &str) {
     let started = Instant::now();
-    cluster
-        .until("three copies of every key", async || {
-            cluster.copies(live).await == 3 * n as u64
-        })
-        .await;
+    cluster.three_copies(scenario, live, n as u64).await;
     cluster.sample_on_owners(live, n, 250, scenario).await;
     println!(
         "REREPLICATION | {scenario} | {n} keys on all owners {:.2} s after the last fault",

@@ -363,10 +363,15 @@ impl Cluster {
             .filter(|name| *name != "controller")
             .cloned()
             .collect();
-        self.until("three copies of every loaded key", async || {
-            self.copies(&all).await == 3 * n as u64
-        })
-        .await;
+        self.three_copies("every loaded key", &all, n as u64).await;
+    }
+
+    /// Waits until `among` hold exactly three copies (tombstones
+    /// included) of each of `keys` keys; `of` says which in a timeout.
+    pub async fn three_copies(&self, of: &str, among: &[String], keys: u64) {
+        let what = format!("three copies of each of {keys} keys ({of}) on {among:?}");
+        self.until(&what, async || self.copies(among).await == 3 * keys)
+            .await;
     }
 
     /// Copies held by `live` (tombstones included), from each `/healthz`.
@@ -754,12 +759,7 @@ pub async fn loaded_keys_intact(
         }
     }
     let existing = (found.iter().filter(|(_, f)| *f).count() + tombstones) as u64;
-    cluster
-        .until(
-            &format!("{scenario}: three copies of each of {existing} keys"),
-            async || cluster.copies(live).await == 3 * existing,
-        )
-        .await;
+    cluster.three_copies(scenario, live, existing).await;
 }
 
 /// Waits for convergence; returns the time it took, or the violations left.
