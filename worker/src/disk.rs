@@ -657,32 +657,6 @@ impl DiskStore {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.tombstones.fetch_add(tombstones, Ordering::Relaxed);
     }
-
-    /// Visits the pairs stored in `range`, decoded; stops at the first
-    /// engine error (logged), since a scan has no way to report it.
-    fn each(&self, range: HashRange, visit: &mut dyn FnMut(u64, &str, &Stored)) {
-        if !range.is_valid() {
-            return;
-        }
-        let start = Bound::Included(range.start.to_be_bytes().to_vec());
-        let end = match range.end.checked_add(1) {
-            Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        for guard in self.copies.range::<Vec<u8>, _>((start, end)) {
-            match guard
-                .into_inner()
-                .map_err(|e| e.to_string())
-                .and_then(|(k, v)| decode(&k, v.into()))
-            {
-                Ok((hash, key, copy)) => visit(hash, &key, &copy),
-                Err(e) => {
-                    self.failed("scan", e);
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// Where the data of each journal file in `engine` ends: after its last
@@ -929,7 +903,49 @@ impl Store for DiskStore {
     }
 
     fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, Version)) {
-        self.each(range, &mut |_, key, copy| visit(key, copy.version));
+        self.copies_in_order(range, None, &mut |key, copy| {
+            visit(key, copy.version);
+            true
+        });
+    }
+
+    /// One ordered range read of the engine from the cursor on; stops at
+    /// the first engine error (logged), since a scan has no way to report
+    /// it.
+    fn copies_in_order(
+        &self,
+        range: HashRange,
+        after: Option<(u64, &str)>,
+        visit: &mut dyn FnMut(&str, Stored) -> bool,
+    ) {
+        if !range.is_valid() || after.is_some_and(|(hash, _)| hash > range.end) {
+            return;
+        }
+        let start = match after {
+            Some((hash, key)) if hash >= range.start => Bound::Excluded(encode_key(hash, key)),
+            _ => Bound::Included(range.start.to_be_bytes().to_vec()),
+        };
+        let end = match range.end.checked_add(1) {
+            Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        for guard in self.copies.range::<Vec<u8>, _>((start, end)) {
+            match guard
+                .into_inner()
+                .map_err(|e| e.to_string())
+                .and_then(|(k, v)| decode(&k, v.into()))
+            {
+                Ok((_, key, copy)) => {
+                    if !visit(&key, copy) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.failed("scan", e);
+                    return;
+                }
+            }
+        }
     }
 
     fn digest(&self, range: HashRange) -> Digest {
@@ -941,10 +957,11 @@ impl Store for DiskStore {
             return 0;
         }
         let mut expired = Vec::new();
-        self.each(HashRange::ALL, &mut |_, key, copy| {
+        self.copies_in_order(HashRange::ALL, None, &mut |key, copy| {
             if copy.value.is_none() && copy.version < before {
                 expired.push((key.to_string(), copy.version));
             }
+            true
         });
         let expired: Vec<(&str, Version)> = (expired.iter())
             .map(|(key, version)| (key.as_str(), *version))
