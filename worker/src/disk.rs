@@ -909,6 +909,15 @@ impl Store for DiskStore {
         });
     }
 
+    fn versions_in_order(
+        &self,
+        range: HashRange,
+        after: Option<(u64, &str)>,
+        visit: &mut dyn FnMut(&str, Version) -> bool,
+    ) {
+        self.copies_in_order(range, after, &mut |key, copy| visit(key, copy.version));
+    }
+
     /// One ordered range read of the engine from the cursor on; stops at
     /// the first engine error (logged), since a scan has no way to report
     /// it.

@@ -28,38 +28,21 @@ pub fn compare(store: &dyn Store, ranges: &[(HashRange, Digest)]) -> Response {
     Response::Compared(differing)
 }
 
-/// The keys in `range` after the cursor, in order, with their versions.
-fn keys_after(
-    store: &dyn Store,
-    range: HashRange,
-    after: Option<&str>,
-) -> Vec<(u64, String, Version)> {
-    let cursor = after.map(|k| (Ring::key_hash(k.as_bytes()), k));
-    let mut keys = Vec::new();
-    store.scan(range, &mut |key, version| {
-        let hash = Ring::key_hash(key.as_bytes());
-        if cursor.is_none_or(|c| (hash, key) > c) {
-            keys.push((hash, key.to_string(), version));
-        }
-    });
-    keys.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    keys
-}
-
-/// A page of the `(key, version)` pairs in `range`.
+/// A page of the `(key, version)` pairs in `range`, in order from the
+/// cursor on.
 pub fn list(store: &dyn Store, range: HashRange, after: Option<&str>) -> Response {
-    let mut keys = keys_after(store, range, after);
-    let more = keys.len() > LIST_PAGE;
-    keys.truncate(LIST_PAGE);
-    let next = if more {
-        keys.last().map(|(_, k, _)| k.clone())
-    } else {
-        None
-    };
-    Response::Listed {
-        items: keys.into_iter().map(|(_, k, v)| (k, v)).collect(),
-        next,
-    }
+    let cursor = after.map(|k| (Ring::key_hash(k.as_bytes()), k));
+    let (mut items, mut next) = (Vec::new(), None);
+    store.versions_in_order(range, cursor, &mut |key, version| {
+        if items.len() == LIST_PAGE {
+            // A pair beyond the page: the page ends before it.
+            next = items.last().map(|(k, _): &(String, Version)| k.clone());
+            return false;
+        }
+        items.push((key.to_string(), version));
+        true
+    });
+    Response::Listed { items, next }
 }
 
 /// A page of the copies in `range`, read in order from the cursor on (a
@@ -140,29 +123,32 @@ mod tests {
 
     #[test]
     fn paging_through_a_range_lists_every_key_once_in_order() {
-        let store = filled(40_000, 1);
-        let (mut seen, mut after) = (Vec::new(), None::<String>);
-        loop {
-            let Response::Listed { items, next } = list(&store, HashRange::ALL, after.as_deref())
-            else {
-                panic!("not a list")
-            };
-            assert!(items.len() <= LIST_PAGE);
-            seen.extend(items.into_iter().map(|(k, _)| k));
-            match next {
-                Some(n) => after = Some(n),
-                None => break,
+        crate::store::each_store(|store| {
+            fill(store, 40_000, 1);
+            let (mut seen, mut after) = (Vec::new(), None::<String>);
+            loop {
+                let Response::Listed { items, next } =
+                    list(store, HashRange::ALL, after.as_deref())
+                else {
+                    panic!("not a list")
+                };
+                assert!(items.len() <= LIST_PAGE);
+                seen.extend(items.into_iter().map(|(k, _)| k));
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
             }
-        }
-        assert_eq!(seen.len(), 40_000);
-        let hashes: Vec<(u64, &String)> = seen
-            .iter()
-            .map(|k| (Ring::key_hash(k.as_bytes()), k))
-            .collect();
-        assert!(
-            hashes.windows(2).all(|w| w[0] < w[1]),
-            "in order, no repeats"
-        );
+            assert_eq!(seen.len(), 40_000);
+            let hashes: Vec<(u64, &String)> = seen
+                .iter()
+                .map(|k| (Ring::key_hash(k.as_bytes()), k))
+                .collect();
+            assert!(
+                hashes.windows(2).all(|w| w[0] < w[1]),
+                "in order, no repeats"
+            );
+        });
     }
 
     #[test]

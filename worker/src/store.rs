@@ -116,12 +116,34 @@ pub trait Store: Send + Sync + 'static {
     /// must not touch the store. Values stay where they are: comparing
     /// and handing off ranges go by versions, and fetch only what differs.
     fn scan(&self, range: HashRange, visit: &mut dyn FnMut(&str, Version));
-    /// Visits the copies (values too, tombstones included) whose keys hash
-    /// into `range` and come after `after`, in `(xxh3(key), key)` order,
-    /// until `visit` returns false: the pages of an arc a co-owner pulls
-    /// whole. An engine that keeps its copies in that order reads them in
-    /// one pass from the cursor on; this default lists the range's keys,
-    /// sorts them and reads each.
+    /// Visits the key and version of each copy (tombstones included) whose
+    /// key hashes into `range` and comes after `after`, in `(xxh3(key),
+    /// key)` order, until `visit` returns false: the pages of an arc a
+    /// co-owner lists to compare key by key. An engine that keeps its
+    /// copies in that order reads them in one pass from the cursor on; this
+    /// default scans the range and sorts it.
+    fn versions_in_order(
+        &self,
+        range: HashRange,
+        after: Option<(u64, &str)>,
+        visit: &mut dyn FnMut(&str, Version) -> bool,
+    ) {
+        let mut keys = Vec::new();
+        self.scan(range, &mut |key, version| {
+            let hash = Ring::key_hash(key.as_bytes());
+            if after.is_none_or(|cursor| (hash, key) > cursor) {
+                keys.push((hash, key.to_string(), version));
+            }
+        });
+        keys.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (_, key, version) in keys {
+            if !visit(&key, version) {
+                return;
+            }
+        }
+    }
+    /// [`Store::versions_in_order`] with the values: the pages of an arc a
+    /// co-owner pulls whole. This default reads each copy after listing.
     fn copies_in_order(
         &self,
         range: HashRange,
@@ -129,15 +151,12 @@ pub trait Store: Send + Sync + 'static {
         visit: &mut dyn FnMut(&str, Stored) -> bool,
     ) {
         let mut keys = Vec::new();
-        self.scan(range, &mut |key, _| {
-            let hash = Ring::key_hash(key.as_bytes());
-            if after.is_none_or(|cursor| (hash, key) > cursor) {
-                keys.push((hash, key.to_string()));
-            }
+        self.versions_in_order(range, after, &mut |key, _| {
+            keys.push(key.to_string());
+            true
         });
-        keys.sort_unstable();
-        for (_, key) in keys {
-            // A copy removed since the scan is passed over.
+        for key in keys {
+            // A copy removed since the listing is passed over.
             if let Some(copy) = self.get(&key) {
                 if !visit(&key, copy) {
                     return;
@@ -677,7 +696,7 @@ mod tests {
     }
 
     #[test]
-    fn copies_in_order_reads_a_range_from_the_cursor_on_in_hash_order() {
+    fn copies_and_versions_in_order_read_a_range_from_the_cursor_on_in_hash_order() {
         each_store(|store| {
             for i in 0..3000u64 {
                 let value = (i % 7 != 0).then_some("value");
@@ -725,6 +744,22 @@ mod tests {
                         first.len() < 5
                     });
                     assert_eq!(first, expected[..expected.len().min(5)]);
+                    // The versions alone, the same way.
+                    let versions: Vec<(String, Version)> = (expected.iter())
+                        .map(|(k, c)| (k.clone(), c.version))
+                        .collect();
+                    let mut got = Vec::new();
+                    store.versions_in_order(range, cursor, &mut |key, version| {
+                        got.push((key.to_string(), version));
+                        got.len() < 7
+                    });
+                    assert_eq!(got, versions[..versions.len().min(7)], "{range:?}");
+                    let mut all = Vec::new();
+                    store.versions_in_order(range, cursor, &mut |key, version| {
+                        all.push((key.to_string(), version));
+                        true
+                    });
+                    assert_eq!(all, versions, "{range:?} after {cursor:?}");
                 }
             }
         });
