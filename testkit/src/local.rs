@@ -28,14 +28,20 @@ fn free_base() -> u16 {
     }
 }
 
-/// Whether a process is gone (or a zombie awaiting its reaper).
+/// Whether a process is gone (or a zombie awaiting its reaper). A killed
+/// process's first thread is a zombie as soon as it has exited, while
+/// threads busy in disk I/O (fjall's, an fsync) may still be exiting with
+/// its sockets and its data dir's lock held: only that first thread may be
+/// left.
 pub fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
+    let zombie = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => return true,
         Ok(stat) => stat
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
+    };
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+    zombie && threads <= 1
 }
 
 pub async fn json(http: &HttpClient, url: &str) -> (u16, Value) {
