@@ -32,11 +32,12 @@ pub fn compare(store: &dyn Store, ranges: &[(HashRange, Digest)]) -> Response {
 /// cursor on.
 pub fn list(store: &dyn Store, range: HashRange, after: Option<&str>) -> Response {
     let cursor = after.map(|k| (Ring::key_hash(k.as_bytes()), k));
-    let (mut items, mut next) = (Vec::new(), None);
+    let mut items: Vec<(String, Version)> = Vec::new();
+    let mut next = None;
     store.versions_in_order(range, cursor, &mut |key, version| {
         if items.len() == LIST_PAGE {
             // A pair beyond the page: the page ends before it.
-            next = items.last().map(|(k, _): &(String, Version)| k.clone());
+            next = items.last().map(|(k, _)| k.clone());
             return false;
         }
         items.push((key.to_string(), version));
@@ -49,7 +50,8 @@ pub fn list(store: &dyn Store, range: HashRange, after: Option<&str>) -> Respons
 /// durable store reads the page's part of its engine, not each copy).
 pub fn fetch_range(store: &dyn Store, range: HashRange, after: Option<&str>) -> Response {
     let cursor = after.map(|k| (Ring::key_hash(k.as_bytes()), k));
-    let (mut entries, mut bytes, mut next) = (Vec::<Entry>::new(), 0, None);
+    let mut entries: Vec<Entry> = Vec::new();
+    let (mut bytes, mut next) = (0, None);
     store.copies_in_order(range, cursor, &mut |key, copy| {
         if bytes >= ENTRIES_BYTES {
             // A copy beyond the budget: the page ends before it.
