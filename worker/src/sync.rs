@@ -21,8 +21,9 @@
 //!   two workers scaled down at once — reaches its owners before they
 //!   count as ready.
 //! - **Non-owners hand off.** A key held by a worker that does not own it
-//!   is offered (key and version) to its owners, sent to those still
-//!   lacking it after a few rounds (when no owner had it to pull), and
+//!   is offered (key and version) to its owners, in rounds, while they
+//!   pull; sent to an owner still lacking it once that owner stopped
+//!   taking keys itself ([`OfferRounds`]: no owner had it to pull); and
 //!   dropped only once every owner confirmed holding it.
 //!
 //! Together: after any changes, once everyone has run these to the end,
@@ -33,6 +34,22 @@
 use crate::topology::View;
 use kv_wire::{Digest, HashRange, Member, Version};
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Pauses between a handoff's first offer rounds: owners are pulling
+/// meanwhile. Later rounds come [`OFFER_PAUSE_LATER`] apart.
+const OFFER_PAUSES: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+/// The pause between rounds once [`OFFER_PAUSES`] are over.
+const OFFER_PAUSE_LATER: Duration = Duration::from_secs(2);
+/// From this round on, values an owner lacks are sent to it even while it
+/// keeps confirming keys (writes can confirm a few a round at an owner
+/// that pulls nothing): 20 s after the first pauses.
+const PUSH_ANYWAY_FROM: usize = OFFER_PAUSES.len() + 10;
 
 /// What to fetch from a peer whose digest of an arc differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,12 +290,119 @@ impl Handoff {
     }
 }
 
+/// When a handoff's offer rounds send values themselves, and when they
+/// end. An offer only confirms what an owner holds; owners pull what they
+/// lack meanwhile (their own sync), from whichever holder comes first.
+/// Sending values as well would move the same copies twice, so values go
+/// to an owner only once the first pauses are over and it confirmed
+/// nothing in the round before: it has stopped taking them itself (its
+/// sync is over, or cannot reach the other holders). Before, the values
+/// went after a fixed schedule, and a round that offered a leaver's keys
+/// one batch at a time took 12 s under writes at 1M keys, so the schedule
+/// never came first; offered at once, rounds take a few seconds and a
+/// fixed schedule would send what the owners are still pulling.
+#[derive(Debug, Default)]
+pub struct OfferRounds {
+    /// The round about to run (0: the first).
+    round: usize,
+    /// Keys each owner confirmed in the round before.
+    confirmed: BTreeMap<String, usize>,
+}
+
+impl OfferRounds {
+    /// Whether this round sends `owner` the values it lacks.
+    pub fn push_to(&self, owner: &str) -> bool {
+        self.round >= PUSH_ANYWAY_FROM
+            || (self.round >= OFFER_PAUSES.len()
+                && self.confirmed.get(owner).copied().unwrap_or(0) == 0)
+    }
+
+    /// The round ran, `confirmed` keys by each owner it reached (offers
+    /// held, values sent and stored); `unconfirmed` keys are left. The
+    /// pause before the next round, or `None`: the handoff ends, with
+    /// every key confirmed, or after a round that sent values to every
+    /// owner it reached and in which none confirmed anything (what is left
+    /// waits for a later sync).
+    pub fn next(
+        &mut self,
+        confirmed: BTreeMap<String, usize>,
+        unconfirmed: usize,
+    ) -> Option<Duration> {
+        let pushed_all = confirmed.keys().all(|owner| self.push_to(owner));
+        let progressed = confirmed.values().any(|n| *n > 0);
+        let ran = self.round;
+        self.round += 1;
+        self.confirmed = confirmed;
+        if unconfirmed == 0 || (pushed_all && !progressed) {
+            return None;
+        }
+        Some(OFFER_PAUSES.get(ran).copied().unwrap_or(OFFER_PAUSE_LATER))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kv_wire::{Ring, Topology};
     use proptest::prelude::*;
     use std::collections::BTreeSet;
+
+    /// Per owner, keys confirmed in a round.
+    fn by_owner(counts: &[(&str, usize)]) -> BTreeMap<String, usize> {
+        counts.iter().map(|(o, n)| (o.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn offer_rounds_send_values_to_an_owner_only_once_it_stopped_taking_keys() {
+        let mut rounds = OfferRounds::default();
+        // The first rounds only offer, whatever the owners confirm.
+        for (round, pause) in OFFER_PAUSES.iter().enumerate() {
+            assert!(
+                !rounds.push_to("a") && !rounds.push_to("b"),
+                "round {round}"
+            );
+            let confirmed = by_owner(&[("a", round % 2), ("b", 0)]);
+            assert_eq!(rounds.next(confirmed, 10), Some(*pause));
+        }
+        // "a" confirmed keys in the round before: it is still pulling.
+        assert!(!rounds.push_to("a"));
+        assert!(rounds.push_to("b"));
+        // "b" took its values; "a" confirmed more.
+        assert_eq!(
+            rounds.next(by_owner(&[("a", 3), ("b", 5)]), 4),
+            Some(OFFER_PAUSE_LATER)
+        );
+        assert!(!rounds.push_to("a") && !rounds.push_to("b"));
+        // Neither confirmed anything, but neither was sent values: one
+        // more round, which sends them.
+        assert_eq!(
+            rounds.next(by_owner(&[("a", 0), ("b", 0)]), 4),
+            Some(OFFER_PAUSE_LATER)
+        );
+        assert!(rounds.push_to("a") && rounds.push_to("b"));
+        // Sent, and still nothing confirmed (neither took them): it ends.
+        assert_eq!(rounds.next(by_owner(&[("a", 0), ("b", 0)]), 4), None);
+    }
+
+    #[test]
+    fn offer_rounds_end_once_every_key_is_confirmed() {
+        let mut rounds = OfferRounds::default();
+        assert_eq!(rounds.next(by_owner(&[("a", 10)]), 0), None);
+        // No owner to offer to (none reachable in the view): nothing to wait for.
+        assert_eq!(OfferRounds::default().next(BTreeMap::new(), 3), None);
+    }
+
+    #[test]
+    fn an_owner_confirming_a_few_keys_a_round_is_sent_its_values_in_the_end() {
+        // Writes can confirm keys at an owner that pulls nothing.
+        let mut rounds = OfferRounds::default();
+        let first_push = (0..100).find(|_| {
+            let push = rounds.push_to("a");
+            assert!(rounds.next(by_owner(&[("a", 1)]), 100).is_some());
+            push
+        });
+        assert_eq!(first_push, Some(PUSH_ANYWAY_FROM));
+    }
 
     #[test]
     fn a_second_look_pulls_only_differences_at_rest() {

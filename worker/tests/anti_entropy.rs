@@ -277,3 +277,60 @@ async fn rounds_leave_arcs_being_written_for_later_yet_repair_copies_lost_in_the
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_only_a_non_owner_holds_are_sent_to_their_owners_and_dropped_there() {
+    // Owners pull from their co-owners (and from leavers), never from a
+    // worker that is neither: only its handoff can bring them these
+    // copies, by sending the values once the owners stopped taking keys
+    // themselves.
+    let n = 1000;
+    let cluster = loaded(n).await;
+    let ring = ring(&cluster);
+    let strays: Vec<String> = (0..)
+        .map(|i| format!("stray:{i}"))
+        .filter(|k| !ring.is_owner(k.as_bytes(), 3, "worker4"))
+        .take(20)
+        .collect();
+    let entries: Vec<kv_wire::Entry> = strays
+        .iter()
+        .map(|key| kv_wire::Entry {
+            key: key.clone(),
+            version: kv_wire::Version { hlc: 1, node: 9 },
+            value: Some(format!("only-on-worker4-{key}").into()),
+        })
+        .collect();
+    let holder = cluster.worker("worker4");
+    match holder
+        .wire()
+        .await
+        .call(Request::Replicate { entries })
+        .await
+    {
+        Ok(Response::Replicated { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    for key in &strays {
+        for owner in ring.owners(key.as_bytes(), 3) {
+            let owner = cluster.worker(owner);
+            eventually_within(
+                Duration::from_secs(60),
+                Duration::from_millis(50),
+                "the stray copy on its owner",
+                || async { owner.copy(key).await },
+            )
+            .await;
+        }
+    }
+    eventually("the strays dropped by worker4", || async {
+        for key in &strays {
+            if holder.copy(key).await.is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    fully_replicated(&cluster, (n + strays.len()) as u64).await;
+    cluster.shutdown().await;
+}
