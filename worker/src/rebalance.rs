@@ -720,7 +720,7 @@ async fn offer(
         ..OwnerRound::default()
     };
     // Chunks by where they start: a stream of borrowed chunks trips the
-    // compiler's check that the spawned sync is `Send` (rust-lang/rust#64552).
+    // compiler's check that the spawned sync is `Send` (rust-lang/rust#89976).
     let chunk = |start: usize| &keys[start..keys.len().min(start + HANDOFF_BATCH)];
     let mut answers = stream::iter((0..keys.len()).step_by(HANDOFF_BATCH))
         .map(|start| offer_batch(node, member, handoff, chunk(start)))
