@@ -311,15 +311,17 @@ async fn copies_only_a_non_owner_holds_are_sent_to_their_owners_and_dropped_ther
         other => panic!("{other:?}"),
     }
     for key in &strays {
+        let value = format!("only-on-worker4-{key}");
         for owner in ring.owners(key.as_bytes(), 3) {
             let owner = cluster.worker(owner);
-            eventually_within(
+            let copy = eventually_within(
                 Duration::from_secs(60),
                 Duration::from_millis(50),
                 "the stray copy on its owner",
                 || async { owner.copy(key).await },
             )
             .await;
+            assert_eq!(copy.value.as_deref(), Some(value.as_bytes()), "{key}");
         }
     }
     eventually("the strays dropped by worker4", || async {
