@@ -150,6 +150,21 @@ pub struct Cluster {
     arrivals: Mutex<BTreeMap<(String, String), u64>>,
     /// The newest version of each key each worker removed (handed off).
     removed: Mutex<BTreeMap<(String, String), kv_wire::Version>>,
+    /// Copies planted on workers that do not own their keys.
+    planted: Mutex<Vec<Planted>>,
+}
+
+/// A copy stored straight into a worker that does not own its key, as one
+/// is left behind when a write's replica stops owning the key and the
+/// owners lose their copies: no owner pulls from a non-owner, so only the
+/// handoff's values can bring it to them.
+#[derive(Debug, Clone)]
+struct Planted {
+    worker: String,
+    key: String,
+    version: kv_wire::Version,
+    /// Simulated ms.
+    at: u64,
 }
 
 /// A mutex's guard, poisoned or not (a panicking seed is reported as its
@@ -199,6 +214,7 @@ impl Cluster {
             restarting: Mutex::default(),
             removed: Mutex::default(),
             arrivals: Mutex::default(),
+            planted: Mutex::default(),
         })
     }
 
@@ -906,6 +922,86 @@ impl Cluster {
         }
         self.note_disagreement();
         lock(&self.history).complete(i, outcome, self.now_ms());
+    }
+
+    /// Stores a fresh copy of one of `keys` that worker `id` does not own
+    /// (in its view) straight into its store; false if it owns them all.
+    /// The copy is written as a client write of unknown outcome would be
+    /// (the checks know its value), and [`Cluster::plants_astray`] checks
+    /// that it reaches the owners.
+    pub fn plant(&self, id: &str, keys: usize) -> bool {
+        let Some(proc) = self.net.proc(id) else {
+            return false;
+        };
+        let view = proc.node.topologies.current();
+        let foreign: Vec<String> = (0..keys)
+            .map(|k| format!("key{k}"))
+            .filter(|key| !view.owners(key).iter().any(|m| m.id == id))
+            .collect();
+        if foreign.is_empty() {
+            return false;
+        }
+        let key = foreign[self.net.rng().usize(0..foreign.len())].clone();
+        let value = self.fresh_value();
+        let version = proc.node.clock.tick(proc.node.now_ms());
+        let copy = kv_worker::store::Stored {
+            version,
+            value: Some(value.clone()),
+        };
+        if let Err(e) = proc.node.store.apply(&key, copy) {
+            self.event(format!("planting {key} on {id} failed: {e}"));
+            return false;
+        }
+        let now = self.now_ms();
+        let i = lock(&self.history).invoke(&key, Kind::Put(value.clone()), now);
+        self.event(format!(
+            "op {i} planted {key}={} at {version} on {id}, not an owner",
+            String::from_utf8_lossy(&value)
+        ));
+        lock(&self.planted).push(Planted {
+            worker: id.to_string(),
+            key,
+            version,
+            at: now,
+        });
+        true
+    }
+
+    /// The planted copies whose key's owners (in the published topology)
+    /// do not all hold them or a newer copy, but for those whose planter
+    /// lost its copies since: a copy only a non-owner holds must reach the
+    /// owners before it is dropped.
+    pub fn plants_astray(&self) -> Vec<String> {
+        let planted = lock(&self.planted).clone();
+        let losses = lock(&self.losses).clone();
+        planted
+            .into_iter()
+            .filter(|p| !losses.iter().any(|(id, at)| *id == p.worker && *at >= p.at))
+            .filter_map(|p| {
+                let copies = self.copies(&p.key);
+                let home = copies
+                    .iter()
+                    .all(|c| c.as_ref().is_some_and(|(v, _)| *v >= p.version));
+                (!home).then(|| {
+                    let held: Vec<String> = copies
+                        .iter()
+                        .map(|c| match c {
+                            None => "nothing".into(),
+                            Some((v, Some(_))) => v.to_string(),
+                            Some((v, None)) => format!("a tombstone at {v}"),
+                        })
+                        .collect();
+                    format!(
+                        "{}: the copy at {} planted on {} at {} ms, not an owner, never reached the owners: they hold {}",
+                        p.key,
+                        p.version,
+                        p.worker,
+                        p.at,
+                        held.join(", ")
+                    )
+                })
+            })
+            .collect()
     }
 
     // ---- the whole ----

@@ -6,9 +6,11 @@
 //! in-memory network ([`net`]). Clients write, delete and read a small set
 //! of keys through random workers while the run injects faults — crashes
 //! and restarts, pauses, partitions one way or both, a worker cut off,
-//! message loss and delay, controller restarts, joins and graceful leaves.
+//! message loss and delay, controller restarts, joins and graceful leaves,
+//! and copies planted on workers that do not own their keys.
 //! Then everything heals, and the run checks ([`history`]): the cluster
-//! settles again, every key can be written and read, every acknowledged
+//! settles again, every planted copy reached its key's owners, every key
+//! can be written and read, every acknowledged
 //! write survived, no read went back in time, the owners of each key agree,
 //! and no worker was called DOWN while nothing kept it from heartbeating.
 //!
@@ -235,7 +237,7 @@ fn pick(c: &Cluster, ok: impl Fn(&str) -> bool) -> Option<String> {
 }
 
 /// The kinds of fault, and how often each is drawn.
-const FAULTS: [(Fault, u32); 9] = [
+const FAULTS: [(Fault, u32); 10] = [
     (Fault::Crash, 3),
     (Fault::Restart, 2),
     (Fault::Pause, 2),
@@ -245,6 +247,7 @@ const FAULTS: [(Fault, u32); 9] = [
     (Fault::ControllerRestart, 1),
     (Fault::Join, 1),
     (Fault::Leave, 1),
+    (Fault::Plant, 1),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,6 +261,7 @@ enum Fault {
     ControllerRestart,
     Join,
     Leave,
+    Plant,
 }
 
 /// Injects faults for `options.chaos`; how many.
@@ -400,6 +404,7 @@ async fn chaos(c: &Arc<Cluster>, options: &Options, mut workers: usize) -> usize
                 })
             }
             Fault::Leave => false,
+            Fault::Plant => pick(c, live).is_some_and(|id| c.plant(&id, options.keys)),
         };
         injected += usize::from(done);
     }
@@ -458,6 +463,11 @@ async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<S
         return;
     }
     c.event("settled after healing");
+    // Before the writes below overwrite every key: copies planted on
+    // non-owners reach the owners by the handoff of an anti-entropy round
+    // (every few seconds), or of a retry once it found them unconfirmed.
+    wait_until(Duration::from_secs(30), || c.plants_astray().is_empty()).await;
+    problems.extend(c.plants_astray());
     // Every key can be written and read. A write may fail at first (503,
     // retry): a replication batch sent into a partition before it healed
     // holds its link until the call times out, and the link then backs
