@@ -68,6 +68,14 @@ const EPOCH_MS: u64 = 1_780_000_000_000;
 const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between retries of a registration, a leave or a push.
 const RETRY: Duration = Duration::from_millis(100);
+/// How soon an acknowledged write is on every owner when nothing impairs
+/// them: its third copy is sent at once, in the next batch to that replica.
+pub const THIRD_COPY_WITHIN: Duration = Duration::from_secs(1);
+/// How long before a write nothing may have impaired its owners or the
+/// network for the third-copy audit to hold it to [`THIRD_COPY_WITHIN`]: a
+/// batch sent into a partition holds its link until its call times out
+/// (the write timeout), and a failed one is retried after up to 1 s.
+const QUIET_BEFORE: Duration = Duration::from_secs(5);
 
 /// A DOWN the controller declared for silence.
 #[derive(Debug, Clone)]
@@ -919,6 +927,11 @@ impl Cluster {
         self.event(format!("op {i}: {outcome:?}"));
         if let Outcome::Written(version) = outcome {
             self.audit_copies(i, &written, version, began);
+            let c = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(THIRD_COPY_WITHIN).await;
+                c.audit_third_copy(i, &written, version, began);
+            });
         }
         self.note_disagreement();
         lock(&self.history).complete(i, outcome, self.now_ms());
@@ -1132,6 +1145,64 @@ impl Cluster {
             lock(&self.broken_promises).push(format!(
                 "op {op}: {key} at {version} acknowledged while {holders} worker(s) held it"
             ));
+        }
+    }
+
+    /// The third copy is asynchronous but sent at once (and retried): a
+    /// write acknowledged while no owner set changed, no owner was leaving
+    /// and nothing impaired its owners or the network, from
+    /// [`QUIET_BEFORE`] before it began, is on every owner
+    /// [`THIRD_COPY_WITHIN`] after it was acknowledged.
+    fn audit_third_copy(&self, op: usize, key: &str, version: kv_wire::Version, began: u64) {
+        let now = self.now_ms();
+        if lock(&self.changes)
+            .iter()
+            .any(|t| (began..=now).contains(t))
+            || lock(&self.losses).iter().any(|(_, at)| *at >= began)
+        {
+            return;
+        }
+        let Some(topology) = self.published() else {
+            return;
+        };
+        let view = kv_worker::topology::View::new(topology);
+        let owners = view.owners(key);
+        let quiet_from = began.saturating_sub(QUIET_BEFORE.as_millis() as u64);
+        let touched = {
+            let impaired = lock(&self.impaired);
+            owners
+                .iter()
+                .map(|m| m.id.as_str())
+                .chain(["*"])
+                .any(|host| {
+                    impaired
+                        .get(host)
+                        .is_some_and(|i| i.active > 0 || i.last >= quiet_from)
+                })
+        };
+        // A leaving worker takes no copies, and may still own keys until
+        // the controller publishes the ring without it.
+        let leaving = owners.iter().any(|m| {
+            self.net
+                .proc(&m.id)
+                .is_none_or(|p| p.node.leaving.is_cancelled())
+        });
+        if touched || leaving {
+            return;
+        }
+        for owner in owners {
+            let held = self
+                .net
+                .proc(&owner.id)
+                .and_then(|p| p.node.store.held_version(key));
+            if held.is_none_or(|held| held < version) {
+                lock(&self.broken_promises).push(format!(
+                    "op {op}: {key} at {version}, acknowledged with nothing in the way, was not on its owner {} {} ms later: it held {}",
+                    owner.id,
+                    THIRD_COPY_WITHIN.as_millis(),
+                    held.map_or("nothing".into(), |h| h.to_string())
+                ));
+            }
         }
     }
 

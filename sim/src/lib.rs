@@ -515,6 +515,8 @@ async fn after_healing(c: &Arc<Cluster>, options: &Options, problems: &mut Vec<S
         })
     };
     wait_until(Duration::from_secs(10), agree).await;
+    // The last writes' third-copy audits.
+    tokio::time::sleep(cluster::THIRD_COPY_WITHIN).await;
     let finals = keys.iter().map(|k| (k.clone(), c.copies(k))).collect();
     problems.extend(c.history().check(&finals, &c.changes()));
     problems.extend(c.unready());
