@@ -149,8 +149,8 @@ pub struct Cluster {
     /// When copies were lost: a worker's data dir gone (simulated ms).
     losses: Mutex<Vec<(String, u64)>>,
     /// What the audits of acknowledgements and removals found: writes
-    /// acknowledged on fewer than two copies, copies removed before their
-    /// owners held them.
+    /// acknowledged on fewer than two copies, third copies missing with
+    /// nothing in their way, copies removed before their owners held them.
     broken_promises: Mutex<Vec<String>>,
     /// Crashed workers not started again yet.
     restarting: Mutex<usize>,
@@ -1268,8 +1268,9 @@ impl Cluster {
         }
     }
 
-    /// Writes acknowledged on fewer than two copies, copies removed
-    /// before their owners held them.
+    /// Writes acknowledged on fewer than two copies, third copies missing
+    /// with nothing in their way, copies removed before their owners held
+    /// them.
     pub fn broken_promises(&self) -> Vec<String> {
         lock(&self.broken_promises).clone()
     }

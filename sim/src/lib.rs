@@ -7,12 +7,12 @@
 //! of keys through random workers while the run injects faults — crashes
 //! and restarts, pauses, partitions one way or both, a worker cut off,
 //! message loss and delay, controller restarts, joins and graceful leaves,
-//! and copies planted on workers that do not own their keys.
-//! Then everything heals, and the run checks ([`history`]): the cluster
-//! settles again, every planted copy reached its key's owners, every key
-//! can be written and read, every acknowledged
-//! write survived, no read went back in time, the owners of each key agree,
-//! and no worker was called DOWN while nothing kept it from heartbeating.
+//! and copies planted on workers that do not own their keys. Then
+//! everything heals, and the run checks ([`history`]): the cluster settles
+//! again, every planted copy reached its key's owners, every key can be
+//! written and read, every acknowledged write survived, no read went back
+//! in time, the owners of each key agree, and no worker was called DOWN
+//! while nothing kept it from heartbeating.
 //!
 //! Every random choice comes from the seed and the runtime runs tasks in a
 //! fixed order, so a seed replays exactly: [`Report::trace`] hashes every
