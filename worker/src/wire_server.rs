@@ -220,12 +220,20 @@ async fn connection(
             let (node, writer) = (node.clone(), writer.clone());
             tokio::spawn(async move {
                 let body = answer(&node, body).await;
-                // A failed write shows in the reader's next flush.
-                let _ = writer
+                // Feed the answer, then let the other answers done in this
+                // turn of the event loop feed theirs (one replica's
+                // acknowledgements finish several writes at once) before
+                // one flush sends them all; later flushes find nothing
+                // left. A failed write shows in the reader's next flush.
+                let fed = writer
                     .lock()
                     .await
-                    .send(ServerFrame::Response { id, body })
+                    .feed(ServerFrame::Response { id, body })
                     .await;
+                if fed.is_ok() {
+                    tokio::task::yield_now().await;
+                    let _ = writer.lock().await.flush().await;
+                }
                 drop(permit);
             });
         } else {
