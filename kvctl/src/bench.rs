@@ -2,11 +2,13 @@
 //! request, waits for its answer, and issues the next; latencies go into an
 //! HDR histogram. The same loop drives kv over the wire protocol, kv over
 //! HTTP, or Redis (SET, then WAIT for replicas: the W=2 analogue), so the
-//! figures compare like with like.
+//! figures compare like with like. Over the wire protocol, each of the N
+//! callers has a client of its own (a connection to each worker), or with
+//! `--shared-client` all share one, as the tasks of an application do.
 
 use crate::http1::Http1;
 use crate::out::outln;
-use crate::resp::{Reply, Resp};
+use crate::resp::{Pipelined, Redis, Reply, Resp};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -60,15 +62,24 @@ pub struct Args {
     /// Key prefix.
     #[arg(long, default_value = "bench:")]
     prefix: String,
-    /// Redis address (with --protocol redis).
-    #[arg(long, default_value = "127.0.0.1:6379")]
-    redis: String,
+    /// Redis address (with --protocol redis); with several, separated by
+    /// commas, the connections take them in turn.
+    #[arg(long, default_value = "127.0.0.1:6379", value_delimiter = ',')]
+    redis: Vec<String>,
     /// Replicas each Redis SET waits for with WAIT (0: no WAIT).
     #[arg(long, default_value_t = 1)]
     redis_wait: u32,
     /// WAIT's timeout, in milliseconds.
     #[arg(long, default_value_t = 100)]
     redis_wait_timeout_ms: u64,
+    /// The callers share one client, as the tasks of an application do.
+    /// With --protocol wire it keeps one connection to each worker; with
+    /// --protocol redis one to each --redis address (only without WAIT,
+    /// which blocks the connection it is sent on). The requests in flight
+    /// at once share its writes (pipelining). Without it, each caller has a
+    /// client, and so connections, of its own.
+    #[arg(long)]
+    shared_client: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -76,9 +87,9 @@ pub struct Args {
 
 /// One connection's way of issuing requests.
 enum Conn {
-    Wire(Client),
+    Wire(Arc<Client>),
     Http(Arc<Client>, Http1),
-    Redis(Resp),
+    Redis(Redis),
     Handshake(Arc<Client>, Credentials),
 }
 
@@ -186,23 +197,52 @@ pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Resu
         )),
         _ => None,
     };
+    let connect = || async {
+        Client::connect(controller, credentials.clone())
+            .await
+            .map(Arc::new)
+            .with_context(|| format!("cannot reach the cluster at {controller}"))
+    };
+    let (mut shared, mut shared_redis) = (None, Vec::new());
+    match (args.protocol, args.shared_client) {
+        (_, false) => {}
+        (Protocol::Wire, true) => shared = Some(connect().await?),
+        (Protocol::Redis, true) if args.redis_wait == 0 => {
+            for addr in &args.redis {
+                shared_redis.push(Arc::new(
+                    Pipelined::connect(addr)
+                        .await
+                        .with_context(|| format!("cannot reach redis at {addr}"))?,
+                ));
+            }
+        }
+        (Protocol::Redis, true) => bail!(
+            "--shared-client with --protocol redis needs --redis-wait 0: WAIT blocks the connection it is sent on"
+        ),
+        (_, true) => bail!("--shared-client is for --protocol wire or redis"),
+    }
     let mut conns = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections.max(1) {
+    for i in 0..args.connections.max(1) {
         conns.push(match args.protocol {
-            Protocol::Wire => Conn::Wire(
-                Client::connect(controller, credentials.clone())
-                    .await
-                    .with_context(|| format!("cannot reach the cluster at {controller}"))?,
-            ),
+            Protocol::Wire => Conn::Wire(match &shared {
+                Some(client) => client.clone(),
+                None => connect().await?,
+            }),
             Protocol::Http => Conn::Http(routes.clone().context("no routes")?, Http1::default()),
             Protocol::Handshake => {
                 Conn::Handshake(routes.clone().context("no routes")?, credentials.clone())
             }
-            Protocol::Redis => Conn::Redis(
-                Resp::connect(&args.redis)
-                    .await
-                    .with_context(|| format!("cannot reach redis at {}", args.redis))?,
-            ),
+            Protocol::Redis => Conn::Redis(match shared_redis.get(i % args.redis.len()) {
+                Some(pipelined) => Redis::Shared(pipelined.clone()),
+                None => {
+                    let addr = &args.redis[i % args.redis.len()];
+                    Redis::Own(
+                        Resp::connect(addr)
+                            .await
+                            .with_context(|| format!("cannot reach redis at {addr}"))?,
+                    )
+                }
+            }),
         });
     }
     let issued = Arc::new(AtomicU64::new(0));
@@ -262,15 +302,16 @@ pub async fn run(controller: &str, credentials: Credentials, args: Args) -> Resu
         outln!(
             "{}",
             json!({
-                "protocol": protocol, "connections": args.connections, "get_percent": args.get_percent,
+                "protocol": protocol, "connections": args.connections, "shared_client": args.shared_client, "get_percent": args.get_percent,
                 "value_size": args.value_size, "seconds": secs, "ops": ops, "ops_per_sec": ops as f64 / secs,
                 "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "errors": errors,
             })
         );
     } else {
         outln!(
-            "{protocol}: {} connections, {}% reads, {} B values: {ops} ops in {secs:.1} s = {:.0} ops/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {errors} errors",
+            "{protocol}: {} connections{}, {}% reads, {} B values: {ops} ops in {secs:.1} s = {:.0} ops/s; latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; {errors} errors",
             args.connections,
+            if args.shared_client { " (one shared client)" } else { "" },
             args.get_percent,
             args.value_size,
             ops as f64 / secs,

@@ -35,10 +35,15 @@ fn bench_400(cluster: &Cluster, protocol: &str, prefix: &str, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
     let cluster = Cluster::start(3).await;
-    for protocol in ["wire", "http"] {
+    let each_own: &[&str] = &[];
+    for (protocol, clients) in [
+        ("wire", each_own),
+        ("wire", &["--shared-client"]),
+        ("http", each_own),
+    ] {
         // A prefix a URL must escape.
-        let prefix = format!("{protocol} &?");
-        let writes = ["--keys", "4", "--value-size", "48"];
+        let prefix = format!("{protocol}{} &?", clients.len());
+        let writes = [&["--keys", "4", "--value-size", "48"], clients].concat();
         tokio::task::block_in_place(|| bench_400(&cluster, protocol, &prefix, &writes));
         // 400 writes over 4 keys: each key written (the chance of one
         // missed is (3/4)^400), with a 48-byte value.
@@ -56,7 +61,7 @@ async fn every_protocol_completes_its_requests_and_its_writes_are_stored() {
                 "{protocol}: {key}: {body}"
             );
         }
-        let mixed = ["--keys", "8", "--get-percent", "50"];
+        let mixed = [&["--keys", "8", "--get-percent", "50"], clients].concat();
         tokio::task::block_in_place(|| bench_400(&cluster, protocol, &prefix, &mixed));
     }
     // Each request a connection opened to its key's primary, and closed.
