@@ -459,6 +459,7 @@ mod tests {
             },
             number: 0,
             last_heartbeat: SystemTime::now(),
+            fresh: false,
         }
     }
 

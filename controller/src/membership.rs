@@ -81,6 +81,9 @@ pub struct Worker {
     pub number: u32,
     /// Wall-clock time of its last heartbeat (or registration).
     pub last_heartbeat: SystemTime,
+    /// Registered with an empty store, and in no topology published since:
+    /// the next one that has it names it as fresh.
+    pub fresh: bool,
 }
 
 /// A worker as `/nodes` shows it.
@@ -219,6 +222,7 @@ impl Membership {
                 member,
                 number,
                 last_heartbeat: wall,
+                fresh: reg.empty,
             },
         );
         self.detector.track(number, generation, now);
@@ -415,8 +419,17 @@ impl Membership {
         self.epoch += 1;
         self.published = self.epoch;
         self.published_ids = topology.members.iter().map(|m| m.id.clone()).collect();
+        let mut fresh = Vec::new();
+        for member in &topology.members {
+            if let Some(worker) = self.workers.get_mut(&member.id) {
+                if std::mem::take(&mut worker.fresh) {
+                    fresh.push(member.id.clone());
+                }
+            }
+        }
         Some(Topology {
             epoch: self.epoch,
+            fresh,
             ..topology
         })
     }
@@ -437,6 +450,7 @@ impl Membership {
             members: with(Status::is_live),
             leaving: with(|s| s == Status::Leaving),
             down: self.down(),
+            fresh: Vec::new(),
         }
     }
 
@@ -549,6 +563,7 @@ mod tests {
             epoch: None,
             generation: None,
             peers: Vec::new(),
+            empty: false,
         }
     }
 
@@ -607,6 +622,36 @@ mod tests {
             (1, vec!["worker1", "worker2"])
         );
         assert_eq!(m.publish(t0), None, "nothing changed since");
+    }
+
+    #[test]
+    fn a_worker_registered_empty_is_fresh_in_the_first_topology_that_has_it_only() {
+        let t0 = Instant::now();
+        let (mut m, regs) = running(t0, &["worker1"]);
+        assert_eq!(
+            m.publish(t0).unwrap().fresh,
+            [""; 0],
+            "worker1 came with copies"
+        );
+        let empty = |id: &str| Registration {
+            empty: true,
+            ..reg(id)
+        };
+        let worker2 = m.register(empty("worker2"), t0, SystemTime::now()).unwrap();
+        assert_eq!(m.publish(t0).unwrap().fresh, ["worker2"]);
+        // Called DOWN and back: it may hold copies by now.
+        let later = t0 + DOWN_AFTER;
+        m.heartbeat(&hb(regs[0]), later, SystemTime::now());
+        m.evaluate(later);
+        assert_eq!(ids(&m.publish(later).unwrap()), ["worker1"]);
+        m.heartbeat(&hb(worker2), later, SystemTime::now());
+        let back = m.publish(later).unwrap();
+        assert_eq!(ids(&back), ["worker1", "worker2"]);
+        assert_eq!(back.fresh, [""; 0], "back from DOWN, not registered again");
+        // Started again in memory: a new incarnation, empty again.
+        m.register(empty("worker2"), later, SystemTime::now())
+            .unwrap();
+        assert_eq!(m.publish(later).unwrap().fresh, ["worker2"]);
     }
 
     #[test]

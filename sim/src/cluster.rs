@@ -646,6 +646,7 @@ impl Cluster {
             epoch: None,
             generation: None,
             peers: Vec::new(),
+            empty: false,
         };
         let presence = Arc::new(Mutex::new(Presence::new(me, self.instant())));
         lock(&self.presences).insert(id.to_string(), presence.clone());
@@ -782,7 +783,8 @@ impl Cluster {
     async fn register(&self, id: &str, node: &Node, presence: &Mutex<Presence>) {
         loop {
             self.net.while_paused(id).await;
-            let reg = lock(presence).registration(None, &node.topologies.current().topology);
+            let empty = node.store.stats().0 == 0;
+            let reg = lock(presence).registration(None, &node.topologies.current().topology, empty);
             let heartbeat_interval_ms = self.settings.heartbeat.as_millis() as u64;
             let answer = self
                 .to_controller(id, false, |c, now, wall| {

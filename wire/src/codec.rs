@@ -225,6 +225,7 @@ mod tests {
                         generation: 1,
                     }],
                     down: vec!["worker3".into()],
+                    fresh: Vec::new(),
                 }),
             ),
         ]

@@ -492,6 +492,12 @@ pub struct Topology {
     /// owners would all be among them is unavailable, not "not found".
     #[serde(default)]
     pub down: Vec<String>,
+    /// Members in a ring for the first time since they registered with
+    /// an empty store, by id: they hold nothing, and the workers already
+    /// in the ring lose arcs to them and gain none, so a topology that
+    /// only adds such members leaves every other worker holding its share.
+    #[serde(default)]
+    pub fresh: Vec<String>,
 }
 
 impl Topology {

@@ -93,6 +93,7 @@ impl Nodes {
                 .filter(|n| n.reason == Some(Reason::Silent))
                 .map(|n| n.id.clone())
                 .collect(),
+            fresh: Vec::new(),
         }
     }
 }

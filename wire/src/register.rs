@@ -38,6 +38,12 @@ pub struct RegisterRequest {
     /// unavailable rather than absent. At most [`MAX_PEERS_BYTES`] of ids.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// Whether the worker's store held no copy as it registered (a new or
+    /// in-memory worker, not one back with a data dir). The controller
+    /// names such workers in the first topology that has them
+    /// ([`crate::Topology::fresh`]). Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub empty: bool,
 }
 
 /// The controller's answer.

@@ -165,6 +165,7 @@ mod tests {
             members: ids.iter().map(|id| member(id)).collect(),
             leaving: Vec::new(),
             down: Vec::new(),
+            fresh: Vec::new(),
         });
         // A ring put together by hand over other workers: their indices are
         // not the members'.
@@ -189,6 +190,7 @@ mod tests {
                 members: (0..n).map(|i| member(&format!("w{i}"))).collect(),
                 leaving: Vec::new(),
                 down: Vec::new(),
+                fresh: Vec::new(),
             });
             for i in 0..500 {
                 let key = format!("key:{i}");
@@ -211,6 +213,7 @@ mod tests {
                 members: members.iter().map(|id| member(id)).collect(),
                 leaving: leaving.iter().map(|id| member(id)).collect(),
                 down: down.iter().map(|id| id.to_string()).collect(),
+                fresh: Vec::new(),
             })
         };
         let everyone = Ring::new(["w1", "w2", "w3", "w4", "w5"]);

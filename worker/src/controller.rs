@@ -2,6 +2,7 @@
 //! [`Presence`] calls for, each retried with backoff.
 
 use crate::presence::Presence;
+use crate::store::Store;
 use crate::topology::Topologies;
 use kv_client::HttpClient;
 use kv_service::Backoff;
@@ -144,13 +145,16 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// heartbeat thread or a refused leave asks and `wake`s this task), and
 /// says the leave once `leaving`, after every registration, until
 /// `shutdown`. The host to advertise is worked out on every attempt when
-/// not given. With a cluster secret, each request proves it.
+/// not given. With a cluster secret, each request proves it. Each
+/// registration says whether `store` holds nothing.
+#[allow(clippy::too_many_arguments)]
 pub async fn keep_registered(
     controller: Controller,
     presence: Arc<Mutex<Presence>>,
     advertise_given: bool,
     wake: Arc<Notify>,
     topologies: Arc<Topologies>,
+    store: Arc<dyn Store>,
     leaving: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -162,7 +166,7 @@ pub async fn keep_registered(
                 &client,
                 &presence,
                 advertise_given,
-                &topologies,
+                (&topologies, store.as_ref()),
                 &shutdown,
             )
             .await;
@@ -187,7 +191,7 @@ async fn register(
     client: &HttpClient,
     presence: &Mutex<Presence>,
     advertise_given: bool,
-    topologies: &Topologies,
+    (topologies, store): (&Topologies, &dyn Store),
     shutdown: &CancellationToken,
 ) {
     if lock(presence).current().is_some() {
@@ -206,7 +210,8 @@ async fn register(
                 }
             }
         };
-        let me = lock(presence).registration(host, &topologies.current().topology);
+        let empty = store.stats().0 == 0;
+        let me = lock(presence).registration(host, &topologies.current().topology, empty);
         match controller
             .post::<Registered>(client, Signed::Register, "/register", &me)
             .await

@@ -307,6 +307,7 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         epoch: None,
         generation: None,
         peers: Vec::new(),
+        empty: false,
     };
     let presence = Arc::new(Mutex::new(Presence::new(me, std::time::Instant::now())));
     let wake = Arc::new(Notify::new());
@@ -320,6 +321,7 @@ pub async fn run(config: Config, listeners: Listeners, stop: Stop) -> Result<(),
         config.advertise_host.is_some(),
         wake.clone(),
         topologies.clone(),
+        node.store.clone(),
         stop.leaving().clone(),
         shutdown.clone(),
     ));

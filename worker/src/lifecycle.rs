@@ -13,6 +13,8 @@
 //! it at once. The rules here are pure; `lib.rs` waits on them.
 
 use crate::topology::View;
+use kv_wire::{Member, Topology};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use tokio_util::sync::CancellationToken;
 
@@ -136,6 +138,36 @@ pub fn readiness(me: &str, leaving: bool, current: &View, settled: &View) -> Res
     }
 }
 
+/// Whether a worker that holds its share of `settled` holds its share of
+/// `next` with nothing to compare or pull: `next` is the very next epoch,
+/// nobody starts or stops leaving, nobody drops out of the ring or comes
+/// back in another incarnation, and the only workers added are fresh ones
+/// (registered with an empty store, in a ring for the first time). An
+/// added worker takes arcs from the others and gives them none, and holds
+/// nothing they lack. With none added, this is a restarted controller's
+/// next epoch. Not after a gap: the epochs missed may have left this
+/// worker out (it was called DOWN while cut off) and routed writes past
+/// it. Nor when a worker comes back with its copies: it may hold writes
+/// that owners which could not reach it lack (simulator seed 9200429).
+pub fn holds_share_at_once(settled: &Topology, next: &Topology) -> bool {
+    if next.epoch != settled.epoch + 1 || settled.leaving != next.leaving {
+        return false;
+    }
+    let before: HashMap<&str, &Member> = (settled.members.iter())
+        .map(|m| (m.id.as_str(), m))
+        .collect();
+    let fresh: HashSet<&str> = next.fresh.iter().map(String::as_str).collect();
+    let mut kept = 0;
+    for m in &next.members {
+        if before.get(m.id.as_str()) == Some(&m) {
+            kept += 1;
+        } else if !fresh.contains(m.id.as_str()) {
+            return false;
+        }
+    }
+    kept == settled.members.len()
+}
+
 /// How a leaving worker's drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drained {
@@ -164,7 +196,6 @@ pub fn drained(me: &str, current: &View, settled: &View) -> Option<Drained> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kv_wire::{Member, Topology};
 
     fn view(epoch: u64, ids: &[&str]) -> View {
         View::new(Topology {
@@ -181,6 +212,7 @@ mod tests {
                 .collect(),
             leaving: Vec::new(),
             down: Vec::new(),
+            fresh: Vec::new(),
         })
     }
 
@@ -239,6 +271,50 @@ mod tests {
             None,
             "no topology yet"
         );
+    }
+
+    #[test]
+    fn only_the_next_epoch_that_adds_nothing_but_fresh_workers_holds_the_share_at_once() {
+        let topology = |epoch, ids: &[&str], fresh: &[&str]| Topology {
+            fresh: fresh.iter().map(|id| id.to_string()).collect(),
+            ..view(epoch, ids).topology.clone()
+        };
+        let settled = topology(4, &["w1", "w2", "w3"], &[]);
+        let at_once = |next: &Topology| holds_share_at_once(&settled, next);
+        assert!(
+            at_once(&topology(5, &["w1", "w2", "w3"], &[])),
+            "a controller restart"
+        );
+        assert!(
+            at_once(&topology(5, &["w1", "w2", "w3", "w4"], &["w4"])),
+            "w4 joins empty"
+        );
+        assert!(at_once(&topology(
+            5,
+            &["w1", "w2", "w3", "w4", "w5"],
+            &["w4", "w5"]
+        )));
+        assert!(
+            !at_once(&topology(6, &["w1", "w2", "w3", "w4"], &["w4"])),
+            "after a gap"
+        );
+        assert!(
+            !at_once(&topology(5, &["w1", "w2", "w3", "w4"], &[])),
+            "w4 back with its copies"
+        );
+        assert!(
+            !at_once(&topology(5, &["w1", "w2", "w4"], &["w4"])),
+            "w3 dropped out"
+        );
+        let mut reborn = topology(5, &["w1", "w2", "w3"], &["w3"]);
+        reborn.members[2].generation = 2;
+        assert!(
+            !at_once(&reborn),
+            "w3 in a new incarnation: its old one is gone"
+        );
+        let mut leaving = topology(5, &["w1", "w2", "w4"], &["w4"]);
+        leaving.leaving = settled.members[2..].to_vec();
+        assert!(!at_once(&leaving), "w3 starts leaving");
     }
 
     #[test]

@@ -110,7 +110,12 @@ impl Presence {
     /// workers it named (it lists those that never register as DOWN), and
     /// the generation held (it keeps it, so the restart moves no data).
     /// `host` replaces the advertised host when it is learned from the route.
-    pub fn registration(&mut self, host: Option<String>, seen: &Topology) -> RegisterRequest {
+    pub fn registration(
+        &mut self,
+        host: Option<String>,
+        seen: &Topology,
+        empty: bool,
+    ) -> RegisterRequest {
         if let Some(host) = host {
             self.me.host = host;
         }
@@ -126,6 +131,7 @@ impl Presence {
             .map(str::to_owned)
             .collect();
         self.me.generation = self.generation();
+        self.me.empty = empty;
         self.reregister = false;
         self.registering = true;
         self.me.clone()
@@ -276,6 +282,7 @@ mod tests {
             epoch: None,
             generation: None,
             peers: Vec::new(),
+            empty: false,
         }
     }
 
@@ -313,7 +320,7 @@ mod tests {
         let mut p = Presence::new(me(), t0);
         assert!(p.wants_registration());
         assert_eq!(p.heartbeat(0), None, "no heartbeat before registering");
-        let request = p.registration(None, &seen(0));
+        let request = p.registration(None, &seen(0), false);
         assert_eq!((request.epoch, request.generation), (None, None));
         p.registered(reply(5, 100), request.host, t0);
         assert!(!p.wants_registration());
@@ -356,8 +363,9 @@ mod tests {
             members: vec![member("worker1"), member("worker2")],
             leaving: vec![member("worker3")],
             down: vec!["worker4".into()],
+            fresh: Vec::new(),
         };
-        let again = p.registration(None, &topology);
+        let again = p.registration(None, &topology, false);
         assert_eq!((again.epoch, again.generation), (Some(4), Some(5)));
         assert_eq!(again.peers, ["worker2", "worker3", "worker4"]);
         // Ten thousand workers with long names: as many as fit the budget.
@@ -369,7 +377,7 @@ mod tests {
                 .collect(),
             ..Topology::default()
         };
-        let capped = p.registration(None, &many);
+        let capped = p.registration(None, &many, false);
         let bytes: usize = capped.peers.iter().map(|id| id.len() + 3).sum();
         assert!(
             bytes <= MAX_PEERS_BYTES && bytes + 60 > MAX_PEERS_BYTES,
@@ -393,7 +401,7 @@ mod tests {
         // More acks of the new controller ask nothing more...
         assert_eq!(p.ack(&ack(200), None, t0), Ack::Counted);
         // ...nor while the registration is under way.
-        let request = p.registration(None, &seen(3));
+        let request = p.registration(None, &seen(3), false);
         assert_eq!(p.ack(&ack(200), None, t0), Ack::Counted);
         assert!(!p.wants_registration());
         p.registered(reply(5, 200), request.host, t0);
@@ -492,7 +500,7 @@ mod tests {
         assert!(!p.route_from("10.0.0.1"));
         assert!(p.route_from("10.0.0.9"));
         assert!(!p.route_from("10.0.0.9"), "asked once");
-        let request = p.registration(Some("10.0.0.9".into()), &seen(3));
+        let request = p.registration(Some("10.0.0.9".into()), &seen(3), false);
         assert_eq!(request.host, "10.0.0.9");
         p.registered(reply(5, 100), request.host, t0);
         assert!(!p.route_from("10.0.0.9"));
@@ -506,7 +514,7 @@ mod tests {
         assert!(p.is_leaving());
         assert_eq!(p.leave_to_say(), None, "not registered yet");
         assert_eq!(p.left(), None);
-        let request = p.registration(None, &seen(0));
+        let request = p.registration(None, &seen(0), false);
         p.registered(reply(5, 100), request.host, t0);
         let leave = p.leave_to_say().unwrap();
         assert_eq!(
@@ -519,14 +527,14 @@ mod tests {
         p.heartbeat(0);
         assert_eq!(p.ack(&ack(200), None, t0), Ack::Restarted);
         assert_eq!(p.leave_to_say(), None);
-        let request = p.registration(None, &seen(3));
+        let request = p.registration(None, &seen(3), false);
         p.registered(reply(5, 200), request.host, t0);
         assert_eq!(p.leave_to_say().map(|l| l.generation), Some(5));
         // A controller that does not know this incarnation.
         p.unknown();
         assert_eq!(p.leave_to_say(), None);
         assert!(p.wants_registration());
-        let request = p.registration(None, &seen(3));
+        let request = p.registration(None, &seen(3), false);
         p.registered(reply(6, 200), request.host, t0);
         assert_eq!(p.leave_to_say().map(|l| l.generation), Some(6));
         assert_eq!(p.left().map(|l| (l.generation, l.done)), Some((6, true)));

@@ -14,6 +14,7 @@
 //! change. A newer topology interrupts a sync, which starts over towards
 //! it: nothing depends on where an earlier one stopped.
 
+use crate::lifecycle::holds_share_at_once;
 use crate::node::Node;
 use crate::sync::{decide, second_look, Comparisons, Handoff, Look, OfferRounds, PeerArcs, Pull};
 use crate::topology::View;
@@ -185,22 +186,25 @@ pub async fn run(node: Arc<Node>, interval: Duration, shutdown: CancellationToke
             retry_at = None;
             continue;
         }
-        // The next epoch of the same workers (a controller restart) moves
-        // nothing, provided the last sync completed: then every arc was
-        // verified with these very co-owners. Not after a gap: the epochs
-        // missed meanwhile may have left this worker out (it was called
-        // DOWN while cut off) and routed writes past it. Nor when a worker
-        // starts leaving: its keys are to be pulled from it (one called
-        // DOWN and then told to stop leaves with the members unchanged).
+        // The next epoch of the same workers (a controller restart), or of
+        // them and fresh ones that joined empty, brings this worker nothing,
+        // provided its last sync completed: then every arc it keeps was
+        // verified with its co-owners. Nor when a worker starts leaving: its
+        // keys are to be pulled from it (one called DOWN and then told to
+        // stop leaves with the members unchanged). The rules are in
+        // `holds_share_at_once`. With workers joined, it is ready at once,
+        // and the sync below still runs: it hands the joiners what this
+        // worker held in the arcs it lost to them (they pull it as well)
+        // and drops it.
         let settled = node.topologies.settled();
         if why == Why::Change
             && !unfinished
-            && view.epoch() == settled.epoch() + 1
-            && settled.topology.members == view.topology.members
-            && settled.topology.leaving == view.topology.leaving
+            && holds_share_at_once(&settled.topology, &view.topology)
         {
-            node.topologies.settle(view);
-            continue;
+            node.topologies.settle(view.clone());
+            if view.topology.fresh.is_empty() {
+                continue;
+            }
         }
         // Only a round over a view this worker already holds its share of
         // may leave busy arcs for later: one that would settle a view (an

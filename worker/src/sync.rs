@@ -438,6 +438,7 @@ mod tests {
             members: ids.iter().map(|id| member(id)).collect(),
             leaving: leaving.iter().map(|id| member(id)).collect(),
             down: Vec::new(),
+            fresh: Vec::new(),
         };
         let mut v = View::new(topology);
         v.ring = Ring::with_vnodes(ids.iter().copied(), 64);

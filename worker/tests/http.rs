@@ -226,6 +226,7 @@ async fn a_write_that_arrives_before_the_first_topology_waits_for_it() {
         members,
         leaving: Vec::new(),
         down: Vec::new(),
+        fresh: Vec::new(),
     };
     let credentials = kv_client::Credentials::new("kv", "controller");
     let conn = kv_client::Connection::connect(
