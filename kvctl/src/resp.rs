@@ -195,3 +195,56 @@ async fn read_reply(
         _ => Err(bad()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A server that answers each `GET key` with the key, in order, and
+    /// reads whatever arrived before answering any of it.
+    async fn echo_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = vec![0; 4096];
+            while let Ok(n @ 1..) = stream.read(&mut chunk).await {
+                buf.extend_from_slice(&chunk[..n]);
+                let mut out = Vec::new();
+                // Commands are `*2 $3 GET $n key`: 5 lines each.
+                while let Some(cut) = nth_line_end(&buf, 5) {
+                    let text = String::from_utf8_lossy(&buf[..cut]).to_string();
+                    let key = text.lines().nth(4).unwrap();
+                    out.extend_from_slice(format!("${}\r\n{key}\r\n", key.len()).as_bytes());
+                    buf.drain(..cut);
+                }
+                stream.write_all(&out).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    fn nth_line_end(buf: &[u8], n: usize) -> Option<usize> {
+        let mut ends = buf.windows(2).enumerate().filter(|(_, w)| w == b"\r\n");
+        ends.nth(n - 1).map(|(i, _)| i + 2)
+    }
+
+    #[tokio::test]
+    async fn callers_sharing_a_connection_each_get_their_own_reply() {
+        let shared = Arc::new(Pipelined::connect(&echo_server().await).await.unwrap());
+        let callers = (0..200).map(|i| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let key = format!("key{i}");
+                let reply = shared.command(&[b"GET", key.as_bytes()]).await.unwrap();
+                assert_eq!(reply, Reply::Bulk(Some(key.into_bytes())));
+            })
+        });
+        for caller in callers.collect::<Vec<_>>() {
+            caller.await.unwrap();
+        }
+    }
+}
