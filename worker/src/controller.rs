@@ -166,7 +166,8 @@ pub async fn keep_registered(
                 &client,
                 &presence,
                 advertise_given,
-                (&topologies, store.as_ref()),
+                &topologies,
+                store.as_ref(),
                 &shutdown,
             )
             .await;
@@ -191,7 +192,8 @@ async fn register(
     client: &HttpClient,
     presence: &Mutex<Presence>,
     advertise_given: bool,
-    (topologies, store): (&Topologies, &dyn Store),
+    topologies: &Topologies,
+    store: &dyn Store,
     shutdown: &CancellationToken,
 ) {
     if lock(presence).current().is_some() {

@@ -109,7 +109,9 @@ impl Presence {
     /// its epoch (a restarted controller numbers on above it) and the other
     /// workers it named (it lists those that never register as DOWN), and
     /// the generation held (it keeps it, so the restart moves no data).
-    /// `host` replaces the advertised host when it is learned from the route.
+    /// `host` replaces the advertised host when it is learned from the route;
+    /// `empty` says the store holds no copy (the controller then names the
+    /// worker fresh in its next topology).
     pub fn registration(
         &mut self,
         host: Option<String>,
