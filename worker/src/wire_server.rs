@@ -5,7 +5,8 @@
 //! topology pushes — are answered inline, in order, and their answers go
 //! out in one write once every request read so far is answered; writes and
 //! quorum reads, which wait on other workers, run as tasks of their own and
-//! write their answer when done, so one slow write does not hold up the
+//! write their answer when done (sharing a write with the answers done in
+//! the same turn of the event loop), so one slow write does not hold up the
 //! requests behind it. A connection has at most [`MAX_IN_FLIGHT`] such
 //! tasks: past that it stops reading, and TCP pushes back on the client.
 //! Across connections, the node bounds the keys it coordinates at once
