@@ -783,8 +783,11 @@ impl Cluster {
     async fn register(&self, id: &str, node: &Node, presence: &Mutex<Presence>) {
         loop {
             self.net.while_paused(id).await;
-            let empty = node.store.stats().0 == 0;
-            let reg = lock(presence).registration(None, &node.topologies.current().topology, empty);
+            let reg = lock(presence).registration(
+                None,
+                &node.topologies.current().topology,
+                node.store.is_empty(),
+            );
             let heartbeat_interval_ms = self.settings.heartbeat.as_millis() as u64;
             let answer = self
                 .to_controller(id, false, |c, now, wall| {

@@ -212,8 +212,8 @@ async fn register(
                 }
             }
         };
-        let empty = store.stats().0 == 0;
-        let me = lock(presence).registration(host, &topologies.current().topology, empty);
+        let me =
+            lock(presence).registration(host, &topologies.current().topology, store.is_empty());
         match controller
             .post::<Registered>(client, Signed::Register, "/register", &me)
             .await

@@ -171,6 +171,11 @@ pub trait Store: Send + Sync + 'static {
     fn purge_tombstones(&self, before: Version) -> usize;
     /// Keys held (tombstones included) and bytes of keys and values.
     fn stats(&self) -> (usize, usize);
+    /// Whether no copy is held, tombstones included: what a registration
+    /// says as `empty`.
+    fn is_empty(&self) -> bool {
+        self.stats().0 == 0
+    }
     /// Why the store cannot take writes now (its last write failed and
     /// none has succeeded since), or `None` while it can.
     fn failing(&self) -> Option<String> {
