@@ -154,6 +154,7 @@ async fn a_thousand_silent_connections_do_not_keep_a_client_out() {
 #[tokio::test]
 async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_answered() {
     use kv_testkit::fake::{Controller, FakeWorker};
+    use kv_wire::message::Consistency;
     use kv_wire::{Entry, Request, Response};
     use std::sync::Arc;
 
@@ -242,6 +243,14 @@ async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_an
         matches!(reply, Response::Replicated { applied: 1, .. }),
         "{reply:?}"
     );
+    assert!(!flood.is_finished() && !late.is_finished() && !http_write.is_finished());
+    // A read behind them on their connection is answered meanwhile.
+    let read = Request::Get {
+        key: "late".into(),
+        consistency: Consistency::Local,
+    };
+    let reply = conn.call(read).await.unwrap();
+    assert!(matches!(reply, Response::Value(_)), "{reply:?}");
     assert!(!flood.is_finished() && !late.is_finished() && !http_write.is_finished());
     // An HTTP client that hangs up while its write waits is no longer
     // counted as waiting (its handler is dropped mid-wait).
