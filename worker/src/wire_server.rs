@@ -3,8 +3,9 @@
 //! Each connection is one task, reading frames and writing answers.
 //! Cheap requests — local reads, replication batches, offers, topology
 //! pushes — are answered inline, in order. Writes and quorum reads, which
-//! wait on other workers, become futures the task keeps beside its reader,
-//! so one slow write does not hold up the requests behind it. Answers
+//! wait on other workers, become futures the task keeps beside its reader
+//! (a bulk write a task of its own, its answer awaited there), so one slow
+//! write does not hold up the requests behind it. Answers
 //! collect in the write buffer, and the buffer goes out once nothing more
 //! is ready: no frame read and no answer finished. A connection has at
 //! most [`MAX_IN_FLIGHT`] waiting requests: past that it stops reading,
@@ -16,7 +17,7 @@ use crate::node::Node;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use kv_wire::auth::RefusalLog;
-use kv_wire::message::{Challenge, Consistency, Hello, Refusal};
+use kv_wire::message::{Challenge, Consistency, Failure, FailureKind, Hello, Refusal};
 use kv_wire::{
     ClientFrame, ClusterSecret, Entry, FrameCodec, HelloError, Request, Response, ServerFrame,
 };
@@ -242,7 +243,7 @@ async fn connection(
         };
         if waits_on_peers(&body) {
             let node = &node;
-            waiting.push(async move { (id, answer(node, body).await) });
+            waiting.push(async move { (id, answer_waiting(node, body).await) });
         } else {
             let body = answer(&node, body).await;
             if let Err(e) = writer.feed(ServerFrame::Response { id, body }).await {
@@ -324,6 +325,25 @@ fn waits_on_peers(body: &Request) -> bool {
                 ..
             }
     )
+}
+
+/// The answer to a request that waits on other workers, on this
+/// connection's task; but a bulk write, which has CPU work to do for every
+/// key, runs as a task of its own, so that a loader's batches on one
+/// connection use every thread of the runtime.
+async fn answer_waiting(node: &Arc<Node>, body: Request) -> Response {
+    if !matches!(body, Request::PutMany { .. }) {
+        return answer(node, body).await;
+    }
+    let node = node.clone();
+    match tokio::spawn(async move { answer(&node, body).await }).await {
+        Ok(response) => response,
+        // It panicked, or the runtime is shutting down.
+        Err(e) => Response::Failed(Failure::new(
+            FailureKind::Unavailable,
+            format!("the batch was not finished: {e}"),
+        )),
+    }
 }
 
 /// The answer to one request.
