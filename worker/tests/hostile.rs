@@ -150,7 +150,8 @@ async fn a_thousand_silent_connections_do_not_keep_a_client_out() {
 /// once (`MAX_COORDINATING` keys): the writes past that, over the wire or
 /// HTTP, wait their turn, shown in `/metrics`, instead of piling work onto
 /// the runtime ahead of the replication batches those writes wait for;
-/// copies sent to the worker are still answered meanwhile.
+/// copies sent to the worker, and a read sent behind the writes on their
+/// own connection, are still answered meanwhile.
 #[tokio::test]
 async fn writes_past_the_coordination_budget_wait_their_turn_while_copies_are_answered() {
     use kv_testkit::fake::{Controller, FakeWorker};
