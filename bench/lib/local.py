@@ -4,13 +4,14 @@ import subprocess
 import time
 
 
-def start_local(kvctl, base_port, work, logs):
+def start_local(kvctl, base_port, work, logs, flags=(), env=None):
     """Starts `kvctl local` on `base_port` (its output in `work`/local.out,
-    the nodes' logs in `logs`) and waits until it says Ready: the process,
-    and the pids of its nodes (the servers whose CPU a bench reads)."""
+    the nodes' logs in `logs`; more `flags` and `env`, if given) and waits
+    until it says Ready: the process, and the pids of its nodes (the servers
+    whose CPU a bench reads)."""
     out = os.path.join(work, "local.out")
-    local = subprocess.Popen([kvctl, "local", "--base-port", str(base_port), "--logs", logs],
-                             stdout=open(out, "w"), stderr=subprocess.STDOUT)
+    local = subprocess.Popen([kvctl, "local", "--base-port", str(base_port), "--logs", logs, *flags],
+                             stdout=open(out, "w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while "Ready" not in open(out).read():
         if local.poll() is not None or time.monotonic() > deadline:
