@@ -268,11 +268,12 @@ fn main() {
         eprintln!("relay: --me must be below --nodes, and --nodes at least 3");
         std::process::exit(2);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a runtime of one thread builds");
+    // The runtime a kv node gets for `--threads 1`.
+    let one = kv_service::runtime::sizing(
+        std::num::NonZeroUsize::new(1),
+        Ok(std::num::NonZeroUsize::MIN),
+    );
+    let runtime = kv_service::runtime::build(one).expect("a runtime of one thread builds");
     runtime.block_on(async move {
         let port = |i: u16| args.base_port + i;
         let clients = TcpListener::bind(("127.0.0.1", port(args.me)))

@@ -39,12 +39,21 @@ pub fn sizing(flag: Option<NonZeroUsize>, available: std::io::Result<NonZeroUsiz
     }
 }
 
-/// A multi-threaded runtime of `sizing.threads` threads, with timers and I/O.
+/// A runtime of `sizing.threads` threads, with timers and I/O: for one
+/// thread, tokio's current-thread scheduler, which runs the node's main
+/// future and its tasks on the same thread and needs no work-stealing
+/// queues; a multi-threaded one with a single worker would run the main
+/// future on a thread of its own and hand every task it spawns across.
 pub fn build(sizing: Sizing) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(sizing.threads)
-        .enable_all()
-        .build()
+    let mut builder = match sizing.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build()
 }
 
 /// The runtime for `--threads` (`flag`) on this machine.
@@ -83,5 +92,19 @@ mod tests {
     fn the_runtime_has_the_threads_asked_for() {
         let (runtime, _) = for_flag(Some(n(3))).unwrap();
         assert_eq!(runtime.metrics().num_workers(), 3);
+        assert_eq!(
+            runtime.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::MultiThread
+        );
+    }
+
+    #[test]
+    fn one_thread_is_a_current_thread_runtime() {
+        let (runtime, _) = for_flag(Some(n(1))).unwrap();
+        assert_eq!(runtime.metrics().num_workers(), 1);
+        assert_eq!(
+            runtime.handle().runtime_flavor(),
+            tokio::runtime::RuntimeFlavor::CurrentThread
+        );
     }
 }
