@@ -89,22 +89,12 @@ mod tests {
     }
 
     #[test]
-    fn the_runtime_has_the_threads_asked_for() {
-        let (runtime, _) = for_flag(Some(n(3))).unwrap();
-        assert_eq!(runtime.metrics().num_workers(), 3);
-        assert_eq!(
-            runtime.handle().runtime_flavor(),
-            tokio::runtime::RuntimeFlavor::MultiThread
-        );
-    }
-
-    #[test]
-    fn one_thread_is_a_current_thread_runtime() {
-        let (runtime, _) = for_flag(Some(n(1))).unwrap();
-        assert_eq!(runtime.metrics().num_workers(), 1);
-        assert_eq!(
-            runtime.handle().runtime_flavor(),
-            tokio::runtime::RuntimeFlavor::CurrentThread
-        );
+    fn the_runtime_has_the_threads_asked_for_one_on_the_current_thread_scheduler() {
+        use tokio::runtime::RuntimeFlavor::{CurrentThread, MultiThread};
+        for (threads, flavor) in [(1, CurrentThread), (3, MultiThread)] {
+            let (runtime, _) = for_flag(Some(n(threads))).unwrap();
+            assert_eq!(runtime.metrics().num_workers(), threads);
+            assert_eq!(runtime.handle().runtime_flavor(), flavor);
+        }
     }
 }
