@@ -269,10 +269,10 @@ fn main() {
         std::process::exit(2);
     }
     // The runtime a kv node gets for `--threads 1`.
-    let one = kv_service::runtime::sizing(
-        std::num::NonZeroUsize::new(1),
-        Ok(std::num::NonZeroUsize::MIN),
-    );
+    let one = kv_service::runtime::Sizing {
+        threads: 1,
+        source: "one, as kvctl local gives each node",
+    };
     let runtime = kv_service::runtime::build(one).expect("a runtime of one thread builds");
     runtime.block_on(async move {
         let port = |i: u16| args.base_port + i;
