@@ -1043,13 +1043,24 @@ impl Ticket {
     }
 }
 
+/// What the fsync thread is asked for, under the [`Syncer`]'s lock.
+#[derive(Debug, Default)]
+struct Wanted {
+    /// The highest write a ticket waits for.
+    upto: u64,
+    /// The store is closing.
+    stop: bool,
+    /// The thread waits for a ticket (or the interval): only then does a
+    /// new ticket wake it.
+    asleep: bool,
+}
+
 /// Numbers writes and runs the fsyncs: at once, for everything written
 /// so far, whenever a ticket waits (`always`), or every interval.
 struct Syncer {
     policy: SyncPolicy,
     written: AtomicU64,
-    /// The highest write a ticket waits for, and whether to stop.
-    wanted: Mutex<(u64, bool)>,
+    wanted: Mutex<Wanted>,
     wake: Condvar,
     synced: watch::Sender<Synced>,
 }
@@ -1059,7 +1070,7 @@ impl Syncer {
         let syncer = Arc::new(Syncer {
             policy,
             written: AtomicU64::new(0),
-            wanted: Mutex::new((0, false)),
+            wanted: Mutex::new(Wanted::default()),
             wake: Condvar::new(),
             synced: watch::Sender::new(Synced::default()),
         });
@@ -1079,7 +1090,7 @@ impl Syncer {
         syncer
     }
 
-    fn lock(&self) -> MutexGuard<'_, (u64, bool)> {
+    fn lock(&self) -> MutexGuard<'_, Wanted> {
         self.wanted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -1098,15 +1109,19 @@ impl Syncer {
             return Persisted::Done;
         }
         let mut wanted = self.lock();
-        if wanted.0 < n {
-            wanted.0 = n;
-            self.wake.notify_one();
+        if wanted.upto < n {
+            wanted.upto = n;
+            // A busy thread looks at `upto` before it waits again: waking
+            // it would be a system call per write for nothing.
+            if wanted.asleep {
+                self.wake.notify_one();
+            }
         }
         Persisted::Wait(Ticket { n, synced })
     }
 
     fn stop(&self) {
-        self.lock().1 = true;
+        self.lock().stop = true;
         self.wake.notify_one();
     }
 
@@ -1120,7 +1135,10 @@ impl Syncer {
         loop {
             let acks_wait = {
                 let wanted = self.lock();
-                let idle = |w: &mut (u64, bool)| !w.1 && w.0 <= self.synced.borrow().upto;
+                let idle = |w: &mut Wanted| {
+                    w.asleep = !w.stop && w.upto <= self.synced.borrow().upto;
+                    w.asleep
+                };
                 let wanted = if self.policy == SyncPolicy::Interval {
                     let left = next_fsync.saturating_duration_since(std::time::Instant::now());
                     self.wake
@@ -1132,10 +1150,10 @@ impl Syncer {
                         .wait_while(wanted, idle)
                         .unwrap_or_else(|p| p.into_inner())
                 };
-                if wanted.1 {
+                if wanted.stop {
                     return;
                 }
-                wanted.0 > self.synced.borrow().upto
+                wanted.upto > self.synced.borrow().upto
             };
             // Everything numbered so far was inserted before this load.
             let target = self.written.load(Ordering::Acquire);
@@ -1343,9 +1361,16 @@ mod tests {
                 })
             })
             .collect();
-        for w in writers {
-            w.await.expect("writer");
-        }
+        // A ticket whose fsync never comes (a lost wake-up) fails the test
+        // rather than hanging it; a minute is ample on a loaded machine.
+        let all = async {
+            for w in writers {
+                w.await.expect("writer");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("every ticket resolves");
         assert!(store.syncer.synced.borrow().upto >= 64 * 20);
     }
 }
