@@ -1139,7 +1139,7 @@ impl Syncer {
                     w.asleep = !w.stop && w.upto <= self.synced.borrow().upto;
                     w.asleep
                 };
-                let wanted = if self.policy == SyncPolicy::Interval {
+                let mut wanted = if self.policy == SyncPolicy::Interval {
                     let left = next_fsync.saturating_duration_since(std::time::Instant::now());
                     self.wake
                         .wait_timeout_while(wanted, left, idle)
@@ -1150,6 +1150,8 @@ impl Syncer {
                         .wait_while(wanted, idle)
                         .unwrap_or_else(|p| p.into_inner())
                 };
+                // Awake now, also when the interval ended the wait.
+                wanted.asleep = false;
                 if wanted.stop {
                     return;
                 }
