@@ -7,6 +7,7 @@
 //! its responses. At most [`MAX_IN_FLIGHT`] requests wait for answers; past
 //! that, callers wait for room (back-pressure, not unbounded memory).
 
+use crate::pending::Pending;
 use futures::{SinkExt, StreamExt};
 use kv_wire::message::{Hello, Welcome};
 use kv_wire::{
@@ -18,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, Semaphore, TryAcquireError};
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -123,8 +126,6 @@ impl ConnectionError {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>>>;
-
 /// Whether a connection has broken: a flag for the per-call check (a
 /// `CancellationToken` takes a lock to answer) and a token to wake the
 /// reader and writer tasks.
@@ -151,7 +152,7 @@ pub struct Connection {
     addr: String,
     welcome: Welcome,
     calls: mpsc::Sender<(u64, Request)>,
-    pending: Pending,
+    pending: Arc<Pending>,
     room: Arc<Semaphore>,
     next_id: AtomicU64,
     closed: Arc<Closed>,
@@ -228,7 +229,7 @@ impl Connection {
                 })??;
 
         let (calls, queue) = mpsc::channel(1024);
-        let pending: Pending = Arc::default();
+        let pending = Arc::new(Pending::default());
         let closed = Arc::new(Closed::default());
         tokio::spawn(write_loop(
             writer,
@@ -286,39 +287,52 @@ impl Connection {
             addr: self.addr.clone(),
             reason: "connection closed".into(),
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let exchange = async {
-            let _room = self.room.acquire().await.map_err(|_| lost())?;
-            let (tx, rx) = oneshot::channel();
-            self.lock_pending().insert(id, tx);
-            if self.is_closed() || self.calls.send((id, body)).await.is_err() {
-                self.lock_pending().remove(&id);
-                return Err(lost());
-            }
-            rx.await.map_err(|_| lost())?
+        let timed_out = || ConnectionError::Timeout {
+            addr: self.addr.clone(),
+            after: timeout,
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.lock_pending().remove(&id);
-                Err(ConnectionError::Timeout {
-                    addr: self.addr.clone(),
-                    after: timeout,
-                })
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        // Room and queue space are there at once unless thousands of calls
+        // wait: only then does a timer of its own bound the wait. Once
+        // registered, the call is timed out by the reader's sweep.
+        let _room = match self.room.try_acquire() {
+            Ok(room) => room,
+            Err(TryAcquireError::Closed) => return Err(lost()),
+            Err(TryAcquireError::NoPermits) => {
+                tokio::time::timeout_at(deadline, self.room.acquire())
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|_| lost())?
             }
+        };
+        let answer = self.pending.register(id, deadline, timeout);
+        // Checked once registered: a connection that closes from now on
+        // fails the call.
+        let sent = if self.is_closed() {
+            Err(lost())
+        } else {
+            match self.calls.try_send((id, body)) {
+                Ok(()) => Ok(()),
+                Err(TrySendError::Closed(_)) => Err(lost()),
+                Err(TrySendError::Full(call)) => {
+                    match tokio::time::timeout_at(deadline, self.calls.send(call)).await {
+                        Ok(sent) => sent.map_err(|_| lost()),
+                        Err(_) => Err(timed_out()),
+                    }
+                }
+            }
+        };
+        if let Err(e) = sent {
+            self.pending.forget(id);
+            return Err(e);
         }
+        answer.await.map_err(|_| lost())?
     }
 
     /// Closes the connection; calls in flight fail.
     pub fn close(&self) {
         self.closed.close();
-    }
-
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Response, ConnectionError>>>>
-    {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -352,7 +366,7 @@ type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec<ServerFrame,
 async fn write_loop(
     mut writer: Writer,
     mut queue: mpsc::Receiver<(u64, Request)>,
-    pending: Pending,
+    pending: Arc<Pending>,
     closed: Arc<Closed>,
     addr: String,
 ) {
@@ -378,33 +392,39 @@ async fn write_loop(
         }
     }
     .await;
-    fail_all(
-        &pending,
-        &addr,
-        result.err().map_or("closed".into(), |e| e.to_string()),
-    );
+    let reason = result.err().map_or("closed".into(), |e| e.to_string());
+    pending.fail_all(&addr, &reason);
     closed.close();
 }
 
-async fn read_loop(mut reader: Reader, pending: Pending, closed: Arc<Closed>, addr: String) {
+/// Reads the answers and passes each to its call; times out the calls
+/// that wait too long (see `pending`).
+async fn read_loop(mut reader: Reader, pending: Arc<Pending>, closed: Arc<Closed>, addr: String) {
     // One wait for closing, not one per frame (each takes a lock).
     let cancelled = closed.token.cancelled();
     tokio::pin!(cancelled);
+    let rearm = pending.rearm.notified();
+    tokio::pin!(rearm);
+    // Armed only while calls wait; reset, not made anew, when it moves.
+    let sweep = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(sweep);
+    let mut armed = false;
     let reason = loop {
         let frame = tokio::select! {
             frame = reader.next() => frame,
             () = &mut cancelled => break "closed".to_string(),
+            () = &mut rearm => {
+                rearm.set(pending.rearm.notified());
+                armed = arm(sweep.as_mut(), pending.next_sweep());
+                continue;
+            }
+            () = &mut sweep, if armed => {
+                armed = arm(sweep.as_mut(), pending.sweep(Instant::now(), &addr));
+                continue;
+            }
         };
         match frame {
-            Some(Ok(ServerFrame::Response { id, body })) => {
-                let waiter = pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(Ok(body));
-                }
-            }
+            Some(Ok(ServerFrame::Response { id, body })) => pending.answer(id, body),
             Some(Ok(ServerFrame::Refused(r))) => break format!("refused: {}", r.reason),
             Some(Ok(other)) => break format!("unexpected frame {other:?}"),
             Some(Err(e)) => break e.to_string(),
@@ -412,20 +432,19 @@ async fn read_loop(mut reader: Reader, pending: Pending, closed: Arc<Closed>, ad
         }
     };
     closed.close();
-    fail_all(&pending, &addr, reason);
+    pending.fail_all(&addr, &reason);
 }
 
-fn fail_all(pending: &Pending, addr: &str, reason: String) {
-    let waiters: Vec<_> = pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
-    for (_, waiter) in waiters {
-        let _ = waiter.send(Err(ConnectionError::Lost {
-            addr: addr.to_string(),
-            reason: reason.clone(),
-        }));
+/// Sets the sweep for `at`, if any; whether it is armed.
+fn arm(sweep: std::pin::Pin<&mut tokio::time::Sleep>, at: Option<Instant>) -> bool {
+    match at {
+        Some(at) => {
+            if sweep.deadline() != at {
+                sweep.reset(at);
+            }
+            true
+        }
+        None => false,
     }
 }
 
@@ -532,5 +551,120 @@ impl Pool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pooled>> {
         self.connections.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kv_wire::message::Consistency;
+    use tokio::net::TcpListener;
+
+    /// A server that welcomes one connection and answers the reads of key
+    /// "answer", leaving every other request unanswered.
+    async fn choosy_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, write) = stream.into_split();
+            let mut reader =
+                FramedRead::new(read, FrameCodec::<ClientFrame, ServerFrame>::default());
+            let mut writer =
+                FramedWrite::new(write, FrameCodec::<ClientFrame, ServerFrame>::default());
+            while let Some(Ok(frame)) = reader.next().await {
+                let answer = match frame {
+                    ClientFrame::Hello(hello) => ServerFrame::Welcome(hello.welcome("w1", 1, None)),
+                    ClientFrame::Request {
+                        id,
+                        body: Request::Get { key, .. },
+                    } if key == "answer" => ServerFrame::Response {
+                        id,
+                        body: Response::Value(None),
+                    },
+                    _ => continue,
+                };
+                writer.send(answer).await.unwrap();
+            }
+        });
+        addr
+    }
+
+    fn get(key: &str) -> Request {
+        Request::Get {
+            key: key.into(),
+            consistency: Consistency::Local,
+        }
+    }
+
+    /// A call's outcome and how long it took; a call that never ends fails
+    /// the test instead of hanging it.
+    async fn timed(
+        conn: &Connection,
+        key: &str,
+        timeout: Duration,
+    ) -> (Result<Response, ConnectionError>, Duration) {
+        let start = Instant::now();
+        let call = conn.call_within(get(key), timeout);
+        let outcome = tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .expect("the call ended");
+        (outcome, start.elapsed())
+    }
+
+    #[tokio::test]
+    async fn unanswered_calls_time_out_and_answered_ones_do_not() {
+        let addr = choosy_server().await;
+        let credentials = Credentials::new("kv", "test");
+        let conn = Connection::connect(&addr, &credentials, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (answered, _) = timed(&conn, "answer", Duration::from_millis(300)).await;
+        assert!(
+            matches!(answered, Ok(Response::Value(None))),
+            "{answered:?}"
+        );
+        // From idle: the first call arms the sweep.
+        let (silent, took) = timed(&conn, "silent", Duration::from_millis(300)).await;
+        assert!(
+            matches!(silent, Err(ConnectionError::Timeout { after, .. }) if after == Duration::from_millis(300)),
+            "{silent:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(300),
+            "timed out early: {took:?}"
+        );
+        // Idle again, and again.
+        let (answered, _) = timed(&conn, "answer", Duration::from_millis(300)).await;
+        assert!(answered.is_ok(), "{answered:?}");
+        let (silent, _) = timed(&conn, "silent", Duration::from_millis(100)).await;
+        assert!(
+            matches!(silent, Err(ConnectionError::Timeout { .. })),
+            "{silent:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_short_timeout_is_not_held_up_by_a_long_one_before_it() {
+        let addr = choosy_server().await;
+        let credentials = Credentials::new("kv", "test");
+        let conn = Connection::connect(&addr, &credentials, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let long = conn.call_within(get("silent"), Duration::from_secs(20));
+        let short = timed(&conn, "silent", Duration::from_millis(100));
+        tokio::pin!(long);
+        // The long call is registered (and the sweep armed for it) first.
+        assert!(futures::FutureExt::now_or_never(long.as_mut()).is_none());
+        let (short, took) = short.await;
+        assert!(
+            matches!(short, Err(ConnectionError::Timeout { .. })),
+            "{short:?}"
+        );
+        assert!(
+            took < Duration::from_secs(20),
+            "waited for the long call: {took:?}"
+        );
+        assert!(futures::FutureExt::now_or_never(long.as_mut()).is_none());
     }
 }

@@ -6,11 +6,15 @@
 //!   topology changes and failures;
 //! - [`connection`]: one pipelined wire-protocol connection — many requests
 //!   in flight, answered in any order — and a [`Pool`] of them by address;
-//! - [`http`]: JSON over HTTP for the admin APIs.
+//! - [`http`]: JSON over HTTP for the admin APIs;
+//! - [`timers`]: coarse timers for the timeouts nearly every call arms and
+//!   nearly always cancels.
 
 pub mod client;
 pub mod connection;
 pub mod http;
+mod pending;
+pub mod timers;
 
 pub use client::{Client, ClientError};
 pub use connection::{Connection, ConnectionError, Credentials, Pool};

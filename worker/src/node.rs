@@ -9,6 +9,7 @@ use crate::topology::{Topologies, View};
 use crate::transport::{Transport, Wall};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use kv_client::timers::Timers;
 use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::{Clock, Entry, Member, Request, Response, Version, READ_QUORUM, WRITE_QUORUM};
 use std::future::Future;
@@ -18,6 +19,7 @@ use std::task::Poll;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{oneshot, Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How often a write is reissued with a newer version when a replica holds
@@ -216,6 +218,9 @@ pub struct Node {
     pub progress: crate::progress::Progress,
     /// Turns to coordinate keys ([`MAX_COORDINATING`]).
     turns: Semaphore,
+    /// The waits nearly every request arms and nearly always cancels (a
+    /// read's hedge, a write's deadline), on coarse timers.
+    timers: Timers,
 }
 
 impl Node {
@@ -251,6 +256,7 @@ impl Node {
             leaving,
             progress: crate::progress::Progress::default(),
             turns: Semaphore::new(MAX_COORDINATING),
+            timers: Timers::new(),
         }
     }
 
@@ -426,13 +432,13 @@ impl Node {
         self.validate(key, value.as_ref())?;
         let view = self.view().await;
         let replicas = self.replicas_if_primary(&view, key)?;
-        let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
+        let deadline = Instant::now() + self.limits.write_timeout;
         for _ in 0..MAX_WRITE_ATTEMPTS {
             let (version, acks) = self.issue(&view, key, &value, &replicas).await?;
             // The local copy counts once it is durable; its fsync (if any)
             // runs while the replicas answer.
             let local = self.store.persisted();
-            match tokio::time::timeout_at(deadline, quorum(acks)).await {
+            match self.timers.timeout_at(deadline, quorum(acks)).await {
                 Ok(Quorum::Reached(copies)) => {
                     local.wait().await.map_err(OpError::storage)?;
                     return Ok(Written {
@@ -558,7 +564,7 @@ impl Node {
             Err(e) => return items.iter().map(|_| Err(e.to_failure())).collect(),
         };
         let view = self.view().await;
-        let deadline = tokio::time::Instant::now() + self.limits.write_timeout;
+        let deadline = Instant::now() + self.limits.write_timeout;
         let mut results: Vec<Option<Result<Version, Failure>>> = vec![None; items.len()];
         // Versioned and stored here as one write, then queued for the
         // replicas.
@@ -607,25 +613,23 @@ impl Node {
         // One wait (one fsync, with `--sync always`) for every local copy.
         let local = self.store.persisted();
         for (i, (version, acks)) in issued {
-            results[i] = Some(
-                match tokio::time::timeout_at(deadline, quorum(acks)).await {
-                    Ok(Quorum::Reached(_)) => Ok(version),
-                    // A newer version on a replica: reissue this one alone.
-                    Ok(Quorum::Stale(held)) => {
-                        self.clock.observe(held);
-                        let (key, value) = &items[i];
-                        self.coordinate_in_turn(key, Some(value.clone()))
-                            .await
-                            .map(|w| w.version)
-                            .map_err(|e| e.to_failure())
-                    }
-                    Ok(Quorum::Failed) | Err(_) => Err(OpError::WriteQuorum {
-                        acks: 1,
-                        needed: WRITE_QUORUM,
-                    }
-                    .to_failure()),
-                },
-            );
+            results[i] = Some(match self.timers.timeout_at(deadline, quorum(acks)).await {
+                Ok(Quorum::Reached(_)) => Ok(version),
+                // A newer version on a replica: reissue this one alone.
+                Ok(Quorum::Stale(held)) => {
+                    self.clock.observe(held);
+                    let (key, value) = &items[i];
+                    self.coordinate_in_turn(key, Some(value.clone()))
+                        .await
+                        .map(|w| w.version)
+                        .map_err(|e| e.to_failure())
+                }
+                Ok(Quorum::Failed) | Err(_) => Err(OpError::WriteQuorum {
+                    acks: 1,
+                    needed: WRITE_QUORUM,
+                }
+                .to_failure()),
+            });
         }
         let durable = local.wait().await.map_err(OpError::storage);
         results
@@ -667,27 +671,28 @@ impl Node {
         };
         let needed = READ_QUORUM.min(owners.len());
         let (mut read, first) = ReadQuorum::new(&self.id, owners, previous, needed);
+        // The read's deadline bounds every ask (each is given the time
+        // left), so it needs no timer of its own; the hedge is one coarse
+        // wait, made once for the read.
+        let deadline = Instant::now() + self.limits.read_timeout;
         let mut asks: FuturesUnordered<_> = first
             .into_iter()
-            .map(|(asked, m)| self.read_copy_of(asked, m, key))
+            .map(|(asked, m)| self.read_copy_of(asked, m, key, deadline))
             .collect();
-        // Both timers made once for the read, not once per answer.
-        let deadline = tokio::time::sleep(self.limits.read_timeout);
-        let hedge = tokio::time::sleep(READ_HEDGE);
-        tokio::pin!(deadline, hedge);
+        let hedge = self.timers.sleep(READ_HEDGE);
+        tokio::pin!(hedge);
         while !read.done() {
             let next = tokio::select! {
                 next = asks.next() => next,
                 () = &mut hedge, if read.has_spares() => {
                     let rest = read.hedge();
-                    asks.extend(rest.into_iter().map(|m| self.read_copy_of(Asked::Owner, m, key)));
+                    asks.extend(rest.into_iter().map(|m| self.read_copy_of(Asked::Owner, m, key, deadline)));
                     continue;
                 }
-                () = &mut deadline => break,
             };
             let Some((asked, copy)) = next else { break };
             let instead = read.answer(asked, copy.ok());
-            asks.extend(instead.map(|m| self.read_copy_of(Asked::Owner, m, key)));
+            asks.extend(instead.map(|m| self.read_copy_of(Asked::Owner, m, key, deadline)));
         }
         match read.finish() {
             Ok(None) => match current.owners_down(key) {
@@ -700,17 +705,24 @@ impl Node {
         }
     }
 
-    /// [`Node::read_copy`], tagged with whom it asked.
+    /// [`Node::read_copy`] by `deadline`, tagged with whom it asked.
     async fn read_copy_of(
         &self,
         asked: Asked,
         member: &Member,
         key: &str,
+        deadline: Instant,
     ) -> (Asked, Result<Option<Stored>, OpError>) {
-        (asked, self.read_copy(member, key).await)
+        let left = deadline.saturating_duration_since(Instant::now());
+        (asked, self.read_copy(member, key, left).await)
     }
 
-    async fn read_copy(&self, member: &Member, key: &str) -> Result<Option<Stored>, OpError> {
+    async fn read_copy(
+        &self,
+        member: &Member,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<Stored>, OpError> {
         if member.id == self.id {
             return Ok(self.store.get(key));
         }
@@ -718,7 +730,7 @@ impl Node {
             key: key.to_string(),
             consistency: Consistency::Local,
         };
-        match self.ask(member, request, self.limits.read_timeout).await? {
+        match self.ask(member, request, timeout).await? {
             Response::Value(entry) => Ok(entry.map(|e| Stored {
                 version: e.version,
                 value: e.value,
