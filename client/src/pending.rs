@@ -2,12 +2,12 @@
 //! deadline.
 //!
 //! A call's timeout is kept beside it rather than armed as a timer of its
-//! own: nearly every call is answered in time, and a timer armed and
-//! cancelled per call was a tenth of a worker's CPU per quorum read (three
-//! per read, with the read's own deadline and hedge). Instead the
-//! connection's reader sweeps out the overdue calls on one timer, armed for
-//! the earliest deadline that may be due: a timer per timeout's length
-//! while calls flow, none while the connection is idle.
+//! own: nearly every call is answered in time, and a quorum read armed and
+//! cancelled three tokio timers (its ask's timeout, its own deadline, its
+//! hedge); a build without them spent 0.93x the servers' CPU per read.
+//! Instead the connection's reader sweeps out the overdue calls on one
+//! timer, armed for the earliest deadline that may be due: a timer per
+//! timeout's length while calls flow, none while the connection is idle.
 
 use crate::connection::ConnectionError;
 use kv_wire::Response;
