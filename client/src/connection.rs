@@ -5,7 +5,9 @@
 //! responses to callers by request id. Reading and writing never wait on
 //! each other, so a peer that is slow to read cannot stop us from draining
 //! its responses. At most [`MAX_IN_FLIGHT`] requests wait for answers; past
-//! that, callers wait for room (back-pressure, not unbounded memory).
+//! that, callers wait for room (back-pressure, not unbounded memory). A
+//! call's deadline waits beside it, and the reader times out the overdue
+//! calls on one timer (see `pending`), not a timer per call.
 
 use crate::pending::Pending;
 use futures::{SinkExt, StreamExt};
