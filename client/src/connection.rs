@@ -562,6 +562,16 @@ mod tests {
     use kv_wire::message::Consistency;
     use tokio::net::TcpListener;
 
+    /// A connection to a server that answers the reads of key "answer"
+    /// and leaves every other request unanswered.
+    async fn connected_to_a_choosy_server() -> Connection {
+        let addr = choosy_server().await;
+        let credentials = Credentials::new("kv", "test");
+        Connection::connect(&addr, &credentials, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
     /// A server that welcomes one connection and answers the reads of key
     /// "answer", leaving every other request unanswered.
     async fn choosy_server() -> String {
@@ -616,11 +626,7 @@ mod tests {
 
     #[tokio::test]
     async fn unanswered_calls_time_out_and_answered_ones_do_not() {
-        let addr = choosy_server().await;
-        let credentials = Credentials::new("kv", "test");
-        let conn = Connection::connect(&addr, &credentials, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let conn = connected_to_a_choosy_server().await;
         let (answered, _) = timed(&conn, "answer", Duration::from_millis(300)).await;
         assert!(
             matches!(answered, Ok(Response::Value(None))),
@@ -648,11 +654,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_timeout_is_not_held_up_by_a_long_one_before_it() {
-        let addr = choosy_server().await;
-        let credentials = Credentials::new("kv", "test");
-        let conn = Connection::connect(&addr, &credentials, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let conn = connected_to_a_choosy_server().await;
         let long = conn.call_within(get("silent"), Duration::from_secs(20));
         let short = timed(&conn, "silent", Duration::from_millis(100));
         tokio::pin!(long);
