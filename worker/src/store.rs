@@ -258,6 +258,11 @@ impl BucketDigests {
         self.change(hash, version, 1);
     }
 
+    /// Loads bucket `b`'s digest into the cache (see [`MemStore::apply_many`]).
+    pub(crate) fn touch(&self, b: usize) {
+        std::hint::black_box(self.buckets[b][0].load(Ordering::Relaxed));
+    }
+
     /// Counts a copy out. The caller holds its bucket's write lock.
     pub(crate) fn remove(&self, hash: u64, version: Version) {
         self.change(hash, version, u64::MAX);
@@ -477,8 +482,27 @@ impl MemStore {
 
     /// [`Store::apply`] on a borrowed copy.
     fn put(&self, key: &str, copy: &Stored) -> Result<Applied, StoreError> {
+        self.put_at(key, copy, self.place(key))
+    }
+
+    /// Loads the cache lines a put at `hash` takes its locks and counts
+    /// in (its bucket's lock, its bucket's digest), without locking: a
+    /// load that misses does not wait for the loads before it, where a
+    /// put's locked instructions wait for every miss before them.
+    fn touch(&self, hash: u64) {
+        let b = bucket_of(hash);
+        std::hint::black_box(self.buckets[b].is_poisoned());
+        self.digests.touch(b);
+    }
+
+    /// [`MemStore::put`] of a key already placed.
+    fn put_at(
+        &self,
+        key: &str,
+        copy: &Stored,
+        (hash, slot): (u64, Slot),
+    ) -> Result<Applied, StoreError> {
         storable(key)?;
-        let (hash, slot) = self.place(key);
         let mut bucket = self.write(bucket_of(hash));
         Ok(match bucket.find_mut(slot.hash(), is(key)) {
             Some(held) if held.version > copy.version => Applied::Older { held: held.version },
@@ -529,12 +553,23 @@ impl Store for MemStore {
     }
 
     /// Copies a peer sent are borrowed, not cloned: a clone of a value
-    /// fresh from a frame allocates (its bytes become shared).
+    /// fresh from a frame allocates (its bytes become shared). A chunk's
+    /// lock and digest lines are loaded together before its puts, so
+    /// their misses overlap instead of each waiting in turn.
     fn apply_many(&self, copies: &[(String, Stored)]) -> Vec<Result<Applied, StoreError>> {
-        copies
-            .iter()
-            .map(|(key, copy)| self.put(key, copy))
-            .collect()
+        const CHUNK: usize = 32;
+        let mut outcomes = Vec::with_capacity(copies.len());
+        for chunk in copies.chunks(CHUNK) {
+            let mut places = [(0, Slot(0)); CHUNK];
+            for (place, (key, _)) in places.iter_mut().zip(chunk) {
+                *place = self.place(key);
+                self.touch(place.0);
+            }
+            for ((key, copy), place) in chunk.iter().zip(places) {
+                outcomes.push(self.put_at(key, copy, place));
+            }
+        }
+        outcomes
     }
 
     fn persisted(&self) -> Persisted {
