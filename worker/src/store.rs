@@ -488,7 +488,9 @@ impl MemStore {
     /// Loads the cache lines a put at `hash` takes its locks and counts
     /// in (its bucket's lock, its bucket's digest), without locking: a
     /// load that misses does not wait for the loads before it, where a
-    /// put's locked instructions wait for every miss before them.
+    /// put's locked instructions wait for every miss before them. The
+    /// lock's poison flag shares the lock's line, and reading it is a
+    /// plain load (a prefetch instruction would need `unsafe`).
     fn touch(&self, hash: u64) {
         let b = bucket_of(hash);
         std::hint::black_box(self.buckets[b].is_poisoned());
