@@ -1,6 +1,6 @@
 //! Timers of coarse precision, for the waits that nearly every request arms
-//! and nearly always cancels: a call's timeout, a quorum's deadline, a
-//! read's hedge.
+//! and nearly always cancels: a read's hedge, a write's deadline. (A call's
+//! timeout needs no timer at all: see `pending`.)
 //!
 //! Why not tokio's own: arming a tokio timer due before the time the
 //! runtime last went to sleep for wakes the runtime's driver with a system
@@ -8,7 +8,8 @@
 //! thread and not asleep at all (tokio-rs/tokio#5207). Under kv's 90% read
 //! load that was 0.77 eventfd writes per operation across the workers, and
 //! a build with no timers on the read path did 1.08x the operations at
-//! 0.93x the CPU per operation.
+//! 0.93x the CPU per operation. Arming and cancelling a tokio timer took
+//! 265 ns here, a wait on these 120 ns.
 //!
 //! Here a wait joins the slot of its deadline rounded up to a [`TICK`], one
 //! [`Notify`] per slot, and one task per [`Timers`] sleeps on a tokio timer
