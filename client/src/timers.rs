@@ -102,15 +102,6 @@ impl Timers {
             () = elapsed => Err(Elapsed),
         }
     }
-
-    /// [`Timers::timeout_at`] `after` from now.
-    pub async fn timeout<F: Future>(
-        &self,
-        after: Duration,
-        future: F,
-    ) -> Result<F::Output, Elapsed> {
-        self.timeout_at(Instant::now() + after, future).await
-    }
 }
 
 impl Shared {
@@ -255,13 +246,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_timeout_passes_on_what_comes_in_time_and_elapses_otherwise() {
         let timers = Timers::new();
-        let quick = timers.timeout(Duration::from_millis(100), async {
+        let quick = timers.timeout_at(Instant::now() + Duration::from_millis(100), async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             7
         });
         assert_eq!(quick.await, Ok(7));
         let start = Instant::now();
-        let slow = timers.timeout(Duration::from_millis(100), std::future::pending::<()>());
+        let slow = timers.timeout_at(
+            start + Duration::from_millis(100),
+            std::future::pending::<()>(),
+        );
         assert_eq!(slow.await, Err(Elapsed));
         assert!(late_by(start, Duration::from_millis(100)) <= TICK);
     }
