@@ -506,14 +506,7 @@ impl Node {
         entry: Entry,
         replicas: &[&Member],
     ) -> Vec<oneshot::Receiver<ReplicaAck>> {
-        let settled = self.topologies.settled();
-        if !Arc::ptr_eq(&settled, view) {
-            for owner in settled.owners(&entry.key) {
-                if owner.id != self.id && !replicas.iter().any(|r| r.id == owner.id) {
-                    self.replicator.hint(owner, entry.clone());
-                }
-            }
-        }
+        self.hint_settled(view, &entry, replicas);
         let mut acks = Vec::with_capacity(replicas.len());
         if let Some((last, others)) = replicas.split_last() {
             for replica in others {
@@ -522,6 +515,19 @@ impl Node {
             acks.push(self.replicator.send(last, entry).await);
         }
         acks
+    }
+
+    /// While the topology is moving, hints of a copy for the owners of the
+    /// settled view that `view` (whose replicas are `replicas`) leaves out.
+    fn hint_settled(&self, view: &Arc<View>, entry: &Entry, replicas: &[&Member]) {
+        let settled = self.topologies.settled();
+        if !Arc::ptr_eq(&settled, view) {
+            for owner in settled.owners(&entry.key) {
+                if owner.id != self.id && !replicas.iter().any(|r| r.id == owner.id) {
+                    self.replicator.hint(owner, entry.clone());
+                }
+            }
+        }
     }
 
     /// A version of this worker's clock above `held`.
@@ -585,7 +591,11 @@ impl Node {
             }
         }
         let stored = self.store.apply_many(&copies);
-        let mut issued = Vec::with_capacity(accepted.len());
+        // The writes stored here (their place in the batch, version and
+        // quorum), and the copies for each replica.
+        let mut issued: Vec<(usize, Version)> = Vec::with_capacity(accepted.len());
+        let mut quorums = Vec::with_capacity(accepted.len());
+        let mut shares = Shares::default();
         for (((i, replicas), (key, copy)), outcome) in accepted.into_iter().zip(copies).zip(stored)
         {
             // A newer copy held here: stored again, above it.
@@ -607,16 +617,31 @@ impl Node {
                 version,
                 value: copy.value,
             };
-            let acks = self.send_copies(&view, entry, &replicas).await;
-            issued.push((i, (version, acks)));
+            self.hint_settled(&view, &entry, &replicas);
+            shares.add(issued.len(), entry, &replicas);
+            issued.push((i, version));
+            quorums.push(WriteQuorum::new(replicas.len()));
+        }
+        // One queueing per replica for the whole batch, not one per copy.
+        let mut answers = Vec::new();
+        for share in shares.0 {
+            let sent = self.replicator.send_many(share.replica, share.entries);
+            for (range, answer) in sent.await {
+                answers.push((answer, share.places[range].to_vec()));
+            }
         }
         // One wait (one fsync, with `--sync always`) for every local copy.
         let local = self.store.persisted();
-        for (i, (version, acks)) in issued {
-            results[i] = Some(match self.timers.timeout_at(deadline, quorum(acks)).await {
-                Ok(Quorum::Reached(_)) => Ok(version),
+        // Past the deadline, the writes not decided fail below.
+        let _ = self
+            .timers
+            .timeout_at(deadline, batch_quorum(&mut quorums, answers))
+            .await;
+        for ((i, version), quorum) in issued.into_iter().zip(quorums) {
+            results[i] = Some(match quorum.outcome() {
+                Some(Quorum::Reached(_)) => Ok(version),
                 // A newer version on a replica: reissue this one alone.
-                Ok(Quorum::Stale(held)) => {
+                Some(Quorum::Stale(held)) => {
                     self.clock.observe(held);
                     let (key, value) = &items[i];
                     self.coordinate_in_turn(key, Some(value.clone()))
@@ -624,7 +649,7 @@ impl Node {
                         .map(|w| w.version)
                         .map_err(|e| e.to_failure())
                 }
-                Ok(Quorum::Failed) | Err(_) => Err(OpError::WriteQuorum {
+                Some(Quorum::Failed) | None => Err(OpError::WriteQuorum {
                     acks: 1,
                     needed: WRITE_QUORUM,
                 }
@@ -876,6 +901,89 @@ async fn quorum(acks: Vec<oneshot::Receiver<ReplicaAck>>) -> Quorum {
         }
         match waiting.iter().all(Option::is_none) {
             true => Poll::Ready(Quorum::Failed),
+            false => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Where a copy of a batch belongs: its write (the place among the
+/// batch's writes) and its replica's rank among that write's replicas
+/// (0: the first).
+type Place = (usize, usize);
+
+/// A batch of writes' copies for one replica, each with its place.
+struct Share<'m> {
+    replica: &'m Member,
+    entries: Vec<Entry>,
+    places: Vec<Place>,
+}
+
+/// A batch of writes' copies, per replica.
+#[derive(Default)]
+struct Shares<'m>(Vec<Share<'m>>);
+
+impl<'m> Shares<'m> {
+    /// Write `write`'s copy, `entry`, for each of its `replicas`.
+    fn add(&mut self, write: usize, entry: Entry, replicas: &[&'m Member]) {
+        let mut entry = Some(entry);
+        for (rank, &replica) in replicas.iter().enumerate() {
+            // The last replica takes the entry, the others a clone.
+            let copy = match rank + 1 == replicas.len() {
+                true => entry.take(),
+                false => entry.clone(),
+            };
+            let Some(copy) = copy else { continue };
+            let at = match self.0.iter().position(|s| s.replica.id == replica.id) {
+                Some(at) => at,
+                None => {
+                    self.0.push(Share {
+                        replica,
+                        entries: Vec::new(),
+                        places: Vec::new(),
+                    });
+                    self.0.len() - 1
+                }
+            };
+            self.0[at].entries.push(copy);
+            self.0[at].places.push((write, rank));
+        }
+    }
+}
+
+/// [`quorum`] for a batch: feeds each answer (one per copy) to the
+/// place it is for, until every write is decided or every answer
+/// is in. An answer lost (a link stopped) fails its copies.
+async fn batch_quorum(
+    quorums: &mut [WriteQuorum],
+    answers: Vec<(oneshot::Receiver<Vec<ReplicaAck>>, Vec<Place>)>,
+) {
+    let mut undecided = quorums.len();
+    let mut waiting: Vec<_> = answers.into_iter().map(Some).collect();
+    // Polled in place, as in `quorum`.
+    std::future::poll_fn(|cx| {
+        for slot in &mut waiting {
+            let Some((answer, places)) = slot else {
+                continue;
+            };
+            let Poll::Ready(acks) = Pin::new(answer).poll(cx) else {
+                continue;
+            };
+            let mut acks = acks.unwrap_or_default().into_iter();
+            for &(write, rank) in places.iter() {
+                let ack = acks
+                    .next()
+                    .unwrap_or_else(|| ReplicaAck::Failed("link stopped".into()));
+                let quorum = &mut quorums[write];
+                let was = quorum.outcome().is_some();
+                if quorum.answer(rank, ack).is_some() && !was {
+                    undecided -= 1;
+                }
+            }
+            *slot = None;
+        }
+        match undecided == 0 || waiting.iter().all(Option::is_none) {
+            true => Poll::Ready(()),
             false => Poll::Pending,
         }
     })

@@ -15,6 +15,7 @@ use crate::transport::Transport;
 use kv_service::Backoff;
 use kv_wire::{Entry, Member, Request, Response, Version};
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,9 +25,13 @@ use tracing::{debug, warn};
 
 /// Bytes of copies queued per peer before writers wait.
 const LINK_BUDGET: usize = 64 * 1024 * 1024;
-/// Most entries in one `Replicate` frame.
+/// Entries in one `Replicate` frame, at least: a batch takes whole items
+/// until it holds this many entries or [`MAX_BATCH_BYTES`], so it passes
+/// them by less than one item, and an item holds at most that much
+/// (a bulk write's share is cut to fit).
 const MAX_BATCH_ENTRIES: usize = 1024;
-/// Most bytes in one `Replicate` frame (well under the frame limit).
+/// Bytes in one `Replicate` frame, at least (twice this, at most, stays
+/// well under the frame limit).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Bookkeeping counted per queued copy, besides its key and value.
 const ITEM_OVERHEAD: usize = 32;
@@ -44,20 +49,83 @@ pub enum ReplicaAck {
     Failed(String),
 }
 
+/// Copies queued together for one peer: one, or a bulk write's share
+/// (they go in the same batch, and are answered together).
 struct Item {
-    entry: Entry,
-    reply: Option<oneshot::Sender<ReplicaAck>>,
+    copies: Copies,
+    reply: Reply,
     budget: OwnedSemaphorePermit,
 }
 
-impl Item {
-    fn size(&self) -> usize {
-        self.entry.size() + ITEM_OVERHEAD
+enum Copies {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+impl Copies {
+    fn entries(&self) -> &[Entry] {
+        match self {
+            Copies::One(entry) => std::slice::from_ref(entry),
+            Copies::Many(entries) => entries,
+        }
     }
 
-    fn answer(&mut self, ack: ReplicaAck) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(ack);
+    /// What a link counts of these copies against its budget and batches.
+    fn size(&self) -> usize {
+        self.entries()
+            .iter()
+            .map(|e| e.size() + ITEM_OVERHEAD)
+            .sum()
+    }
+}
+
+/// Who hears how an item's first attempt went.
+enum Reply {
+    /// Nobody: a hint, or an item already answered.
+    None,
+    One(oneshot::Sender<ReplicaAck>),
+    /// One answer per copy, in order.
+    Many(oneshot::Sender<Vec<ReplicaAck>>),
+}
+
+impl Reply {
+    /// Answers with `acks`, one per copy in order; later answers go nowhere.
+    fn send(&mut self, mut acks: impl Iterator<Item = ReplicaAck>) {
+        match std::mem::replace(self, Reply::None) {
+            Reply::None => {}
+            Reply::One(reply) => {
+                if let Some(ack) = acks.next() {
+                    let _ = reply.send(ack);
+                }
+            }
+            Reply::Many(reply) => {
+                let _ = reply.send(acks.collect());
+            }
+        }
+    }
+}
+
+impl Item {
+    fn entries(&self) -> &[Entry] {
+        self.copies.entries()
+    }
+
+    /// Answers every copy with `ack`.
+    fn answer_all(&mut self, ack: ReplicaAck) {
+        let n = self.entries().len();
+        self.reply.send(std::iter::repeat_n(ack, n));
+    }
+
+    /// Keeps the copies that `keep` says still belong on the peer; whether
+    /// any is left. Only for an answered item, whose answer no longer
+    /// depends on which copies it holds.
+    fn retain(&mut self, mut keep: impl FnMut(&Entry) -> bool) -> bool {
+        match &mut self.copies {
+            Copies::One(entry) => keep(entry),
+            Copies::Many(entries) => {
+                entries.retain(|e| keep(e));
+                !entries.is_empty()
+            }
         }
     }
 }
@@ -112,13 +180,51 @@ impl Replicator {
     /// its other replica; anti-entropy brings the peer what it missed.
     pub async fn send(&self, peer: &Member, entry: Entry) -> oneshot::Receiver<ReplicaAck> {
         let (tx, rx) = oneshot::channel();
+        self.queue(peer, Copies::One(entry), Reply::One(tx)).await;
+        rx
+    }
+
+    /// [`Replicator::send`] for many copies at once (a bulk write's share
+    /// for this peer), queued as items of at most a batch each: one budget
+    /// wait, one queueing and one answer per batch rather than per copy.
+    /// Each receiver hears the outcomes of the copies in its range of
+    /// `entries`, one per copy, in order.
+    pub async fn send_many(
+        &self,
+        peer: &Member,
+        mut entries: Vec<Entry>,
+    ) -> Vec<(Range<usize>, oneshot::Receiver<Vec<ReplicaAck>>)> {
+        let mut receivers = Vec::new();
+        let mut start = 0;
+        while !entries.is_empty() {
+            let mut bytes = 0;
+            let take = entries
+                .iter()
+                .take(MAX_BATCH_ENTRIES)
+                .take_while(|e| {
+                    let fits = bytes < MAX_BATCH_BYTES;
+                    bytes += e.size() + ITEM_OVERHEAD;
+                    fits
+                })
+                .count();
+            let rest = entries.split_off(take);
+            let (tx, rx) = oneshot::channel();
+            self.queue(peer, Copies::Many(entries), Reply::Many(tx))
+                .await;
+            receivers.push((start..start + take, rx));
+            start += take;
+            entries = rest;
+        }
+        receivers
+    }
+
+    async fn queue(&self, peer: &Member, copies: Copies, mut reply: Reply) {
         let LinkHandle {
             queue,
             budget,
             failing,
         } = self.link(peer);
-        let size = entry.size() + ITEM_OVERHEAD;
-        let permits = size.min(LINK_BUDGET) as u32;
+        let permits = copies.size().min(LINK_BUDGET) as u32;
         let permit = if failing.load(Ordering::Relaxed) {
             budget
                 .try_acquire_many_owned(permits)
@@ -129,22 +235,22 @@ impl Replicator {
                 .await
                 .map_err(|_| "replication link closed".to_string())
         };
-        let permit = match permit {
+        let budget = match permit {
             Ok(permit) => permit,
             Err(why) => {
-                let _ = tx.send(ReplicaAck::Failed(why));
-                return rx;
+                let n = copies.entries().len();
+                reply.send(std::iter::repeat_n(ReplicaAck::Failed(why), n));
+                return;
             }
         };
         let item = Item {
-            entry,
-            reply: Some(tx),
-            budget: permit,
+            copies,
+            reply,
+            budget,
         };
         if let Err(mpsc::error::SendError(mut item)) = queue.send(item) {
-            item.answer(ReplicaAck::Failed("replication link closed".into()));
+            item.answer_all(ReplicaAck::Failed("replication link closed".into()));
         }
-        rx
     }
 
     /// Queues a copy for an owner of the settled view that the current view
@@ -155,12 +261,12 @@ impl Replicator {
     /// counted.
     pub fn hint(&self, peer: &Member, entry: Entry) {
         let LinkHandle { queue, budget, .. } = self.link(peer);
-        let size = entry.size() + ITEM_OVERHEAD;
-        match budget.try_acquire_many_owned(size.min(LINK_BUDGET) as u32) {
+        let copies = Copies::One(entry);
+        match budget.try_acquire_many_owned(copies.size().min(LINK_BUDGET) as u32) {
             Ok(permit) => {
                 let _ = queue.send(Item {
-                    entry,
-                    reply: None,
+                    copies,
+                    reply: Reply::None,
                     budget: permit,
                 });
                 self.metrics.hints.inc();
@@ -235,17 +341,19 @@ async fn run_link(
         while let Ok(item) = queue.try_recv() {
             backlog.push_back(item);
         }
-        let mut batch = Vec::new();
-        let mut bytes = 0;
+        let (mut batch, mut count, mut bytes) = (Vec::new(), 0, 0);
         while let Some(item) = backlog.pop_front() {
-            bytes += item.size();
+            count += item.entries().len();
+            bytes += item.copies.size();
             batch.push(item);
-            if batch.len() >= MAX_BATCH_ENTRIES || bytes >= MAX_BATCH_BYTES {
+            if count >= MAX_BATCH_ENTRIES || bytes >= MAX_BATCH_BYTES {
                 break;
             }
         }
-        let entries: Vec<Entry> = batch.iter().map(|i| i.entry.clone()).collect();
-        let count = entries.len();
+        let entries: Vec<Entry> = batch
+            .iter()
+            .flat_map(|item| item.entries().iter().cloned())
+            .collect();
         match transport
             .call(&peer, Request::Replicate { entries }, None)
             .await
@@ -254,11 +362,15 @@ async fn run_link(
                 metrics.replicated(count, bytes);
                 failing.store(false, Ordering::Relaxed);
                 let mut stale: HashMap<u32, Version> = stale.into_iter().collect();
-                for (i, item) in batch.iter_mut().enumerate() {
-                    match stale.remove(&(i as u32)) {
-                        Some(held) => item.answer(ReplicaAck::Stale(held)),
-                        None => item.answer(ReplicaAck::Applied),
-                    }
+                let mut at = 0u32;
+                for item in &mut batch {
+                    let n = item.entries().len() as u32;
+                    let acks = (at..at + n).map(|i| match stale.remove(&i) {
+                        Some(held) => ReplicaAck::Stale(held),
+                        None => ReplicaAck::Applied,
+                    });
+                    item.reply.send(acks);
+                    at += n;
                 }
                 // The batch's budget back at once: each permit given back
                 // on its own takes the semaphore's lock, a lock per copy.
@@ -277,12 +389,14 @@ async fn run_link(
                 metrics.replication_failures.inc();
                 failing.store(true, Ordering::Relaxed);
                 debug!(peer = %peer.id, %reason, entries = count, "replication batch failed; retrying");
-                for item in &mut batch {
-                    item.answer(ReplicaAck::Failed(reason.clone()));
-                }
-                // Keep trying the copies that still belong on this peer.
+                // Keep trying the copies that still belong on this peer;
+                // every copy queued hears now that it was not delivered,
+                // so its write falls back on its other replica.
                 for item in batch.into_iter().rev() {
                     backlog.push_front(item);
+                }
+                for item in &mut backlog {
+                    item.answer_all(ReplicaAck::Failed(reason.clone()));
                 }
                 // While backing off, copies that arrive are answered at
                 // once as not delivered (and kept for the retry): a write
@@ -295,7 +409,7 @@ async fn run_link(
                         () = tokio::time::sleep_until(until) => break,
                         next = queue.recv() => match next {
                             Some(mut item) => {
-                                item.answer(ReplicaAck::Failed(reason.clone()));
+                                item.answer_all(ReplicaAck::Failed(reason.clone()));
                                 backlog.push_back(item);
                             }
                             None => return,
@@ -311,9 +425,11 @@ async fn run_link(
                     warn!(peer = %peer.id, dropped = backlog.len(), "peer left the topology and rebalancing has moved on; its pending copies are dropped");
                     return;
                 }
-                backlog.retain(|item| {
-                    let key = &item.entry.key;
-                    still_owner(&current, &peer, key) || still_owner(&settled, &peer, key)
+                backlog.retain_mut(|item| {
+                    item.retain(|entry| {
+                        let key = &entry.key;
+                        still_owner(&current, &peer, key) || still_owner(&settled, &peer, key)
+                    })
                 });
             }
         }
@@ -329,8 +445,16 @@ mod tests {
     use super::*;
     use crate::transport::Call;
     use bytes::Bytes;
+    use kv_wire::message::{Failure, FailureKind};
 
-    /// A peer that holds every copy it is sent.
+    /// The version a peer holds of the keys starting with `newer-`.
+    const NEWER: Version = Version {
+        hlc: 1 << 40,
+        node: 9,
+    };
+
+    /// A peer that holds every copy it is sent, except those of keys
+    /// starting with `newer-`, of which it holds [`NEWER`].
     struct Holds;
 
     impl Transport for Holds {
@@ -341,41 +465,134 @@ mod tests {
             _timeout: Option<Duration>,
         ) -> Call<'a> {
             Box::pin(async move {
-                let applied = match request {
-                    Request::Replicate { entries } => entries.len() as u32,
-                    _ => 0,
+                let Request::Replicate { entries } = request else {
+                    panic!("not a replication batch: {request:?}")
                 };
+                let stale: Vec<(u32, Version)> = (0..)
+                    .zip(&entries)
+                    .filter(|(_, e)| e.key.starts_with("newer-"))
+                    .map(|(i, _)| (i, NEWER))
+                    .collect();
                 Ok(Response::Replicated {
-                    applied,
-                    stale: Vec::new(),
+                    applied: (entries.len() - stale.len()) as u32,
+                    stale,
                 })
             })
         }
     }
 
-    #[tokio::test]
-    async fn a_delivered_batch_gives_its_budget_back() {
-        let replicator = Replicator::new(
-            Arc::new(Holds),
+    /// A peer that fails every batch.
+    struct Fails;
+
+    impl Transport for Fails {
+        fn call<'a>(
+            &'a self,
+            _peer: &'a Member,
+            _request: Request,
+            _timeout: Option<Duration>,
+        ) -> Call<'a> {
+            let failure = Failure::new(FailureKind::Unavailable, "disk full");
+            Box::pin(async { Ok(Response::Failed(failure)) })
+        }
+    }
+
+    fn replicator(transport: impl Transport) -> Replicator {
+        Replicator::new(
+            Arc::new(transport),
             Arc::new(Topologies::new()),
             Arc::new(Metrics::new()),
             CancellationToken::new(),
-        );
-        let peer = Member {
+        )
+    }
+
+    fn peer() -> Member {
+        Member {
             id: "w2".into(),
             host: "127.0.0.1".into(),
             port: 1,
             wire_port: 2,
             generation: 1,
-        };
+        }
+    }
+
+    fn entry(key: &str) -> Entry {
+        Entry {
+            key: key.into(),
+            version: Version::default(),
+            value: Some(Bytes::from_static(b"value")),
+        }
+    }
+
+    /// Queued alone and together, in batches that mix them: each copy
+    /// hears its own outcome.
+    #[tokio::test]
+    async fn copies_sent_together_are_answered_one_by_one_across_batches() {
+        let replicator = replicator(Holds);
+        let peer = peer();
+        let keys: Vec<String> = (0..2 * MAX_BATCH_ENTRIES + 500)
+            .map(|i| match i % 700 {
+                3 => format!("newer-{i}"),
+                _ => format!("k{i}"),
+            })
+            .collect();
+        // The link runs once all are queued (nothing here yields): the
+        // first batch is the lone copy and most of the first share.
+        let before = replicator.send(&peer, entry("newer-alone")).await;
+        let shares = replicator
+            .send_many(&peer, keys.iter().map(|k| entry(k)).collect())
+            .await;
+        let after = replicator.send(&peer, entry("k-alone")).await;
+        assert_eq!(shares.len(), 3, "a share is at most a batch");
+        let mut next = 0;
+        for (range, answer) in shares {
+            assert_eq!(range.start, next, "the shares follow each other");
+            next = range.end;
+            let acks = answer.await.unwrap();
+            assert_eq!(acks.len(), range.len());
+            for (key, ack) in keys[range].iter().zip(acks) {
+                let expected = match key.starts_with("newer-") {
+                    true => ReplicaAck::Stale(NEWER),
+                    false => ReplicaAck::Applied,
+                };
+                assert_eq!(ack, expected, "{key}");
+            }
+        }
+        assert_eq!(next, keys.len(), "the shares cover every copy");
+        assert_eq!(before.await, Ok(ReplicaAck::Stale(NEWER)));
+        assert_eq!(after.await, Ok(ReplicaAck::Applied));
+    }
+
+    /// A failed batch fails every copy queued, those of later batches too,
+    /// so their writes fall back on their other replica at once.
+    #[tokio::test]
+    async fn a_failed_batch_fails_every_copy_queued() {
+        let replicator = replicator(Fails);
+        let peer = peer();
+        let alone = replicator.send(&peer, entry("alone")).await;
+        let keys: Vec<String> = (0..2 * MAX_BATCH_ENTRIES)
+            .map(|i| format!("k{i}"))
+            .collect();
+        let shares = replicator
+            .send_many(&peer, keys.iter().map(|k| entry(k)).collect())
+            .await;
+        assert!(matches!(alone.await, Ok(ReplicaAck::Failed(_))));
+        for (range, answer) in shares {
+            let acks = answer.await.expect("answered, not dropped");
+            assert_eq!(acks.len(), range.len());
+            assert!(
+                acks.iter().all(|a| matches!(a, ReplicaAck::Failed(_))),
+                "{acks:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivered_batch_gives_its_budget_back() {
+        let replicator = replicator(Holds);
+        let peer = peer();
         let mut acks = Vec::new();
         for i in 0..500 {
-            let entry = Entry {
-                key: format!("k{i}"),
-                version: Version::default(),
-                value: Some(Bytes::from_static(b"value")),
-            };
-            acks.push(replicator.send(&peer, entry).await);
+            acks.push(replicator.send(&peer, entry(&format!("k{i}"))).await);
         }
         for ack in acks {
             assert_eq!(ack.await, Ok(ReplicaAck::Applied));

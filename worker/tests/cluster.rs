@@ -99,6 +99,74 @@ async fn a_write_at_a_primary_holding_a_newer_copy_goes_above_it() {
     cluster.shutdown().await;
 }
 
+/// A batch of writes in which the first replica holds a newer copy of one
+/// key: that key is written again above it, and every other key of the
+/// batch is stored at the version it was answered with, on every owner.
+/// The primary's copies go to each replica as one share of the batch, so
+/// this checks that each replica's answer reaches the write it is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_newer_copy_on_a_replica_goes_above_it_and_keeps_the_rest() {
+    let cluster = Cluster::start(3).await;
+    let owners = cluster.mapping("stale-in-batch").await;
+    let (primary, replica) = (cluster.worker(&owners[0]), cluster.worker(&owners[1]));
+    let future = kv_wire::Version {
+        hlc: (kv_testkit::fake::now_ms() + 3_600_000) << 16,
+        node: 7,
+    };
+    let planted = Entry {
+        key: "stale-in-batch".into(),
+        version: future,
+        value: Some("from-the-future".into()),
+    };
+    let request = Request::Replicate {
+        entries: vec![planted],
+    };
+    let reply = replica.wire().await.call(request).await.unwrap();
+    assert!(
+        matches!(reply, Response::Replicated { applied: 1, .. }),
+        "{reply:?}"
+    );
+    // Keys with the same primary around it, so its copy is in the middle
+    // of each replica's share.
+    let mut keys = Vec::new();
+    for i in 0.. {
+        let key = format!("batch-{i}");
+        if cluster.mapping(&key).await[0] == owners[0] {
+            keys.push(key);
+        }
+        if keys.len() == 60 {
+            break;
+        }
+    }
+    keys.insert(20, "stale-in-batch".into());
+    let items = keys.iter().map(|k| (k.clone(), "now".into())).collect();
+    let reply = primary
+        .wire()
+        .await
+        .call(Request::PutMany { items })
+        .await
+        .unwrap();
+    let Response::PutMany(results) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(results.len(), keys.len());
+    for (key, result) in keys.iter().zip(results) {
+        let version = result.unwrap_or_else(|e| panic!("{key}: {e:?}"));
+        if key == "stale-in-batch" {
+            assert!(version > future, "{version:?} not above {future:?}");
+        }
+        for id in &owners {
+            let copy = eventually("the write on every owner", || async {
+                let c = cluster.worker(id).copy(key).await?;
+                (c.version == version).then_some(c)
+            })
+            .await;
+            assert_eq!(copy.value.as_deref(), Some(&b"now"[..]), "{key} on {id}");
+        }
+    }
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_to_one_key_converge_on_every_owner() {
     let cluster = Cluster::start(4).await;
