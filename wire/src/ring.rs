@@ -14,6 +14,7 @@
 //! only the owner sets that worker enters or leaves.
 
 use crate::digest::HashRange;
+use std::borrow::Cow;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// Owners precomputed per arc: lookups for up to this many owners (the
@@ -149,8 +150,8 @@ impl Ring {
     /// when the ring has fewer than `n` workers.
     pub fn owners(&self, key: &[u8], n: usize) -> Vec<&str> {
         self.owner_indices(Ring::key_hash(key), n)
-            .into_iter()
-            .map(|i| self.nodes[i as usize].as_str())
+            .iter()
+            .map(|&i| self.nodes[i as usize].as_str())
             .collect()
     }
 
@@ -264,18 +265,19 @@ impl Ring {
     }
 
     /// Indices into [`Ring::nodes`] of up to `n` distinct owners of the key
-    /// hashing to `hash`, primary first.
-    pub(crate) fn owner_indices(&self, hash: u64, n: usize) -> Vec<u32> {
+    /// hashing to `hash`, primary first: borrowed from the precomputed arcs
+    /// for the replication factor or fewer (every read and write asks this:
+    /// no allocation), listed for more.
+    pub(crate) fn owner_indices(&self, hash: u64, n: usize) -> Cow<'_, [u32]> {
         let want = n.min(self.nodes.len());
-        let mut owners = Vec::with_capacity(want);
         if want == 0 {
-            return owners;
+            return Cow::Borrowed(&[]);
         }
         let start = self.successor(hash);
         if want <= PRECOMPUTED {
-            owners.extend_from_slice(&self.arcs[start][..want]);
-            return owners;
+            return Cow::Borrowed(&self.arcs[start][..want]);
         }
+        let mut owners = Vec::with_capacity(want);
         let (before, after) = self.token_nodes.split_at(start);
         for &node in after.iter().chain(before) {
             if !owners.contains(&node) {
@@ -285,7 +287,7 @@ impl Ring {
                 }
             }
         }
-        owners
+        Cow::Owned(owners)
     }
 }
 
@@ -370,7 +372,7 @@ mod tests {
             let arc = token.wrapping_sub(prev) as f64 / space;
             let owners = ring.owner_indices(token, n);
             primary[owners[0] as usize] += arc;
-            for o in owners {
+            for &o in owners.iter() {
                 copies[o as usize] += arc;
             }
         }

@@ -52,8 +52,8 @@ impl View {
         let hash = Ring::key_hash(key.as_bytes());
         self.ring
             .owner_indices(hash, REPLICATION_FACTOR)
-            .into_iter()
-            .filter_map(|i| self.ring_member(i))
+            .iter()
+            .filter_map(|&i| self.ring_member(i))
             .collect()
     }
 

@@ -463,7 +463,7 @@ impl Node {
         view: &'v View,
         key: &str,
     ) -> Result<Vec<&'v Member>, OpError> {
-        let owners = view.owners(key);
+        let mut owners = view.owners(key);
         match owners.first() {
             None => Err(OpError::Unavailable),
             Some(primary) if primary.id != self.id => Err(OpError::NotOwner {
@@ -473,7 +473,10 @@ impl Node {
                 acks: 1,
                 needed: WRITE_QUORUM,
             }),
-            Some(_) => Ok(owners[1..].to_vec()),
+            Some(_) => {
+                owners.remove(0);
+                Ok(owners)
+            }
         }
     }
 
@@ -769,11 +772,12 @@ impl Node {
     fn apply_copies(&self, entries: Vec<Entry>) -> Vec<Option<Result<Applied, StoreError>>> {
         let mut valid = Vec::with_capacity(entries.len());
         let mut at = Vec::with_capacity(entries.len());
+        let mut newest = Version::default();
         for entry in entries {
             let ok = kv_wire::validate_key(&entry.key).is_ok();
             at.push(ok);
             if ok {
-                self.clock.observe(entry.version);
+                newest = newest.max(entry.version);
                 let copy = Stored {
                     version: entry.version,
                     value: entry.value,
@@ -781,6 +785,8 @@ impl Node {
                 valid.push((entry.key, copy));
             }
         }
+        // Once for the batch: the clock's one atomic, not one per copy.
+        self.clock.observe(newest);
         let mut applied = self.store.apply_many(&valid).into_iter();
         at.into_iter()
             .map(|ok| if ok { applied.next() } else { None })
@@ -934,7 +940,10 @@ impl<'m> Shares<'m> {
                 false => entry.clone(),
             };
             let Some(copy) = copy else { continue };
-            let at = match self.0.iter().position(|s| s.replica.id == replica.id) {
+            // The replicas all come from one view: the same member is the
+            // same reference (were it not, a replica would get two shares,
+            // which is slower, not wrong).
+            let at = match self.0.iter().position(|s| std::ptr::eq(s.replica, replica)) {
                 Some(at) => at,
                 None => {
                     self.0.push(Share {
