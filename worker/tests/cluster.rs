@@ -52,24 +52,7 @@ async fn a_write_at_a_primary_holding_a_newer_copy_goes_above_it() {
     for (key, batched) in [("ahead", false), ("ahead-batched", true)] {
         let owners = cluster.mapping(key).await;
         let primary = cluster.worker(&owners[0]);
-        // An hour ahead of every clock here.
-        let future = kv_wire::Version {
-            hlc: (kv_testkit::fake::now_ms() + 3_600_000) << 16,
-            node: 7,
-        };
-        let planted = Entry {
-            key: key.into(),
-            version: future,
-            value: Some("from-the-future".into()),
-        };
-        let request = Request::Replicate {
-            entries: vec![planted],
-        };
-        let reply = primary.wire().await.call(request).await.unwrap();
-        assert!(
-            matches!(reply, Response::Replicated { applied: 1, .. }),
-            "{reply:?}"
-        );
+        let future = plant_from_the_future(primary, key).await;
         let request = if batched {
             Request::PutMany {
                 items: vec![(key.into(), "now".into())],
@@ -87,16 +70,55 @@ async fn a_write_at_a_primary_holding_a_newer_copy_goes_above_it() {
             other => panic!("{other:?}"),
         };
         assert!(version > future, "{key}: {version:?} not above {future:?}");
-        for id in &owners {
-            let copy = eventually("the write on every owner", || async {
-                let c = cluster.worker(id).copy(key).await?;
-                (c.version == version).then_some(c)
-            })
-            .await;
-            assert_eq!(copy.value.as_deref(), Some(&b"now"[..]), "{id}");
-        }
+        held_by_all(&cluster, &owners, key, version, "now").await;
     }
     cluster.shutdown().await;
+}
+
+/// Stores a copy of `key` on `worker` an hour ahead of every clock here,
+/// as a peer whose clock ran ahead would send it; its version.
+async fn plant_from_the_future(worker: &Service, key: &str) -> kv_wire::Version {
+    let future = kv_wire::Version {
+        hlc: (kv_testkit::fake::now_ms() + 3_600_000) << 16,
+        node: 7,
+    };
+    let planted = Entry {
+        key: key.into(),
+        version: future,
+        value: Some("from-the-future".into()),
+    };
+    let request = Request::Replicate {
+        entries: vec![planted],
+    };
+    let reply = worker.wire().await.call(request).await.unwrap();
+    assert!(
+        matches!(reply, Response::Replicated { applied: 1, .. }),
+        "{reply:?}"
+    );
+    future
+}
+
+/// Waits until each of `owners` holds `key` at `version`, whose value
+/// must be `value`.
+async fn held_by_all(
+    cluster: &Cluster,
+    owners: &[String],
+    key: &str,
+    version: kv_wire::Version,
+    value: &str,
+) {
+    for id in owners {
+        let copy = eventually("the write on every owner", || async {
+            let c = cluster.worker(id).copy(key).await?;
+            (c.version == version).then_some(c)
+        })
+        .await;
+        assert_eq!(
+            copy.value.as_deref(),
+            Some(value.as_bytes()),
+            "{key} on {id}"
+        );
+    }
 }
 
 /// A batch of writes in which the first replica holds a newer copy of one
@@ -109,23 +131,7 @@ async fn a_batch_with_a_newer_copy_on_a_replica_goes_above_it_and_keeps_the_rest
     let cluster = Cluster::start(3).await;
     let owners = cluster.mapping("stale-in-batch").await;
     let (primary, replica) = (cluster.worker(&owners[0]), cluster.worker(&owners[1]));
-    let future = kv_wire::Version {
-        hlc: (kv_testkit::fake::now_ms() + 3_600_000) << 16,
-        node: 7,
-    };
-    let planted = Entry {
-        key: "stale-in-batch".into(),
-        version: future,
-        value: Some("from-the-future".into()),
-    };
-    let request = Request::Replicate {
-        entries: vec![planted],
-    };
-    let reply = replica.wire().await.call(request).await.unwrap();
-    assert!(
-        matches!(reply, Response::Replicated { applied: 1, .. }),
-        "{reply:?}"
-    );
+    let future = plant_from_the_future(replica, "stale-in-batch").await;
     // Keys with the same primary around it, so its copy is in the middle
     // of each replica's share.
     let mut keys = Vec::new();
@@ -155,14 +161,7 @@ async fn a_batch_with_a_newer_copy_on_a_replica_goes_above_it_and_keeps_the_rest
         if key == "stale-in-batch" {
             assert!(version > future, "{version:?} not above {future:?}");
         }
-        for id in &owners {
-            let copy = eventually("the write on every owner", || async {
-                let c = cluster.worker(id).copy(key).await?;
-                (c.version == version).then_some(c)
-            })
-            .await;
-            assert_eq!(copy.value.as_deref(), Some(&b"now"[..]), "{key} on {id}");
-        }
+        held_by_all(&cluster, &owners, key, version, "now").await;
     }
     cluster.shutdown().await;
 }
