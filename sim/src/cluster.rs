@@ -929,16 +929,71 @@ impl Cluster {
             () = proc.alive.cancelled() => Outcome::Unknown,
             outcome = work => outcome,
         };
+        self.note_disagreement();
+        self.finish_op(i, &written, outcome, began);
+    }
+
+    /// A bulk write of `keys` through worker `gateway`, as `kvctl load`
+    /// sends a batch to a key's primary (`PutMany`): each key a write of a
+    /// fresh value in the history; a crash of the gateway leaves every
+    /// outcome unknown.
+    pub async fn client_bulk(self: &Arc<Self>, gateway: &str, keys: Vec<String>) {
+        let Some(proc) = self.net.proc(gateway) else {
+            return;
+        };
+        self.note_disagreement();
+        let items: Vec<(String, Bytes)> = keys
+            .into_iter()
+            .map(|key| (key, self.fresh_value()))
+            .collect();
+        let began = self.now_ms();
+        let ops: Vec<usize> = {
+            let mut history = lock(&self.history);
+            items
+                .iter()
+                .map(|(key, value)| history.invoke(key, Kind::Put(value.clone()), began))
+                .collect()
+        };
+        let what: Vec<String> = items
+            .iter()
+            .map(|(key, value)| format!("{key}={}", String::from_utf8_lossy(value)))
+            .collect();
+        self.event(format!(
+            "ops {ops:?} bulk put {} via {gateway}",
+            what.join(" ")
+        ));
+        let keys: Vec<String> = items.iter().map(|(key, _)| key.clone()).collect();
+        let node = proc.node.clone();
+        let outcomes: Vec<Outcome> = tokio::select! {
+            biased;
+            () = proc.alive.cancelled() => vec![Outcome::Unknown; ops.len()],
+            results = node.put_many(items) => results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(version) => Outcome::Written(version),
+                    Err(failure) => Outcome::Failed(failure.message),
+                })
+                .collect(),
+        };
+        self.note_disagreement();
+        for ((i, key), outcome) in ops.into_iter().zip(&keys).zip(outcomes) {
+            self.finish_op(i, key, outcome, began);
+        }
+    }
+
+    /// Ends operation `i` on `key`, begun at `began`, with `outcome`: an
+    /// acknowledged write's copies are audited now, and its third copy
+    /// once it is due.
+    fn finish_op(self: &Arc<Self>, i: usize, key: &str, outcome: Outcome, began: u64) {
         self.event(format!("op {i}: {outcome:?}"));
         if let Outcome::Written(version) = outcome {
-            self.audit_copies(i, &written, version, began);
-            let c = self.clone();
+            self.audit_copies(i, key, version, began);
+            let (c, key) = (self.clone(), key.to_string());
             tokio::spawn(async move {
                 tokio::time::sleep(THIRD_COPY_WITHIN).await;
-                c.audit_third_copy(i, &written, version, began);
+                c.audit_third_copy(i, &key, version, began);
             });
         }
-        self.note_disagreement();
         lock(&self.history).complete(i, outcome, self.now_ms());
     }
 

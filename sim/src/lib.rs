@@ -3,8 +3,9 @@
 //! One run is one seed: a controller and four or five workers (the real
 //! `Node`, rebalancing and `Membership` code) on one single-threaded
 //! runtime whose clock only moves when every task waits, talking over an
-//! in-memory network ([`net`]). Clients write, delete and read a small set
-//! of keys through random workers while the run injects faults — crashes
+//! in-memory network ([`net`]). Clients write (a key at a time through any
+//! worker, or a bulk batch to a primary), delete and read a small set of
+//! keys through random workers while the run injects faults — crashes
 //! and restarts, pauses, partitions one way or both, a worker cut off,
 //! message loss and delay, controller restarts, joins and graceful leaves,
 //! and copies planted on workers that do not own their keys. Then
@@ -27,6 +28,7 @@ pub mod net;
 use crate::cluster::{lock, Cluster, Settings};
 use crate::history::Kind;
 use crate::net::CONTROLLER;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -200,7 +202,11 @@ async fn client(c: Arc<Cluster>, keys: usize, stop: CancellationToken) {
         };
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let kind = match roll {
-            0..55 => Kind::Put(c.fresh_value()),
+            0..5 => {
+                bulk(&c, keys).await;
+                continue;
+            }
+            5..55 => Kind::Put(c.fresh_value()),
             55..70 => Kind::Delete,
             _ => Kind::Get,
         };
@@ -217,6 +223,28 @@ async fn client(c: Arc<Cluster>, keys: usize, stop: CancellationToken) {
                 c.client_op(&gateway, format!("key{key}"), Kind::Get).await;
             }
         }
+    }
+}
+
+/// A bulk write through a random running worker of the keys, among a few
+/// drawn, that it is the primary of in its view (`kvctl load` splits its
+/// batches by primary so).
+async fn bulk(c: &Arc<Cluster>, keys: usize) {
+    let Some(gateway) = pick(c, |id| !c.net.is_paused(id)) else {
+        return;
+    };
+    let Some(proc) = c.net.proc(&gateway) else {
+        return;
+    };
+    let view = proc.node.topologies.current();
+    let drawn: BTreeSet<usize> = (0..8).map(|_| c.net.rng().usize(0..keys)).collect();
+    let mine: Vec<String> = drawn
+        .into_iter()
+        .map(|k| format!("key{k}"))
+        .filter(|key| view.primary(key).is_some_and(|m| m.id == gateway))
+        .collect();
+    if !mine.is_empty() {
+        c.client_bulk(&gateway, mine).await;
     }
 }
 
