@@ -943,8 +943,8 @@ impl Cluster {
         };
         self.note_disagreement();
         let items: Vec<(String, Bytes)> = keys
-            .into_iter()
-            .map(|key| (key, self.fresh_value()))
+            .iter()
+            .map(|key| (key.clone(), self.fresh_value()))
             .collect();
         let began = self.now_ms();
         let ops: Vec<usize> = {
@@ -962,7 +962,6 @@ impl Cluster {
             "ops {ops:?} bulk put {} via {gateway}",
             what.join(" ")
         ));
-        let keys: Vec<String> = items.iter().map(|(key, _)| key.clone()).collect();
         let node = proc.node.clone();
         let outcomes: Vec<Outcome> = tokio::select! {
             biased;
