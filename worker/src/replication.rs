@@ -72,11 +72,13 @@ impl Copies {
 
     /// What a link counts of these copies against its budget and batches.
     fn size(&self) -> usize {
-        self.entries()
-            .iter()
-            .map(|e| e.size() + ITEM_OVERHEAD)
-            .sum()
+        self.entries().iter().map(counted_size).sum()
     }
+}
+
+/// What a link counts of one copy: its key and value, and bookkeeping.
+fn counted_size(entry: &Entry) -> usize {
+    entry.size() + ITEM_OVERHEAD
 }
 
 /// Who hears how an item's first attempt went.
@@ -103,6 +105,11 @@ impl Reply {
             }
         }
     }
+
+    /// Answers each of `n` copies with `ack`.
+    fn send_all(&mut self, ack: ReplicaAck, n: usize) {
+        self.send(std::iter::repeat_n(ack, n));
+    }
 }
 
 impl Item {
@@ -112,8 +119,7 @@ impl Item {
 
     /// Answers every copy with `ack`.
     fn answer_all(&mut self, ack: ReplicaAck) {
-        let n = self.entries().len();
-        self.reply.send(std::iter::repeat_n(ack, n));
+        self.reply.send_all(ack, self.copies.entries().len());
     }
 
     /// Keeps the copies that `keep` says still belong on the peer; whether
@@ -203,7 +209,7 @@ impl Replicator {
                 .take(MAX_BATCH_ENTRIES)
                 .take_while(|e| {
                     let fits = bytes < MAX_BATCH_BYTES;
-                    bytes += e.size() + ITEM_OVERHEAD;
+                    bytes += counted_size(e);
                     fits
                 })
                 .count();
@@ -238,8 +244,7 @@ impl Replicator {
         let budget = match permit {
             Ok(permit) => permit,
             Err(why) => {
-                let n = copies.entries().len();
-                reply.send(std::iter::repeat_n(ReplicaAck::Failed(why), n));
+                reply.send_all(ReplicaAck::Failed(why), copies.entries().len());
                 return;
             }
         };
