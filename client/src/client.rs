@@ -1,4 +1,5 @@
-//! A ring-aware client: each request goes straight to the key's primary.
+//! A ring-aware client: each write goes straight to the key's primary,
+//! each read to its primary and first replica (see [`crate::read`]).
 //!
 //! The client learns the live workers from the controller's `/nodes` and
 //! builds the same ring the workers use. A worker that is not the key's
@@ -18,11 +19,12 @@
 
 use crate::connection::{ConnectionError, Credentials, Pool};
 use crate::http::{HttpClient, HttpError};
+use crate::timers::Timers;
 use bytes::Bytes;
 use futures::future::join_all;
 use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::nodes::{Mapping, Nodes};
-use kv_wire::{Member, Request, Response, Version, View};
+use kv_wire::{Entry, Member, Request, Response, Version, View, READ_QUORUM};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -34,6 +36,9 @@ pub const RETRY_WINDOW: Duration = Duration::from_secs(5);
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// How long one wire call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a read waits for the owners it asked before an owner
+/// coordinates it instead (as a worker's quorum read asks a third owner).
+pub const READ_HEDGE: Duration = Duration::from_millis(50);
 /// Items per `PutMany` frame.
 pub const PUT_MANY_CHUNK: usize = 512;
 
@@ -65,6 +70,7 @@ pub struct Client {
     http: HttpClient,
     pool: Pool,
     view: RwLock<Arc<View>>,
+    timers: Timers,
 }
 
 impl Client {
@@ -80,6 +86,7 @@ impl Client {
             http: HttpClient::new(),
             pool: Pool::new(credentials, CALL_TIMEOUT),
             view: RwLock::default(),
+            timers: Timers::new(),
         };
         client.refresh().await?;
         Ok(client)
@@ -175,7 +182,18 @@ impl Client {
 
     /// Reads `key` from a quorum of its owners: the newest value and its
     /// version, or `None` if absent or deleted.
+    ///
+    /// The client asks the key's first [`READ_QUORUM`] owners for their own
+    /// copies itself (see [`crate::read`]), which spares the read a hop
+    /// through a coordinator; an owner that cannot vouch for its copy (a
+    /// rebalance runs, the client's topology is behind) coordinates the
+    /// read instead. When that does not decide (an owner failed, or both
+    /// did not answer within [`READ_HEDGE`]), an owner coordinates the
+    /// read, as any worker can, and its hedge and fallbacks take over.
     pub async fn get(&self, key: &str) -> Result<Option<(Bytes, Version)>, ClientError> {
+        if let Some(read) = self.read_owners(key).await {
+            return read;
+        }
         let deadline = Instant::now() + RETRY_WINDOW;
         loop {
             let view = self.view();
@@ -193,9 +211,7 @@ impl Client {
                     consistency: Consistency::Quorum,
                 };
                 match self.pool.call(owner, request).await {
-                    Ok(Response::Value(entry)) => {
-                        return Ok(entry.and_then(|e| e.value.map(|v| (v, e.version))))
-                    }
+                    Ok(Response::Value(entry)) => return Ok(live(entry)),
                     Ok(Response::Failed(f)) if f.kind == FailureKind::BadRequest => {
                         return Err(ClientError::Refused(f))
                     }
@@ -208,6 +224,30 @@ impl Client {
             self.retry_or_give_up(deadline, ClientError::GaveUp(reason))
                 .await?;
         }
+    }
+
+    /// The read of `key` from its first [`READ_QUORUM`] owners' own
+    /// copies, by the client's view; `None` when it did not decide.
+    async fn read_owners(
+        &self,
+        key: &str,
+    ) -> Option<Result<Option<(Bytes, Version)>, ClientError>> {
+        let view = self.view();
+        let owners = view.owners(key);
+        let asked = owners.get(..READ_QUORUM)?;
+        let consistency = Consistency::Owner {
+            epoch: view.epoch(),
+        };
+        let asks = asked.iter().map(|owner| {
+            let request = Request::Get {
+                key: key.to_string(),
+                consistency,
+            };
+            self.pool.call(owner, request)
+        });
+        let hedge = tokio::time::Instant::now() + READ_HEDGE;
+        let answers = self.timers.timeout_at(hedge, join_all(asks)).await.ok()?;
+        crate::read::decide(answers).map(|read| read.map(live))
     }
 
     /// Writes many keys at W=2, each on its own: batched per primary and
@@ -322,4 +362,9 @@ impl Client {
         let _ = self.refresh().await;
         Ok(())
     }
+}
+
+/// A copy's value and version; `None` for none or a tombstone.
+fn live(copy: Option<Entry>) -> Option<(Bytes, Version)> {
+    copy.and_then(|e| e.value.map(|v| (v, e.version)))
 }

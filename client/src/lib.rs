@@ -7,6 +7,7 @@
 //! - [`connection`]: one pipelined wire-protocol connection — many requests
 //!   in flight, answered in any order — and a [`Pool`] of them by address;
 //! - [`http`]: JSON over HTTP for the admin APIs;
+//! - [`read`]: what a quorum read the client makes itself adds up to;
 //! - [`timers`]: coarse timers for the timeouts nearly every call arms and
 //!   nearly always cancels.
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod connection;
 pub mod http;
 mod pending;
+pub mod read;
 pub mod timers;
 
 pub use client::{Client, ClientError};

@@ -80,6 +80,59 @@ async fn a_write_is_retried_on_the_new_primary_when_the_old_one_dies() {
     cluster.shutdown().await;
 }
 
+/// A read asks the key's primary and first replica for their copies and
+/// takes the newer, wherever it is; with the first replica dead (before
+/// the controller notices), an owner coordinates the read and asks the
+/// third.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_takes_the_newer_of_two_owners_copies_and_gets_past_a_dead_one() {
+    let mut cluster = Cluster::start(4).await;
+    cluster.ready().await;
+    let c = client(&cluster).await;
+    let written = c.put("twice", Bytes::from("v1")).await.unwrap();
+    let owners = cluster.mapping("twice").await;
+    eventually("the third copy", || async {
+        cluster.worker(&owners[2]).copy("twice").await.map(|_| ())
+    })
+    .await;
+    let above = |n: u64| kv_wire::Version {
+        hlc: written.hlc + n,
+        ..written
+    };
+    let plant = |owner: usize, n: u64, value: Option<&'static str>| {
+        cluster.worker(&owners[owner]).plant(kv_wire::Entry {
+            key: "twice".into(),
+            version: above(n),
+            value: value.map(Bytes::from),
+        })
+    };
+    let read = || async { c.get("twice").await.unwrap() };
+    plant(1, 1, Some("on-the-first-replica")).await;
+    assert_eq!(
+        read().await,
+        Some((Bytes::from("on-the-first-replica"), above(1)))
+    );
+    plant(0, 2, Some("on-the-primary")).await;
+    assert_eq!(
+        read().await,
+        Some((Bytes::from("on-the-primary"), above(2)))
+    );
+    plant(1, 3, None).await;
+    assert_eq!(
+        read().await,
+        None,
+        "a newer tombstone on one owner is a delete"
+    );
+    // The third owner holds v1 only; with the first replica gone the read
+    // is the primary's copy and the third's.
+    cluster.stop(&owners[1]).await;
+    assert_eq!(
+        read().await,
+        Some((Bytes::from("on-the-primary"), above(2)))
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_that_now_belongs_to_another_worker_is_refused() {
     let cluster = Cluster::start(2).await;

@@ -11,9 +11,11 @@ use crate::audited::{Audited, Change};
 use crate::history::{Kind, Outcome};
 use crate::net::{self, Net, Proc, SimTransport, CONTROLLER};
 use bytes::Bytes;
+use futures::future::join_all;
 use kv_controller::detector::{Status, Why};
 use kv_controller::membership::Membership;
 use kv_wire::heartbeat::HeartbeatAck;
+use kv_wire::message::Consistency;
 use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest};
 use kv_wire::{HashRange, Member, Request, Response, Topology};
 use kv_worker::node::{Limits, Node};
@@ -910,18 +912,36 @@ impl Cluster {
             Kind::Delete => format!("delete {key}"),
             Kind::Get => format!("get {key}"),
         };
-        self.event(format!("op {i} {what} via {gateway}"));
+        // Half the reads are made as the wire client makes them, asking
+        // two owners for their own copies; the rest as a worker's HTTP
+        // handler, a quorum read the gateway coordinates.
+        let by_owners = kind == Kind::Get && self.net.rng().bool();
+        let how = if by_owners { " (owners' copies)" } else { "" };
+        self.event(format!("op {i} {what} via {gateway}{how}"));
         let (node, began, written) = (proc.node.clone(), self.now_ms(), key.clone());
+        let (c, from, alive) = (self.clone(), gateway.to_string(), proc.alive.clone());
         let work = async move {
             match kind {
                 Kind::Put(value) => outcome_of_write(node.write(key, Some(value)).await),
                 Kind::Delete => outcome_of_write(node.write(key, None).await),
-                Kind::Get => match node.get_quorum(&key).await {
-                    Ok(copy) => {
-                        Outcome::Read(copy.and_then(|c| c.value.map(|value| (c.version, value))))
+                Kind::Get => {
+                    let decided = match by_owners {
+                        true => c.read_owners(&from, &alive, &node, &key).await,
+                        false => None,
+                    };
+                    match decided {
+                        Some(Ok(copy)) => {
+                            Outcome::Read(copy.and_then(|e| e.value.map(|v| (e.version, v))))
+                        }
+                        Some(Err(e)) => Outcome::Failed(e.to_string()),
+                        None => match node.get_quorum(&key).await {
+                            Ok(copy) => Outcome::Read(
+                                copy.and_then(|c| c.value.map(|value| (c.version, value))),
+                            ),
+                            Err(e) => Outcome::Failed(e.to_string()),
+                        },
                     }
-                    Err(e) => Outcome::Failed(e.to_string()),
-                },
+                }
             }
         };
         let outcome = tokio::select! {
@@ -931,6 +951,33 @@ impl Cluster {
         };
         self.note_disagreement();
         self.finish_op(i, &written, outcome, began);
+    }
+
+    /// A read of `key` as the wire client makes it ([`kv_client::read`]):
+    /// the first two owners in the view of `from` (where the client is)
+    /// asked over the network for their own copies, for at most the
+    /// client's hedge; `None` when their answers decide nothing, and the
+    /// client would have an owner coordinate the read.
+    async fn read_owners(
+        &self,
+        from: &str,
+        alive: &CancellationToken,
+        node: &Node,
+        key: &str,
+    ) -> Option<Result<Option<kv_wire::Entry>, kv_client::ClientError>> {
+        let view = node.topologies.current();
+        let owners = view.owners(key);
+        let asks = owners.get(..kv_wire::READ_QUORUM)?.iter().map(|owner| {
+            let request = Request::Get {
+                key: key.to_string(),
+                consistency: Consistency::Owner {
+                    epoch: view.epoch(),
+                },
+            };
+            net::call(&self.net, from, alive, owner, request)
+        });
+        let answers = tokio::time::timeout(kv_client::client::READ_HEDGE, join_all(asks));
+        kv_client::read::decide(answers.await.ok()?)
     }
 
     /// A bulk write of `keys` through worker `gateway`, as `kvctl load`

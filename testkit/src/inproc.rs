@@ -77,6 +77,29 @@ impl Service {
         }
     }
 
+    /// Stores `entry` on this worker as a peer's copy arrives (a
+    /// replication), which must be newer than the copy it held.
+    pub async fn plant(&self, entry: Entry) {
+        let request = Request::Replicate {
+            entries: vec![entry],
+        };
+        let reply = self.wire().await.call(request).await.unwrap();
+        assert!(
+            matches!(reply, Response::Replicated { applied: 1, .. }),
+            "{reply:?}"
+        );
+    }
+
+    /// This worker's answer to a client that reads `key` from two owners
+    /// itself by the topology of `epoch` (`Consistency::Owner`).
+    pub async fn own_copy(&self, key: &str, epoch: u64) -> Response {
+        let request = Request::Get {
+            key: key.into(),
+            consistency: Consistency::Owner { epoch },
+        };
+        self.wire().await.call(request).await.unwrap()
+    }
+
     /// The value this worker holds locally for `key`, if any.
     pub async fn local(&self, key: &str) -> Option<String> {
         let (status, body) = self.get(&format!("/kv?key={key}")).await;
@@ -194,6 +217,20 @@ impl Cluster {
             Some(epoch)
         })
         .await
+    }
+
+    /// Waits until the cluster has settled ([`Cluster::settled`]) and
+    /// every worker is ready (`/readyz`: it holds its share of the epoch,
+    /// so owners answer clients' reads of their own copies); the epoch.
+    pub async fn ready(&self) -> u64 {
+        let epoch = self.settled().await;
+        for w in &self.workers {
+            eventually("every worker to be ready", || async {
+                (w.get("/readyz").await.0 == 200).then_some(())
+            })
+            .await;
+        }
+        epoch
     }
 
     pub async fn mapping(&self, key: &str) -> Vec<String> {

@@ -144,6 +144,13 @@ mod tests {
                 },
             ),
             request(
+                1,
+                Request::Get {
+                    key: "user123".into(),
+                    consistency: Consistency::Owner { epoch: 7 },
+                },
+            ),
+            request(
                 2,
                 Request::Put {
                     key: "user123".into(),
@@ -248,6 +255,7 @@ mod tests {
             ServerFrame::Refused(Refusal::new("wrong cluster")),
             response(1, Response::Value(Some(entry("a", Some(b"v"))))),
             response(1, Response::Value(None)),
+            response(1, Response::OwnCopy(Some(entry("a", None)))),
             response(
                 2,
                 Response::Written {

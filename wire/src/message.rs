@@ -264,6 +264,18 @@ pub enum Consistency {
     Local,
     /// The newest of [`crate::READ_QUORUM`] owners' copies.
     Quorum,
+    /// A client that reads [`crate::READ_QUORUM`] owners itself asks each
+    /// for its own copy, answered by [`Response::OwnCopy`] (tombstones
+    /// included) when the receiving worker owns the key in the topology of
+    /// `epoch` and holds its share of it (its rebalance is done). Else (the
+    /// epochs differ, a rebalance runs, the key's owners are all DOWN...)
+    /// the worker coordinates the read as for [`Consistency::Quorum`]
+    /// and answers [`Response::Value`]. Saves a quorum read the hop
+    /// through a coordinator in the steady state.
+    Owner {
+        /// The topology the client routes by.
+        epoch: u64,
+    },
 }
 
 /// What a client or peer asks of a worker (or the controller of a worker).
@@ -404,6 +416,10 @@ pub enum Response {
     Failed(Failure),
     /// The answer to [`Request::Stats`].
     Stats(Box<crate::stats::WorkerStats>),
+    /// The answer to a [`Consistency::Owner`] read: this owner's copy, if
+    /// any, tombstones included, for the client to compare with another
+    /// owner's.
+    OwnCopy(Option<Entry>),
 }
 
 /// Why a request failed, and what to do.

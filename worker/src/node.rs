@@ -675,6 +675,29 @@ impl Node {
         self.store.get(key)
     }
 
+    /// This worker's own copy of `key` (`None`: absent), for a client that
+    /// reads R owners itself by the topology of `epoch`
+    /// ([`Consistency::Owner`]); `None` when it cannot vouch for it and
+    /// the read must be coordinated instead ([`Node::get_quorum`]): the
+    /// epoch is not its current one, its rebalance into it runs (it may
+    /// lack copies it owns), it does not own the key, the key is invalid,
+    /// or it holds no copy while every owner the topology names is DOWN
+    /// (unavailable, not absent: `get_quorum` says so).
+    pub fn own_copy(&self, key: &str, epoch: u64) -> Option<Option<Stored>> {
+        let current = self.topologies.current();
+        if current.epoch() != epoch
+            || self.topologies.settled().epoch() != epoch
+            || self.validate(key, None).is_err()
+            || !current.owners(key).iter().any(|m| m.id == self.id)
+        {
+            return None;
+        }
+        match self.store.get(key) {
+            None if current.owners_down(key).is_some() => None,
+            copy => Some(copy),
+        }
+    }
+
     /// The newest copy among R=2 of the key's owners — and, while a
     /// rebalance runs, its previous owners too. None found while the
     /// key's owners before were all DOWN is [`OpError::OwnersDown`]:

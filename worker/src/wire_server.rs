@@ -13,6 +13,7 @@
 //! ([`crate::node::MAX_COORDINATING`]): a task past that waits its turn.
 
 use crate::node::Node;
+use crate::store::Stored;
 use futures::{FutureExt, SinkExt, StreamExt};
 use kv_wire::auth::RefusalLog;
 use kv_wire::message::{Challenge, Consistency, Hello, Refusal};
@@ -214,6 +215,20 @@ async fn connection(
             Some(Err(e)) => break Err(format!("bad frame: {e}")),
             None => break Ok(()),
         };
+        let body = match own_copy_now(&node, body) {
+            Ok(answered) => {
+                if let Err(e) = writer
+                    .lock()
+                    .await
+                    .feed(ServerFrame::Response { id, body: answered })
+                    .await
+                {
+                    break Err(format!("cannot write: {e}"));
+                }
+                continue;
+            }
+            Err(body) => body,
+        };
         if waits_on_peers(&body) {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break Ok(());
@@ -308,10 +323,63 @@ fn waits_on_peers(body: &Request) -> bool {
             | Request::Delete { .. }
             | Request::PutMany { .. }
             | Request::Get {
-                consistency: Consistency::Quorum,
+                consistency: Consistency::Quorum | Consistency::Owner { .. },
                 ..
             }
     )
+}
+
+/// A client's read of this worker's own copy ([`Consistency::Owner`]),
+/// answered at once when the worker can vouch for it, as it nearly
+/// always can; the request back otherwise (any other request, or one that
+/// must be coordinated: a task of its own, as [`answer`] does it).
+fn own_copy_now(node: &Node, body: Request) -> Result<Response, Request> {
+    match body {
+        Request::Get {
+            key,
+            consistency: Consistency::Owner { epoch },
+        } => match node.own_copy(&key, epoch) {
+            Some(copy) => Ok(own_copy_answer(node, key, copy)),
+            None => Err(Request::Get {
+                key,
+                consistency: Consistency::Owner { epoch },
+            }),
+        },
+        other => Err(other),
+    }
+}
+
+fn own_copy_answer(node: &Node, key: String, copy: Option<Stored>) -> Response {
+    node.metrics
+        .count("get_owner", if copy.is_some() { "ok" } else { "not_found" });
+    Response::OwnCopy(copy.map(|c| Entry {
+        key,
+        version: c.version,
+        value: c.value,
+    }))
+}
+
+/// A quorum read's answer to a client: tombstones read as absent.
+async fn quorum_answer(node: &Node, key: String) -> Response {
+    match node.get_quorum(&key).await {
+        Ok(copy) => {
+            // Clients never see tombstones.
+            let live = copy.filter(|c| c.value.is_some());
+            node.metrics.count(
+                "get_quorum",
+                if live.is_some() { "ok" } else { "not_found" },
+            );
+            Response::Value(live.map(|c| Entry {
+                key,
+                version: c.version,
+                value: c.value,
+            }))
+        }
+        Err(e) => {
+            node.metrics.count("get_quorum", e.label());
+            Response::Failed(e.to_failure())
+        }
+    }
 }
 
 /// The answer to one request.
@@ -333,24 +401,13 @@ pub async fn answer(node: &Node, body: Request) -> Response {
         Request::Get {
             key,
             consistency: Consistency::Quorum,
-        } => match node.get_quorum(&key).await {
-            Ok(copy) => {
-                // Clients never see tombstones.
-                let live = copy.filter(|c| c.value.is_some());
-                metrics.count(
-                    "get_quorum",
-                    if live.is_some() { "ok" } else { "not_found" },
-                );
-                Response::Value(live.map(|c| Entry {
-                    key,
-                    version: c.version,
-                    value: c.value,
-                }))
-            }
-            Err(e) => {
-                metrics.count("get_quorum", e.label());
-                Response::Failed(e.to_failure())
-            }
+        } => quorum_answer(node, key).await,
+        Request::Get {
+            key,
+            consistency: Consistency::Owner { epoch },
+        } => match node.own_copy(&key, epoch) {
+            Some(copy) => own_copy_answer(node, key, copy),
+            None => quorum_answer(node, key).await,
         },
         Request::Put { key, value } => {
             written(node, "put", node.coordinate(&key, Some(value)).await)

@@ -82,19 +82,13 @@ async fn plant_from_the_future(worker: &Service, key: &str) -> kv_wire::Version 
         hlc: (kv_testkit::fake::now_ms() + 3_600_000) << 16,
         node: 7,
     };
-    let planted = Entry {
-        key: key.into(),
-        version: future,
-        value: Some("from-the-future".into()),
-    };
-    let request = Request::Replicate {
-        entries: vec![planted],
-    };
-    let reply = worker.wire().await.call(request).await.unwrap();
-    assert!(
-        matches!(reply, Response::Replicated { applied: 1, .. }),
-        "{reply:?}"
-    );
+    worker
+        .plant(Entry {
+            key: key.into(),
+            version: future,
+            value: Some("from-the-future".into()),
+        })
+        .await;
     future
 }
 
@@ -382,5 +376,110 @@ async fn a_key_whose_owners_are_all_down_is_unavailable_until_they_are_forgotten
         (read(lost.clone()).await.0 == 404).then_some(())
     })
     .await;
+    cluster.shutdown().await;
+}
+
+/// A client that reads two owners itself (`Consistency::Owner`) gets each
+/// owner's own copy, tombstones included, when the epoch it names is the
+/// owner's and the owner holds its share of it; otherwise (another epoch,
+/// a worker that does not own the key) the worker coordinates the read
+/// and answers it whole, as a quorum read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_answers_with_its_own_copy_only_at_its_own_epoch() {
+    let cluster = Cluster::start(4).await;
+    let epoch = cluster.ready().await;
+    let (status, reply) = http("PUT", &cluster.workers[0].url("/kv"), put_body("own", "v1")).await;
+    assert_eq!(status, 200, "{reply}");
+    let owners = cluster.mapping("own").await;
+    let outsider = (cluster.workers.iter())
+        .find(|w| !owners.contains(&w.id))
+        .unwrap();
+    let value = |answer: &Response| match answer {
+        Response::OwnCopy(Some(e)) | Response::Value(Some(e)) => e.value.clone(),
+        _ => None,
+    };
+    for id in &owners {
+        // Each owner, once its rebalance into the epoch is done.
+        let answer = eventually("an owner's own copy", || async {
+            let answer = cluster.worker(id).own_copy("own", epoch).await;
+            matches!(answer, Response::OwnCopy(Some(_))).then_some(answer)
+        })
+        .await;
+        assert_eq!(value(&answer).as_deref(), Some(&b"v1"[..]), "{id}");
+    }
+    let primary = cluster.worker(&owners[0]);
+    for other in [epoch - 1, epoch + 1] {
+        let answer = primary.own_copy("own", other).await;
+        assert!(
+            matches!(answer, Response::Value(_)),
+            "epoch {other}: {answer:?}"
+        );
+        assert_eq!(value(&answer).as_deref(), Some(&b"v1"[..]));
+    }
+    let answer = outsider.own_copy("own", epoch).await;
+    assert!(matches!(answer, Response::Value(_)), "{answer:?}");
+    assert_eq!(value(&answer).as_deref(), Some(&b"v1"[..]));
+
+    // A delete: the owners hold a tombstone, which a client must see to
+    // compare; a coordinated read says absent.
+    let (status, _) = http("DELETE", &primary.url("/kv?key=own"), "").await;
+    assert_eq!(status, 200);
+    match primary.own_copy("own", epoch).await {
+        Response::OwnCopy(Some(tombstone)) => assert_eq!(tombstone.value, None),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(outsider.own_copy("own", epoch).await, Response::Value(None));
+    let never = (0..)
+        .map(|i| format!("never:{i}"))
+        .find(|k| ring(&cluster).owners(k.as_bytes(), 3)[0] == owners[0])
+        .unwrap();
+    assert_eq!(
+        primary.own_copy(&never, epoch).await,
+        Response::OwnCopy(None)
+    );
+    cluster.shutdown().await;
+}
+
+/// A worker that joins answers clients' reads of its own copies only once
+/// it holds its share: while it pulls its keys in, it coordinates the
+/// reads, which find them on the owners before it. Else a read of two
+/// owners, one of them the joiner, could miss a key the other lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_owner_coordinates_reads_until_it_holds_its_share() {
+    let mut cluster = Cluster::start(3).await;
+    let client = kv_client::Client::connect(
+        &format!("http://{}", cluster.controller.http),
+        kv_client::Credentials::new("kv", "test"),
+    )
+    .await
+    .unwrap();
+    let keys: Vec<(String, bytes::Bytes)> = (0..20_000)
+        .map(|i| (format!("join:{i}"), bytes::Bytes::from(format!("v{i}"))))
+        .collect();
+    assert!(client.put_many(&keys).await.iter().all(Result::is_ok));
+    cluster.add("worker4").await;
+    let joiner = cluster.worker("worker4");
+    let epoch = eventually("the joiner in the ring", || async {
+        let (_, health) = joiner.get("/healthz").await;
+        (health["in_ring"] == true).then(|| health["epoch"].as_u64().unwrap())
+    })
+    .await;
+    let ring = ring(&cluster);
+    let mine: Vec<&str> = (keys.iter().map(|(k, _)| k.as_str()))
+        .filter(|k| ring.owners(k.as_bytes(), 3)[..2].contains(&"worker4"))
+        .collect();
+    let (mut own, mut coordinated) = (0, 0);
+    for key in mine.iter().cycle() {
+        match joiner.own_copy(key, epoch).await {
+            Response::OwnCopy(Some(_)) => own += 1,
+            Response::Value(Some(_)) => coordinated += 1,
+            other => {
+                panic!("{key} at epoch {epoch}: {other:?} (own {own}, coordinated {coordinated})")
+            }
+        }
+        if own >= 100 {
+            break;
+        }
+    }
     cluster.shutdown().await;
 }
