@@ -7,7 +7,7 @@ use prometheus_client::registry::Registry;
 /// An operation and its outcome.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Op {
-    /// put, delete, get, get_quorum, replicate, offer, topology.
+    /// put, delete, get, get_quorum, get_owner, replicate, offer, topology.
     pub op: &'static str,
     /// ok, not_found, error, quorum, not_owner...
     pub outcome: &'static str,
@@ -240,6 +240,17 @@ impl Metrics {
     pub fn count(&self, op: &'static str, outcome: &'static str) {
         self.requests.get_or_create(&Op { op, outcome }).inc();
         if matches!(op, "put" | "delete" | "get_quorum") {
+            self.ops.inc();
+        }
+    }
+
+    /// Counts one answer to a client that reads R owners' own copies
+    /// itself; the read counts as a client operation once, at the key's
+    /// primary (it asks the first replica too).
+    pub fn own_copy(&self, found: bool, primary: bool) {
+        let outcome = if found { "ok" } else { "not_found" };
+        self.count("get_owner", outcome);
+        if primary {
             self.ops.inc();
         }
     }

@@ -72,6 +72,16 @@ pub struct Limits {
     pub read_timeout: Duration,
 }
 
+/// A worker's own copy of a key, for a client reading R owners itself.
+#[derive(Debug)]
+pub struct OwnCopy {
+    /// The copy (`None`: absent), tombstones included.
+    pub copy: Option<Stored>,
+    /// Whether this worker is the key's primary (the read counts as a
+    /// client operation once, there).
+    pub primary: bool,
+}
+
 /// A write that reached its quorum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
@@ -675,26 +685,29 @@ impl Node {
         self.store.get(key)
     }
 
-    /// This worker's own copy of `key` (`None`: absent), for a client that
-    /// reads R owners itself by the topology of `epoch`
-    /// ([`Consistency::Owner`]); `None` when it cannot vouch for it and
-    /// the read must be coordinated instead ([`Node::get_quorum`]): the
-    /// epoch is not its current one, its rebalance into it runs (it may
-    /// lack copies it owns), it does not own the key, the key is invalid,
-    /// or it holds no copy while every owner the topology names is DOWN
-    /// (unavailable, not absent: `get_quorum` says so).
-    pub fn own_copy(&self, key: &str, epoch: u64) -> Option<Option<Stored>> {
+    /// This worker's own copy of `key`, for a client that reads R owners
+    /// itself by the topology of `epoch` ([`Consistency::Owner`]); `None`
+    /// when it cannot vouch for it and the read must be coordinated instead
+    /// ([`Node::get_quorum`]): the epoch is not its current one, its
+    /// rebalance into it runs (it may lack copies it owns), it does not own
+    /// the key, the key is invalid, or it holds no copy while every owner
+    /// the topology names is DOWN (unavailable, not absent: `get_quorum`
+    /// says so).
+    pub fn own_copy(&self, key: &str, epoch: u64) -> Option<OwnCopy> {
         let current = self.topologies.current();
         if current.epoch() != epoch
             || self.topologies.settled().epoch() != epoch
             || self.validate(key, None).is_err()
-            || !current.owners(key).iter().any(|m| m.id == self.id)
         {
             return None;
         }
+        let rank = current.owners(key).iter().position(|m| m.id == self.id)?;
         match self.store.get(key) {
             None if current.owners_down(key).is_some() => None,
-            copy => Some(copy),
+            copy => Some(OwnCopy {
+                copy,
+                primary: rank == 0,
+            }),
         }
     }
 

@@ -12,8 +12,7 @@
 //! Across connections, the node bounds the keys it coordinates at once
 //! ([`crate::node::MAX_COORDINATING`]): a task past that waits its turn.
 
-use crate::node::Node;
-use crate::store::Stored;
+use crate::node::{Node, OwnCopy};
 use futures::{FutureExt, SinkExt, StreamExt};
 use kv_wire::auth::RefusalLog;
 use kv_wire::message::{Challenge, Consistency, Hello, Refusal};
@@ -349,10 +348,9 @@ fn own_copy_now(node: &Node, body: Request) -> Result<Response, Request> {
     }
 }
 
-fn own_copy_answer(node: &Node, key: String, copy: Option<Stored>) -> Response {
-    node.metrics
-        .count("get_owner", if copy.is_some() { "ok" } else { "not_found" });
-    Response::OwnCopy(copy.map(|c| Entry {
+fn own_copy_answer(node: &Node, key: String, own: OwnCopy) -> Response {
+    node.metrics.own_copy(own.copy.is_some(), own.primary);
+    Response::OwnCopy(own.copy.map(|c| Entry {
         key,
         version: c.version,
         value: c.value,

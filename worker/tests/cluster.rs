@@ -407,7 +407,20 @@ async fn an_owner_answers_with_its_own_copy_only_at_its_own_epoch() {
         .await;
         assert_eq!(value(&answer).as_deref(), Some(&b"v1"[..]), "{id}");
     }
+    // A client's read asks two owners and counts as one operation, at the
+    // primary.
     let primary = cluster.worker(&owners[0]);
+    let replica = cluster.worker(&owners[1]);
+    let counted = || async {
+        (
+            primary.metric("kv_worker_client_ops_total").await,
+            replica.metric("kv_worker_client_ops_total").await,
+        )
+    };
+    let before = counted().await;
+    primary.own_copy("own", epoch).await;
+    replica.own_copy("own", epoch).await;
+    assert_eq!(counted().await, (before.0 + 1, before.1));
     for other in [epoch - 1, epoch + 1] {
         let answer = primary.own_copy("own", other).await;
         assert!(
