@@ -26,7 +26,7 @@ use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::nodes::{Mapping, Nodes};
 use kv_wire::{Entry, Member, Request, Response, Version, View, READ_QUORUM};
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -39,6 +39,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a read waits for the owners it asked before an owner
 /// coordinates it instead (as a worker's quorum read asks a third owner).
 pub const READ_HEDGE: Duration = Duration::from_millis(50);
+/// How often at most a client whose reads owners coordinated fetches the
+/// topology again, in case it is behind.
+const BEHIND_CHECK: Duration = Duration::from_secs(1);
 /// Items per `PutMany` frame.
 pub const PUT_MANY_CHUNK: usize = 512;
 
@@ -71,6 +74,8 @@ pub struct Client {
     pool: Pool,
     view: RwLock<Arc<View>>,
     timers: Timers,
+    /// When reads last made the client check its topology.
+    behind_check: Mutex<Option<Instant>>,
 }
 
 impl Client {
@@ -87,6 +92,7 @@ impl Client {
             pool: Pool::new(credentials, CALL_TIMEOUT),
             view: RwLock::default(),
             timers: Timers::new(),
+            behind_check: Mutex::default(),
         };
         client.refresh().await?;
         Ok(client)
@@ -247,7 +253,30 @@ impl Client {
         });
         let hedge = tokio::time::Instant::now() + READ_HEDGE;
         let answers = self.timers.timeout_at(hedge, join_all(asks)).await.ok()?;
+        if answers.iter().any(|a| matches!(a, Ok(Response::Value(_)))) {
+            self.refresh_when_behind().await;
+        }
         crate::read::decide(answers).map(|read| read.map(live))
+    }
+
+    /// After an owner coordinated a read the client meant to make itself:
+    /// an owner answers with its own copy only at its own epoch, so the
+    /// client's topology may be behind (nothing else tells a client that
+    /// only reads), and is fetched again, at most once per
+    /// [`BEHIND_CHECK`] (a rebalance has owners coordinate for a while).
+    async fn refresh_when_behind(&self) {
+        let due = {
+            let mut last = self.behind_check.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= BEHIND_CHECK);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due {
+            // A controller that cannot answer now: route by what we have.
+            let _ = self.refresh().await;
+        }
     }
 
     /// Writes many keys at W=2, each on its own: batched per primary and

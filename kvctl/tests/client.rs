@@ -133,6 +133,30 @@ async fn a_read_takes_the_newer_of_two_owners_copies_and_gets_past_a_dead_one() 
     cluster.shutdown().await;
 }
 
+/// A client that only reads learns of a topology change from its reads:
+/// owners coordinate a read that names an epoch not theirs, and that
+/// sends the client for the new topology.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_only_reads_catches_up_with_a_new_topology() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.ready().await;
+    let c = client(&cluster).await;
+    c.put("k", Bytes::from("v")).await.unwrap();
+    let before = c.epoch();
+    cluster.add("worker4").await;
+    let after = cluster.ready().await;
+    assert!(after > before, "{after} after {before}");
+    eventually("the client on the new topology", || async {
+        assert_eq!(
+            c.get("k").await.unwrap().map(|(v, _)| v),
+            Some(Bytes::from("v"))
+        );
+        (c.epoch() == after).then_some(())
+    })
+    .await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_address_that_now_belongs_to_another_worker_is_refused() {
     let cluster = Cluster::start(2).await;

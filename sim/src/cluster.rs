@@ -925,9 +925,10 @@ impl Cluster {
                 Kind::Put(value) => outcome_of_write(node.write(key, Some(value)).await),
                 Kind::Delete => outcome_of_write(node.write(key, None).await),
                 Kind::Get => {
-                    let decided = match by_owners {
-                        true => c.read_owners(&from, &alive, &node, &key).await,
-                        false => None,
+                    let decided = if by_owners {
+                        c.read_owners(&from, &alive, &node, &key).await
+                    } else {
+                        None
                     };
                     match decided {
                         Some(Ok(copy)) => {
