@@ -372,6 +372,20 @@ impl Held {
         }
     }
 
+    /// Becomes `copy` of the same key: in place when the value is as long
+    /// as the one held (overwrites of a value of the same size, the common
+    /// case, then cost no allocation and no free).
+    fn replace(&mut self, key: &str, slot: Slot, copy: &Stored) {
+        let value = copy.value.as_deref().unwrap_or_default();
+        if self.key_and_value.len() == key.len() + value.len() {
+            self.key_and_value[key.len()..].copy_from_slice(value);
+            self.version = copy.version;
+            self.tombstone = copy.value.is_none();
+        } else {
+            *self = Held::new(key, slot, copy);
+        }
+    }
+
     fn key_bytes(&self) -> &[u8] {
         &self.key_and_value[..self.key_len as usize]
     }
@@ -510,11 +524,10 @@ impl MemStore {
             Some(held) if held.version > copy.version => Applied::Older { held: held.version },
             Some(held) if held.version == copy.version => Applied::Held,
             Some(held) => {
-                let fresh = Held::new(key, slot, copy);
                 let delta = copy.size(key) as i64 - held.size() as i64;
                 self.digests.remove(hash, held.version);
                 self.digests.add(hash, copy.version);
-                *held = fresh;
+                held.replace(key, slot, copy);
                 drop(bucket);
                 self.account(0, delta);
                 Applied::Stored
@@ -689,6 +702,29 @@ mod tests {
                     store.apply(&key, copy(hlc, Some(value))).unwrap();
                 }
                 assert_eq!(store.get(&key), Some(copy(3, Some("c"))), "{order:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn an_overwrite_of_any_size_holds_the_new_copy_and_counts_its_bytes() {
+        // The same size (in place in memory), longer, shorter, tombstones
+        // and empty values in both directions.
+        let copies = [
+            (1, Some("abc")),
+            (2, Some("xyz")),
+            (3, Some("longer")),
+            (4, Some("s")),
+            (5, None),
+            (6, Some("")),
+            (7, None),
+            (8, Some("q")),
+        ];
+        each_store(|store| {
+            for (hlc, value) in copies {
+                store.apply("k", copy(hlc, value)).unwrap();
+                assert_eq!(store.get("k"), Some(copy(hlc, value)), "{hlc}");
+                assert_eq!(store.stats(), (1, copy(hlc, value).size("k")), "{hlc}");
             }
         });
     }
