@@ -214,53 +214,42 @@ async fn connection(
             Some(Err(e)) => break Err(format!("bad frame: {e}")),
             None => break Ok(()),
         };
-        let body = match own_copy_now(&node, body) {
-            Ok(answered) => {
-                if let Err(e) = writer
-                    .lock()
-                    .await
-                    .feed(ServerFrame::Response { id, body: answered })
-                    .await
-                {
-                    break Err(format!("cannot write: {e}"));
-                }
+        let answered = match own_copy_now(&node, body) {
+            Ok(answered) => answered,
+            Err(body) if waits_on_peers(&body) => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break Ok(());
+                };
+                let (node, writer) = (node.clone(), writer.clone());
+                tokio::spawn(async move {
+                    let body = answer(&node, body).await;
+                    // Feed the answer, then let the other answers done in this
+                    // turn of the event loop feed theirs (one replica's
+                    // acknowledgements finish several writes at once) before
+                    // one flush sends them all; later flushes find nothing
+                    // left. A failed write shows in the reader's next flush.
+                    let fed = writer
+                        .lock()
+                        .await
+                        .feed(ServerFrame::Response { id, body })
+                        .await;
+                    if fed.is_ok() {
+                        tokio::task::yield_now().await;
+                        let _ = writer.lock().await.flush().await;
+                    }
+                    drop(permit);
+                });
                 continue;
             }
-            Err(body) => body,
+            Err(body) => answer(&node, body).await,
         };
-        if waits_on_peers(&body) {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                break Ok(());
-            };
-            let (node, writer) = (node.clone(), writer.clone());
-            tokio::spawn(async move {
-                let body = answer(&node, body).await;
-                // Feed the answer, then let the other answers done in this
-                // turn of the event loop feed theirs (one replica's
-                // acknowledgements finish several writes at once) before
-                // one flush sends them all; later flushes find nothing
-                // left. A failed write shows in the reader's next flush.
-                let fed = writer
-                    .lock()
-                    .await
-                    .feed(ServerFrame::Response { id, body })
-                    .await;
-                if fed.is_ok() {
-                    tokio::task::yield_now().await;
-                    let _ = writer.lock().await.flush().await;
-                }
-                drop(permit);
-            });
-        } else {
-            let body = answer(&node, body).await;
-            if let Err(e) = writer
-                .lock()
-                .await
-                .feed(ServerFrame::Response { id, body })
-                .await
-            {
-                break Err(format!("cannot write: {e}"));
-            }
+        if let Err(e) = writer
+            .lock()
+            .await
+            .feed(ServerFrame::Response { id, body: answered })
+            .await
+        {
+            break Err(format!("cannot write: {e}"));
         }
     };
     if let Err(reason) = &result {
