@@ -24,7 +24,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use kv_wire::message::{Consistency, Failure, FailureKind};
 use kv_wire::nodes::{Mapping, Nodes};
-use kv_wire::{Entry, Member, Request, Response, Version, View, READ_QUORUM};
+use kv_wire::{Entry, Member, Request, Response, Version, View};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -189,7 +189,7 @@ impl Client {
     /// Reads `key` from a quorum of its owners: the newest value and its
     /// version, or `None` if absent or deleted.
     ///
-    /// The client asks the key's first [`READ_QUORUM`] owners for their own
+    /// The client asks the key's first [`kv_wire::READ_QUORUM`] owners for their own
     /// copies itself (see [`crate::read`]), which spares the read a hop
     /// through a coordinator; an owner that cannot vouch for its copy (a
     /// rebalance runs, the client's topology is behind) coordinates the
@@ -232,25 +232,17 @@ impl Client {
         }
     }
 
-    /// The read of `key` from its first [`READ_QUORUM`] owners' own
+    /// The read of `key` from its first [`kv_wire::READ_QUORUM`] owners' own
     /// copies, by the client's view; `None` when it did not decide.
     async fn read_owners(
         &self,
         key: &str,
     ) -> Option<Result<Option<(Bytes, Version)>, ClientError>> {
         let view = self.view();
-        let owners = view.owners(key);
-        let asked = owners.get(..READ_QUORUM)?;
-        let consistency = Consistency::Owner {
-            epoch: view.epoch(),
-        };
-        let asks = asked.iter().map(|owner| {
-            let request = Request::Get {
-                key: key.to_string(),
-                consistency,
-            };
-            self.pool.call(owner, request)
-        });
+        let asks = crate::read::asks(&view, key)?;
+        let asks = asks
+            .into_iter()
+            .map(|(owner, request)| self.pool.call(owner, request));
         let hedge = tokio::time::Instant::now() + READ_HEDGE;
         let answers = self.timers.timeout_at(hedge, join_all(asks)).await.ok()?;
         if answers.iter().any(|a| matches!(a, Ok(Response::Value(_)))) {

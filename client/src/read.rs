@@ -1,6 +1,6 @@
 //! A quorum read made by the client itself: it asks the key's first
 //! [`kv_wire::READ_QUORUM`] owners for their own copies
-//! ([`Consistency::Owner`](kv_wire::message::Consistency::Owner)) and takes
+//! ([`Consistency::Owner`]) and takes
 //! the newest, where a coordinated read costs a hop more (client to
 //! coordinator to owner and back). With W=2 on the same two owners (the
 //! primary and the first replica), that is the last acknowledged write.
@@ -8,8 +8,26 @@
 //! instead and answers it; this decides what the owners' answers add up to.
 
 use crate::{ClientError, ConnectionError};
-use kv_wire::message::FailureKind;
-use kv_wire::{Entry, Response};
+use kv_wire::message::{Consistency, FailureKind};
+use kv_wire::{Entry, Member, Request, Response, View, READ_QUORUM};
+
+/// The asks of a read of `key` by `view`: each of its first
+/// [`READ_QUORUM`] owners, for its own copy at `view`'s epoch; `None`
+/// when `view` has fewer owners (an owner must coordinate the read).
+pub fn asks<'v>(view: &'v View, key: &str) -> Option<Vec<(&'v Member, Request)>> {
+    let owners = view.owners(key);
+    let consistency = Consistency::Owner {
+        epoch: view.epoch(),
+    };
+    let asked = owners.get(..READ_QUORUM)?.iter().map(|&owner| {
+        let request = Request::Get {
+            key: key.to_string(),
+            consistency,
+        };
+        (owner, request)
+    });
+    Some(asked.collect())
+}
 
 /// What the answers of the owners asked decide: the newest live copy
 /// (`None`: absent or deleted) or why the read fails for good; `None` when

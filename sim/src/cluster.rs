@@ -15,7 +15,6 @@ use futures::future::join_all;
 use kv_controller::detector::{Status, Why};
 use kv_controller::membership::Membership;
 use kv_wire::heartbeat::HeartbeatAck;
-use kv_wire::message::Consistency;
 use kv_wire::register::{LeaveRequest, RegisterReply, RegisterRequest};
 use kv_wire::{HashRange, Member, Request, Response, Topology};
 use kv_worker::node::{Limits, Node};
@@ -967,16 +966,9 @@ impl Cluster {
         key: &str,
     ) -> Option<Result<Option<kv_wire::Entry>, kv_client::ClientError>> {
         let view = node.topologies.current();
-        let owners = view.owners(key);
-        let asks = owners.get(..kv_wire::READ_QUORUM)?.iter().map(|owner| {
-            let request = Request::Get {
-                key: key.to_string(),
-                consistency: Consistency::Owner {
-                    epoch: view.epoch(),
-                },
-            };
-            net::call(&self.net, from, alive, owner, request)
-        });
+        let asks = kv_client::read::asks(&view, key)?;
+        let asks = (asks.into_iter())
+            .map(|(owner, request)| net::call(&self.net, from, alive, owner, request));
         let answers = tokio::time::timeout(kv_client::client::READ_HEDGE, join_all(asks));
         kv_client::read::decide(answers.await.ok()?)
     }
