@@ -238,9 +238,18 @@ impl Metrics {
 
     /// Counts one request.
     pub fn count(&self, op: &'static str, outcome: &'static str) {
-        self.requests.get_or_create(&Op { op, outcome }).inc();
+        self.count_many(op, outcome, 1);
+    }
+
+    /// Counts `n` requests with the same outcome (a bulk write's items):
+    /// one labelled lookup for all of them, not one each.
+    pub fn count_many(&self, op: &'static str, outcome: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.requests.get_or_create(&Op { op, outcome }).inc_by(n);
         if matches!(op, "put" | "delete" | "get_quorum") {
-            self.ops.inc();
+            self.ops.inc_by(n);
         }
     }
 
@@ -277,5 +286,43 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines of `metrics`' text that start with `name`, sorted (a
+    /// family's series come in no set order).
+    fn lines(metrics: &Metrics, name: &str) -> Vec<String> {
+        let mut lines: Vec<String> = (metrics.render().lines())
+            .filter(|l| l.starts_with(name))
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_bulk_writes_items_count_as_many_requests_and_client_operations() {
+        let metrics = Metrics::new();
+        metrics.count("put", "ok");
+        metrics.count_many("put", "ok", 511);
+        // No items failed: no series for them.
+        metrics.count_many("put", "error", 0);
+        metrics.count_many("get", "ok", 2);
+        assert_eq!(
+            lines(&metrics, "kv_worker_requests_total"),
+            [
+                r#"kv_worker_requests_total{op="get",outcome="ok"} 2"#,
+                r#"kv_worker_requests_total{op="put",outcome="ok"} 512"#,
+            ]
+        );
+        // Local reads are not client operations.
+        assert_eq!(
+            lines(&metrics, "kv_worker_client_ops_total"),
+            ["kv_worker_client_ops_total 512"]
+        );
     }
 }

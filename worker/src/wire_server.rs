@@ -402,9 +402,9 @@ pub async fn answer(node: &Node, body: Request) -> Response {
         Request::Delete { key } => written(node, "delete", node.coordinate(&key, None).await),
         Request::PutMany { items } => {
             let results = node.put_many(items).await;
-            for r in &results {
-                metrics.count("put", if r.is_ok() { "ok" } else { "error" });
-            }
+            let ok = results.iter().filter(|r| r.is_ok()).count() as u64;
+            metrics.count_many("put", "ok", ok);
+            metrics.count_many("put", "error", results.len() as u64 - ok);
             Response::PutMany(results)
         }
         Request::Replicate { entries } => {
