@@ -1410,15 +1410,13 @@ impl Cluster {
             return Vec::new();
         };
         let view = kv_worker::topology::View::new(topology);
-        view.owners(key)
-            .iter()
-            .map(|m| {
-                self.net
-                    .proc(&m.id)
-                    .and_then(|p| p.node.store.get(key))
-                    .map(|c| (c.version, c.value))
-            })
-            .collect()
+        let copies = view.owners(key).into_iter().map(|m| {
+            self.net
+                .proc(&m.id)
+                .and_then(|p| p.node.store.get(key))
+                .map(|c| (c.version, c.value))
+        });
+        copies.collect()
     }
 }
 

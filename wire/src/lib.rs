@@ -38,7 +38,7 @@ pub use error::{DatagramError, HelloError, KeyError, WireError};
 pub use message::{ClientFrame, Entry, Member, Request, Response, ServerFrame, Topology};
 pub use ring::Ring;
 pub use version::{Clock, Version};
-pub use view::View;
+pub use view::{Owners, View};
 
 /// Copies of each key: a primary and two replicas.
 pub const REPLICATION_FACTOR: usize = 3;

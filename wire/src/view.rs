@@ -6,6 +6,10 @@
 use crate::{Member, Ring, Topology, REPLICATION_FACTOR};
 use std::sync::OnceLock;
 
+/// A key's owners, primary first: at most [`REPLICATION_FACTOR`], kept
+/// inline (every read and write lists them: no allocation for it).
+pub type Owners<'v> = smallvec::SmallVec<[&'v Member; REPLICATION_FACTOR]>;
+
 /// A topology with its ring.
 #[derive(Debug, Default)]
 pub struct View {
@@ -48,7 +52,7 @@ impl View {
     }
 
     /// The key's owners, primary first (fewer than 3 in a small cluster).
-    pub fn owners(&self, key: &str) -> Vec<&Member> {
+    pub fn owners(&self, key: &str) -> Owners<'_> {
         let hash = Ring::key_hash(key.as_bytes());
         self.ring
             .owner_indices(hash, REPLICATION_FACTOR)
@@ -175,8 +179,8 @@ mod tests {
             let key = format!("key:{i}");
             let owners = view.owners(&key);
             assert_eq!(owners.len(), 3);
-            assert_eq!(owners, by_id(&view, &key), "{key}");
-            assert_eq!(odd.owners(&key), by_id(&odd, &key), "{key}");
+            assert_eq!(owners[..], by_id(&view, &key), "{key}");
+            assert_eq!(odd.owners(&key)[..], by_id(&odd, &key), "{key}");
             assert_eq!(view.primary(&key), owners.first().copied(), "{key}");
             assert_eq!(odd.primary(&key), by_id(&odd, &key).first().copied());
         }

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use kv_client::timers::Timers;
 use kv_wire::message::{Consistency, Failure, FailureKind};
-use kv_wire::{Clock, Entry, Member, Request, Response, Version, READ_QUORUM, WRITE_QUORUM};
+use kv_wire::{
+    Clock, Entry, Member, Owners, Request, Response, Version, READ_QUORUM, WRITE_QUORUM,
+};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -468,11 +470,7 @@ impl Node {
 
     /// The key's replicas, if this worker is its primary with at least one
     /// replica to reach the write quorum with.
-    fn replicas_if_primary<'v>(
-        &self,
-        view: &'v View,
-        key: &str,
-    ) -> Result<Vec<&'v Member>, OpError> {
+    fn replicas_if_primary<'v>(&self, view: &'v View, key: &str) -> Result<Owners<'v>, OpError> {
         let mut owners = view.owners(key);
         match owners.first() {
             None => Err(OpError::Unavailable),
